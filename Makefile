@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:  make demo  and  make test.
+# A user with a GPU installs their own torch into .venv first (or sets TORCH_SPEC);
+# otherwise the CPU build named by TORCH_SPEC is installed, never a CUDA one.
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/python:
+	$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "aigc needs Python 3.11 or newer (set PY=python3.11)")'
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/aigc quickstart
+
+test: $(VENV)/.test-installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/gpt_train.py
+	$(BIN)/python benchmarks/gpt_sample.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

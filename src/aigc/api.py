@@ -1,0 +1,327 @@
+"""The Python face of aigc: ``train()``, ``load()`` and the generator objects.
+
+The CLI and (later) the server are thin layers over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from aigc.config import Config, load_config
+from aigc.errors import CheckpointError, ConfigError
+from aigc.runs import RunDir, atomic_write_text
+from aigc.tasks import get_task
+from aigc.trainer import (
+    DistInfo,
+    Trainer,
+    TrainResult,
+    init_distributed,
+    load_module_tensors,
+    select_device,
+)
+
+# Keys that may change when a run is continued; anything else would make the
+# continued run a different experiment, so it needs a new run folder.
+RESUMABLE_KEYS = {
+    "train.max_steps",
+    "train.max_time",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.sample_every",
+    "train.nan_tolerance",
+    "train.device",
+    "train.compile",
+}
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`train` returns: where the run is and how it ended."""
+
+    run_dir: Path
+    step: int
+    train_time: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def default_run_dir(config_source: Any) -> Path:
+    if isinstance(config_source, str | Path):
+        return Path("runs") / Path(config_source).stem
+    return Path("runs") / "run"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _resolve_paths(config: Config) -> None:
+    """Stores data paths absolute, so a run resumes from any working directory."""
+    path = getattr(config.data, "path", None)
+    if isinstance(path, str) and path and Path(path).exists():
+        config.data.path = str(Path(path).resolve())
+
+
+def _merge_for_resume(saved: Config, new: Config | None, run: RunDir) -> Config:
+    if new is None:
+        return saved
+    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    if b.get("model.vocab_size") == 0:
+        b["model.vocab_size"] = a.get("model.vocab_size")
+    changed = sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS
+    )
+    if changed:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:3])
+        raise ConfigError(
+            f"{run.path} was trained with a different config ({shown}); "
+            "continue it unchanged or train into a new folder with --run-dir"
+        )
+    for key in RESUMABLE_KEYS:
+        section, name = key.split(".")
+        setattr(getattr(saved, section), name, getattr(getattr(new, section), name))
+    return saved
+
+
+def train(
+    config: str | Path | dict | Config | None = None,
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Trains a model and returns where its run folder is.
+
+    ``config`` is a YAML recipe path, a dict, a Config, or None to continue the run
+    in ``run_dir``. ``overrides`` are dotted ``key=value`` strings. Training into a
+    folder that already holds a run continues it from its last complete checkpoint
+    (``resume=True`` insists that there is one).
+    """
+    if config is None and run_dir is None:
+        raise ConfigError("give a config (recipe) or a run folder to continue")
+    run = RunDir(run_dir if run_dir is not None else default_run_dir(config))
+    new = load_config(config, overrides) if config is not None else None
+    if new is not None:
+        _resolve_paths(new)
+
+    dist_info = init_distributed(new.train.device if new else "auto")
+    try:
+        if run.exists():
+            if new is not None:
+                run.check_family(new.family)
+            saved = load_config(run.config_path)
+            if new is None and overrides:
+                new = load_config(saved, overrides)
+            cfg = _merge_for_resume(saved, new, run)
+        else:
+            if resume or new is None:
+                raise CheckpointError(f"{run.path} holds no run to resume")
+            if run.path.exists() and any(run.path.iterdir()):
+                raise CheckpointError(
+                    f"{run.path} exists and is not an aigc run folder; choose another --run-dir"
+                )
+            cfg = new
+            _create_run(cfg, run, dist_info, progress)
+        return _train_in(cfg, run, dist_info, progress)
+    finally:
+        if dist_info.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _create_run(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> None:
+    """Prepares data in a temporary folder, then creates the run folder around it.
+
+    If reading the data fails nothing is left behind, and an existing run is
+    never touched.
+    """
+    task_cls = get_task(cfg.family)
+    if dist_info.is_main:
+        tmp = run.path.parent / f".{run.path.name}.preparing-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            tokenizer = task_cls.prepare_data(cfg, tmp, progress=progress)
+            tokenizer.save(tmp / "tokenizer.json")
+            task_cls.finish_config(cfg, tmp)
+            run.create(cfg.family, cfg.to_yaml())
+            task_cls.install_data(tmp, run)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dist_info.world > 1:
+        dist.barrier()
+
+
+def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> TrainOutcome:
+    device = select_device(cfg.train.device)
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    _set_global_modes(cfg)
+    task_cls = get_task(cfg.family)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    task = task_cls.open(cfg, run)
+    if not progress:
+        os.environ["AIGC_NO_PROGRESS"] = "1"
+    trainer = Trainer(task, cfg, run, dist_info, device)
+    resumed = trainer.restore()
+    start = trainer.step
+    if resumed:
+        run.truncate_metrics(start) if dist_info.is_main else None
+    if dist_info.is_main:
+        atomic_write_text(run.config_path, cfg.to_yaml())
+    result: TrainResult = trainer.fit()
+    return TrainOutcome(run.path, result.step, result.train_time, result.metrics, start)
+
+
+def _set_global_modes(cfg: Config) -> None:
+    # Activations that drift towards tiny values hit denormal floats, which
+    # are many times slower on x86 CPUs; flush them to zero.
+    torch.set_flush_denormal(True)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------
+# Loading a run
+
+
+def load(run_dir: str | Path, device: str = "auto", ema: bool | None = None) -> TextGenerator:
+    """Loads a trained run for generation (its latest checkpoint; EMA weights when trained with EMA)."""
+    run = RunDir(run_dir)
+    info = run.info()
+    cfg = load_config(run.config_path)
+    if info["family"] != cfg.family:
+        raise CheckpointError(
+            f"{run.path}: run.json says {info['family']!r}, config.yaml says {cfg.family!r}"
+        )
+    task_cls = get_task(cfg.family)
+    task = task_cls.open(cfg, run, with_data=False)
+    dev = select_device(device)
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        raise CheckpointError(f"{run.path} has no checkpoint yet; train it first")
+    files, state = run.load_checkpoint(ckpt)
+    if state.get("family") != cfg.family:
+        raise CheckpointError(f"{ckpt} holds a {state.get('family')!r} model, not {cfg.family!r}")
+    model = task.model
+    load_module_tensors(
+        model, files["model"], state.get("tied", {}), str(ckpt / "model.safetensors")
+    )
+    use_ema = ema if ema is not None else cfg.train.ema > 0
+    if use_ema and "ema" in files:
+        scope = getattr(model, "ema_scope", None)
+        target = getattr(model, scope) if scope else model
+        params = dict(target.named_parameters())
+        with torch.no_grad():
+            for name, t in files["ema"].items():
+                params[name].copy_(t)
+    model.to(dev).eval()
+    return TextGenerator(run, task, dev, int(state["step"]))
+
+
+class TextGenerator:
+    """A trained language model with its tokenizer: generate, stream, evaluate."""
+
+    def __init__(self, run: RunDir, task: Any, device: torch.device, step: int):
+        self.run = run
+        self.task = task
+        self.model = task.model
+        self.tokenizer = task.tokenizer
+        self.config: Config = task.config
+        self.device = device
+        self.step = step
+
+    def _params(self, **kw: Any):
+        from aigc.sampling import SamplingParams
+
+        if isinstance(kw.get("stop"), str):
+            kw["stop"] = (kw["stop"],)
+        kw["stop"] = tuple(kw.get("stop") or ())
+        params = SamplingParams(**kw)
+        params.validate()
+        return params
+
+    def generate(
+        self,
+        prompt: str | Sequence[str] = "",
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: str | Iterable[str] = (),
+        seed: int | None = None,
+    ) -> str | list[str]:
+        """Completes one prompt (returns a string) or a batch of prompts (a list)."""
+        from aigc.sampling import generate
+
+        params = self._params(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+        )  # fmt: skip
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        outs = generate(self.model, self.tokenizer, prompts, params)
+        return outs[0] if single else outs
+
+    def stream(
+        self,
+        prompt: str = "",
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: str | Iterable[str] = (),
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yields the completion of ``prompt`` piece by piece as tokens are sampled."""
+        from aigc.sampling import stream
+
+        params = self._params(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+        )  # fmt: skip
+        yield from stream(self.model, self.tokenizer, prompt, params)
+
+    def evaluate(self, save: bool = True) -> dict[str, Any]:
+        """Validation loss, perplexity and bits per character over the whole held-out split."""
+        from aigc.data.text import TokenCorpus
+
+        if self.task.corpus is None:
+            self.task.corpus = TokenCorpus.open(self.run.data_dir)
+        with torch.inference_mode():
+            sums = self.task.eval_sums(self.model, 0, 1, self.device)
+        metrics = self.task.eval_metrics(sums)
+        meta = self.task.corpus.meta
+        result = {
+            "step": self.step,
+            "split": "validation",
+            "tokens": int(sums["count"]),
+            "characters": meta.val_chars,
+            **metrics,
+        }
+        if save:
+            atomic_write_text(self.run.path / "eval.json", json.dumps(result, indent=2) + "\n")
+        return result

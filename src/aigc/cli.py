@@ -1,0 +1,238 @@
+"""The `aigc` command line: a thin Typer app over aigc.api.
+
+It parses arguments, calls the Python API and maps user mistakes (AigcError) to
+a one- or two-line message and exit code 2. A traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aigc.errors import AigcError
+
+app = typer.Typer(
+    name="aigc",
+    help="Train, evaluate, sample and serve generative models on your own data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+RECIPES_DIR = Path(__file__).parent / "configs"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def resolve_recipe(name: str) -> tuple[Path | None, Path | None]:
+    """Returns (recipe file, None) or (None, run folder) for a CLI argument.
+
+    Accepts a YAML path, a run folder (to continue it) or the name of a recipe
+    that ships with aigc (``gpt-pydoc-char``).
+    """
+    p = Path(name)
+    if p.is_dir() and (p / "run.json").is_file():
+        return None, p
+    if p.is_file():
+        return p, None
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file() and not p.suffix == ".yml":
+            return candidate, None
+    known = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.yaml")))
+    from aigc.errors import ConfigError
+
+    raise ConfigError(f"{name!r} is not a config file, a run folder or a known recipe ({known})")
+
+
+def _next_free(base: Path) -> Path:
+    if not base.exists():
+        return base
+    i = 2
+    while Path(f"{base}-{i}").exists():
+        i += 1
+    return Path(f"{base}-{i}")
+
+
+@app.command()
+def quickstart(
+    minutes: Annotated[float, typer.Option(help="Training budget in minutes.")] = 2.0,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: runs/quickstart, numbered if taken).")
+    ] = None,
+) -> None:
+    """Pretrain a small character-level GPT on the embedded Python docs, then sample from it."""
+    import aigc
+
+    recipe = RECIPES_DIR / "gpt-pydoc-char.yaml"
+    target = run_dir or _next_free(Path("runs") / "quickstart")
+    typer.echo(f"aigc quickstart: training {recipe.name} for {minutes:g} min into {target}/")
+    outcome = aigc.train(recipe, [f"train.max_time={minutes * 60}"], run_dir=target)
+    gen = aigc.load(outcome.run_dir)
+    m = outcome.metrics
+    typer.echo(
+        f"\ntrained {outcome.step} steps in {outcome.train_time:.0f} s; "
+        f"validation loss {m.get('loss', float('nan')):.3f} nats/char "
+        f"({m.get('bpc', float('nan')):.3f} bits/char, perplexity {m.get('ppl', float('nan')):.2f})"
+    )
+    for prompt in ("The for statement", "Exceptions are"):
+        typer.echo(f"\n--- sample (prompt {prompt!r}) ---\n{prompt}", nl=False)
+        for piece in gen.stream(prompt, max_new_tokens=300, temperature=0.8, seed=0):
+            typer.echo(piece, nl=False)
+        typer.echo()
+    typer.echo(
+        f"\nThe run folder is {outcome.run_dir}/ (weights, config, metrics.jsonl, TensorBoard in tb/).\n"
+        "Try next:\n"
+        f'  aigc sample {outcome.run_dir} --prompt "Lists are"\n'
+        f"  aigc eval {outcome.run_dir}\n"
+        f"  tensorboard --logdir {outcome.run_dir}/tb\n"
+        "  aigc train gpt-pydoc-char data.path=my_corpus/ --run-dir runs/mine   # your own text"
+    )
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: Annotated[
+        str, typer.Argument(help="A YAML recipe, a recipe name, or a run folder to continue.")
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides such as train.max_steps=2000 model.n_layer=6."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: runs/<recipe name>).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Insist on continuing an existing run from its last checkpoint.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a model into a run folder; training into an existing run continues it."""
+    import aigc
+
+    path, existing = resolve_recipe(recipe)
+    if existing is not None:
+        if run_dir is not None and run_dir.resolve() != existing.resolve():
+            _fail(f"{recipe} is a run folder; leave out --run-dir to continue it")
+        outcome = aigc.train(
+            None, overrides or [], run_dir=existing, resume=True, progress=not quiet
+        )
+    else:
+        outcome = aigc.train(
+            path, overrides or [], run_dir=run_dir, resume=resume, progress=not quiet
+        )
+    _report(outcome)
+
+
+def _report(outcome) -> None:
+    m = outcome.metrics
+    if outcome.resumed_from and outcome.step == outcome.resumed_from:
+        typer.echo(
+            f"{outcome.run_dir} is already trained to step {outcome.step}; "
+            "raise train.max_steps or train.max_time to train further"
+        )
+        return
+    line = f"done: step {outcome.step}, {outcome.train_time:.0f} s of training"
+    if "loss" in m:
+        line += f", validation loss {m['loss']:.4f} (ppl {m['ppl']:.2f}, {m['bpc']:.3f} bits/char)"
+    typer.echo(line)
+    typer.echo(
+        f"run folder: {outcome.run_dir}/   next: aigc sample {outcome.run_dir} --prompt '...'"
+    )
+
+
+@app.command()
+def sample(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="Prompt; repeat for a batch.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens.")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling: keep this much probability.")
+    ] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages repeats.")] = 1.0,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop when this text appears; repeatable.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Same seed and settings give the same text.")
+    ] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Generate text from a trained run (streams to the terminal)."""
+    import aigc
+
+    gen = aigc.load(run, device=device)
+    prompts = prompt or [""]
+    kw = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
+    )  # fmt: skip
+    if len(prompts) == 1 and stream:
+        typer.echo(prompts[0], nl=False)
+        for piece in gen.stream(prompts[0], **kw):
+            typer.echo(piece, nl=False)
+        typer.echo()
+        return
+    outs = gen.generate(prompts, **kw)
+    for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        if len(prompts) > 1:
+            typer.echo(f"--- {i} ---")
+        typer.echo(p + o)
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="A run folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Evaluate a run on its held-out split (loss, perplexity, bits per character); saves eval.json."""
+    import aigc
+
+    result = aigc.load(run, device=device).evaluate()
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(
+        f"{run} at step {result['step']}: held-out {result['tokens']:,} tokens\n"
+        f"  loss {result['loss']:.4f} nats/token   perplexity {result['ppl']:.3f}   "
+        f"{result['bpc']:.4f} bits/char   {result['bpb']:.4f} bits/byte"
+    )
+
+
+def main() -> None:
+    """Entry point of the `aigc` console script and `python -m aigc`."""
+    try:
+        app(standalone_mode=False)
+    except AigcError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo(
+            "\ninterrupted; the last checkpoint is kept (continue with: aigc train RUN_DIR)",
+            err=True,
+        )
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

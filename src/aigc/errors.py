@@ -1,0 +1,32 @@
+"""One exception type per kind of user mistake.
+
+Each error says what was wrong, where (file, key, line, byte offset) and what to
+do. The CLI prints the message in one or two lines and exits with code 2; the
+server maps the same errors to 4xx responses. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class AigcError(Exception):
+    """Base class for mistakes a user can fix; never raised for bugs."""
+
+
+class ConfigError(AigcError):
+    """A config key, value or type is wrong."""
+
+
+class DataError(AigcError):
+    """Input data is missing, empty, undecodable or too short."""
+
+
+class CheckpointError(AigcError):
+    """A run folder or checkpoint is missing, truncated or of another family."""
+
+
+class RequestError(AigcError):
+    """A generation request has invalid parameters."""
+
+
+class TrainingError(AigcError):
+    """Training cannot go on (e.g. the loss stayed non-finite)."""

@@ -1,0 +1,230 @@
+"""Language modelling: text data + tokenizer + GPT, as the trainer and loaders see it."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aigc.config import Config
+from aigc.data.text import TextSource, TokenCorpus, build_corpus
+from aigc.data.tokenizers import Tokenizer, load_tokenizer
+from aigc.errors import CheckpointError, ConfigError, DataError
+from aigc.models.gpt import GPT, GPTConfig
+from aigc.runs import RunDir
+
+
+@dataclass
+class TextDataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    path: str | None = None  # a text file, a folder of them, or JSON Lines; None = Python docs
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    jsonl_field: str = "text"  # the field holding the text in JSON Lines
+    encoding_errors: Literal["strict", "replace"] = "strict"  # replace: bad bytes -> U+FFFD
+    dedup: bool = True  # drop exact duplicate documents
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = 4096  # BPE only
+    val_fraction: float = 0.1  # the last share of the token stream is held out
+    eval_batch_size: int = 64  # windows per forward pass during validation
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 0.5]")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size={self.eval_batch_size} must be at least 1")
+
+    def source(self) -> TextSource:
+        return TextSource(
+            path=self.path,
+            format=self.format,
+            jsonl_field=self.jsonl_field,
+            encoding_errors=self.encoding_errors,
+            dedup=self.dedup,
+        )
+
+
+class LMTask:
+    """Trains a GPT on a token stream; evaluates loss, perplexity and bits per character."""
+
+    family = "gpt"
+    data_config = TextDataConfig
+    model_config = GPTConfig
+    item_name = "tokens"
+
+    def __init__(
+        self, config: Config, run: RunDir, corpus: TokenCorpus | None, tokenizer: Tokenizer
+    ):
+        self.config = config
+        self.run = run
+        self.corpus = corpus
+        self.tokenizer = tokenizer
+        self.model: nn.Module = GPT(config.model)
+        self.items_per_batch = config.train.batch_size * config.model.block_size
+
+    # construction -----------------------------------------------------------
+    @staticmethod
+    def prepare_data(config: Config, data_dir: Path, progress: bool = True) -> Tokenizer:
+        """Reads the corpus, trains the tokenizer and writes memory-mapped tokens."""
+        d: TextDataConfig = config.data
+        tokenizer, corpus = build_corpus(
+            d.source(),
+            data_dir,
+            tokenizer_kind=d.tokenizer,
+            vocab_size=d.vocab_size,
+            val_fraction=d.val_fraction,
+            progress=progress,
+        )
+        LMTask._check_sizes(config, corpus, data_dir)
+        return tokenizer
+
+    @staticmethod
+    def _check_sizes(config: Config, corpus: TokenCorpus, where: Path) -> None:
+        block = config.model.block_size
+        m = corpus.meta
+        if m.n_train < block + 2 or m.n_val < 2:
+            raise DataError(
+                f"the corpus is too short: {m.n_train} training and {m.n_val} validation tokens, "
+                f"but model.block_size={block} needs at least {block + 2} training tokens "
+                f"(source: {m.source}); use more text or a smaller model.block_size"
+            )
+
+    @classmethod
+    def open(cls, config: Config, run: RunDir, with_data: bool = True) -> LMTask:
+        """Builds the task for an existing run folder (data already prepared)."""
+        try:
+            tokenizer = load_tokenizer(run.tokenizer_path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{run.tokenizer_path} is missing") from None
+        corpus = TokenCorpus.open(run.data_dir) if with_data else None
+        cls._set_vocab(config, tokenizer)
+        if corpus is not None:
+            cls._check_sizes(config, corpus, run.data_dir)
+        return cls(config, run, corpus, tokenizer)
+
+    @staticmethod
+    def _set_vocab(config: Config, tokenizer: Tokenizer) -> None:
+        m: GPTConfig = config.model
+        if m.vocab_size == 0:
+            m.vocab_size = tokenizer.vocab_size
+        elif m.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer.vocab_size} tokens; leave it at 0 to follow the tokenizer"
+            )
+
+    @staticmethod
+    def finish_config(config: Config, data_dir: Path) -> None:
+        """Fills values that follow from the prepared data (the vocabulary size)."""
+        LMTask._set_vocab(config, load_tokenizer(data_dir / "tokenizer.json"))
+
+    @staticmethod
+    def install_data(tmp_dir: Path, run: RunDir) -> None:
+        """Moves prepared data from a temporary folder into a new run folder."""
+        shutil.move(str(tmp_dir / "tokenizer.json"), run.tokenizer_path)
+        shutil.move(str(tmp_dir), run.data_dir)
+
+    # training -----------------------------------------------------------------
+    def train_batch(
+        self, step: int, micro: int, rank: int, world: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows of the training tokens, a pure function of (seed, step).
+
+        The step's global batch of ``batch_size * grad_accum * world`` windows is
+        drawn identically everywhere and each (micro-step, rank) takes its slice,
+        so N processes with batch B, or B with N accumulation steps, see exactly
+        the windows that one process with batch N*B sees.
+        """
+        B, T = self.config.train.batch_size, self.config.model.block_size
+        accum = self.config.train.grad_accum
+        train = self.corpus.train
+        rng = np.random.default_rng([self.config.train.seed, step])
+        starts = rng.integers(0, len(train) - T, size=B * accum * world)
+        part = micro * world + rank
+        starts = starts[part * B : (part + 1) * B]
+        buf = torch.from_numpy(
+            train[starts[:, None] + np.arange(T + 1)].astype(np.int64)
+        )  # (B, T+1)
+        return buf[:, :-1], buf[:, 1:]
+
+    def eval_sums(
+        self, model: nn.Module, rank: int, world: int, device: torch.device
+    ) -> dict[str, float]:
+        """Summed cross-entropy over the whole validation split.
+
+        The split is cut into consecutive windows of block_size tokens (the last
+        one shorter), so every token but the first is predicted exactly once.
+        """
+        val = self.corpus.val
+        T = self.config.model.block_size
+        starts = list(range(0, len(val) - 1, T))[rank::world]
+        nll = torch.zeros((), dtype=torch.float64)
+        count = 0
+        bs = self.config.data.eval_batch_size
+        full = [s for s in starts if s + T + 1 <= len(val)]
+        tail = [s for s in starts if s + T + 1 > len(val)]
+        for i in range(0, len(full), bs):
+            chunk = np.asarray(full[i : i + bs])
+            buf = torch.from_numpy(val[chunk[:, None] + np.arange(T + 1)].astype(np.int64)).to(
+                device
+            )
+            nll += self._nll(model, buf)
+            count += buf.shape[0] * T
+        for s in tail:
+            buf = torch.from_numpy(val[s:].astype(np.int64))[None].to(device)
+            nll += self._nll(model, buf)
+            count += buf.shape[1] - 1
+        return {"nll": float(nll), "count": float(count)}
+
+    @staticmethod
+    def _nll(model: nn.Module, buf: torch.Tensor) -> torch.Tensor:
+        logits, _ = model(buf[:, :-1])
+        return (
+            F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), buf[:, 1:].reshape(-1), reduction="sum"
+            )
+            .double()
+            .cpu()
+        )
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Loss (nats/token), perplexity, bits per character and per byte."""
+        if sums["count"] == 0:
+            return {}
+        loss = sums["nll"] / sums["count"]
+        m = self.corpus.meta
+        # The sums cover all validation tokens but the first; scale characters alike.
+        share = sums["count"] / max(m.n_val - 1, 1)
+        bits = sums["nll"] / math.log(2)
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "bpc": bits / max(m.val_chars * share, 1e-9),
+            "bpb": bits / max(m.val_bytes * share, 1e-9),
+        }
+
+    def samples(self, model: nn.Module, step: int, device: torch.device) -> dict[str, str]:
+        """A few fixed-seed continuations so progress can be read over time."""
+        from aigc.sampling import SamplingParams, generate
+
+        params = SamplingParams(max_new_tokens=300, temperature=0.8, seed=self.config.train.seed)
+        prompts = self.sample_prompts()
+        outs = generate(model, self.tokenizer, prompts, params)
+        return {
+            f"prompt {i}: {p!r}": p + o for i, (p, o) in enumerate(zip(prompts, outs, strict=True))
+        }
+
+    def sample_prompts(self) -> list[str]:
+        """The start of the validation text (a real context) and an empty prompt."""
+        head = (
+            self.tokenizer.decode(self.corpus.val[:64].tolist()) if self.corpus is not None else ""
+        )
+        head = head.split("\n")[0][:40] if head.strip() else ""
+        return [p for p in dict.fromkeys([head, ""])]
