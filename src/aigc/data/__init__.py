@@ -1,0 +1,1 @@
+"""Data sources: readers that turn real formats into tokens or tensors, and tokenizers."""

@@ -1,0 +1,783 @@
+"""Text corpora: read real formats, clean them, and write memory-mapped token files.
+
+Reading streams every file in chunks (1 MiB by default), so a 200 MB single
+file is never held whole. Each chunk is decoded as UTF-8 with an incremental
+decoder (bad bytes are reported by absolute byte offset, or replaced), then
+normalised: ``\\r\\n`` and lone ``\\r`` become ``\\n`` and the text is put in
+Unicode NFC. Chunks are cut only where both steps give the same result as on
+the whole text (after a newline), so chunking never changes the corpus.
+
+``build_corpus`` turns a source into ``out_dir/tokens.bin`` (a flat array of
+token ids, nanoGPT style), ``out_dir/tokenizer.json`` and ``out_dir/corpus.json``
+(a ``CorpusMeta``); ``TokenCorpus.open`` memory-maps the result.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import sys
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from aigc.data.tokenizers import (
+    EOS_TOKEN,
+    TOKENIZER_FILE,
+    BPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    UnknownCharacterError,
+    check_bpe_vocab_size,
+    code_points,
+    load_tokenizer,
+    token_dtype,
+    train_bpe_tokenizer,
+)
+from aigc.errors import CheckpointError, ConfigError, DataError
+
+CHUNK_SIZE = 1 << 20  # bytes per read; memory use is a small multiple of this
+EMBEDDED = "pydoc"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+FORMATS = ("auto", "text", "jsonl")
+ENCODING_ERRORS = ("strict", "replace")
+TOKENIZER_KINDS = ("char", "bpe")
+CHAR_SEPARATOR = "\n\n"  # between documents for char tokenizers (BPE uses <|endoftext|>)
+
+TOKENS_FILE = "tokens.bin"
+META_FILE = "corpus.json"
+META_VERSION = 1
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where text comes from and how to read it (the ``data.*`` config keys)."""
+
+    path: str | None = None  # None or "pydoc": the embedded corpus; else a file or folder
+    format: str = "auto"  # auto | text | jsonl; auto reads .jsonl/.ndjson as JSON Lines
+    jsonl_field: str = "text"  # the string field of each JSON Lines record
+    encoding_errors: str = "strict"  # strict | replace (bad bytes -> U+FFFD, counted)
+    dedup: bool = True  # drop exact duplicate documents
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not isinstance(self.path, str):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format must be one of {FORMATS}, got {self.format!r}")
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise ConfigError(
+                f"data.encoding_errors must be one of {ENCODING_ERRORS}, "
+                f"got {self.encoding_errors!r}"
+            )
+        if not isinstance(self.jsonl_field, str) or not self.jsonl_field:
+            raise ConfigError(
+                f"data.jsonl_field must be a non-empty string, got {self.jsonl_field!r}"
+            )
+
+    @property
+    def is_embedded(self) -> bool:
+        """True for the Python documentation corpus that ships with every Python."""
+        return self.path is None or self.path == EMBEDDED
+
+    def describe(self) -> str:
+        """A one-line description for logs and corpus.json."""
+        if self.is_embedded:
+            v = sys.version_info
+            return f"pydoc (Python {v.major}.{v.minor} documentation topics)"
+        return f"{self.path} (format={self.format})"
+
+
+@dataclass
+class ReadStats:
+    """Counters that readers update as documents are streamed."""
+
+    n_bytes: int = 0  # raw bytes read
+    n_replaced: int = 0  # invalid UTF-8 sequences replaced with U+FFFD
+    first_replaced: str | None = None  # where the first replacement happened
+    on_bytes: Callable[[int], object] | None = field(default=None, repr=False, compare=False)
+
+    def add_bytes(self, n: int) -> None:
+        self.n_bytes += n
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+
+@dataclass(eq=False)
+class Document:
+    """One document; its text is produced lazily, in normalised chunks."""
+
+    origin: str  # e.g. "corpus.txt", "data.jsonl:17", "pydoc:assert"
+    read: Callable[[], Iterator[str]] = field(repr=False)
+
+    def chunks(self) -> Iterator[str]:
+        """The normalised text, in pieces of about the read chunk size."""
+        return self.read()
+
+    def text(self) -> str:
+        """The whole normalised text (only for documents known to be small)."""
+        return "".join(self.read())
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def normalize_text(text: str) -> str:
+    """Newlines to ``\\n`` (from ``\\r\\n`` and lone ``\\r``), then Unicode NFC."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():  # O(1), and ASCII is always NFC
+        return text
+    return unicodedata.normalize("NFC", text)
+
+
+class _Utf8Decoder:
+    """Incremental UTF-8 decoding that knows the absolute byte offset of an error."""
+
+    def __init__(self, origin: str, errors: str, stats: ReadStats, base: int = 0):
+        self.origin = origin
+        self.errors = errors
+        self.stats = stats
+        self.pos = base  # absolute offset of the next byte to be fed
+        self.dec = codecs.getincrementaldecoder("utf-8")("strict")
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        # The decoder keeps the bytes of a character split across reads; a
+        # UnicodeDecodeError indexes into (kept bytes + data), so the absolute
+        # offset of that buffer's start is pos - len(kept bytes).
+        start = self.pos - len(self.dec.getstate()[0])
+        self.pos += len(data)
+        out = []
+        while True:
+            try:
+                out.append(self.dec.decode(data, final))
+                return "".join(out)
+            except UnicodeDecodeError as e:
+                if self.errors == "strict":
+                    raise DataError(
+                        f"{self.origin}: invalid UTF-8 at byte {start + e.start}; "
+                        "set data.encoding_errors=replace to replace bad bytes"
+                    ) from None
+                # Same result as bytes.decode(errors="replace"): one U+FFFD per
+                # maximal invalid subsequence; we only count them on the way.
+                if self.stats.first_replaced is None:
+                    self.stats.first_replaced = f"{self.origin} at byte {start + e.start}"
+                self.stats.n_replaced += 1
+                out.append(e.object[: e.start].decode("utf-8"))
+                out.append("\ufffd")
+                data = e.object[e.end :]
+                start += e.end
+                self.dec.reset()
+
+
+def _is_safe_start(c: str) -> bool:
+    """True if NFC never joins ``c`` with the text before it, so a chunk may start at ``c``.
+
+    Characters that compose with or reorder around a preceding one are combining
+    marks (category M*) and the Hangul vowel/trailing jamo; CR/LF are excluded
+    so that ``\\r\\n`` is never split.
+    """
+    o = ord(c)
+    return (
+        c not in "\r\n"
+        and unicodedata.combining(c) == 0
+        and not unicodedata.category(c).startswith("M")
+        and not 0x1160 <= o <= 0x11FF
+        and not 0xD7B0 <= o <= 0xD7FF
+    )
+
+
+def _cut_point(buf: str, max_pending: int) -> int:
+    """Where to cut ``buf`` so that normalising the two parts apart equals normalising it whole."""
+    # Any cut right after "\n" is safe for NFC and never splits "\r\n". Better
+    # still is a cut just before a "\n" (or "\r\n") that ends a run of
+    # whitespace: the GPT-2 pre-tokenizer splits there too (a trailing run of
+    # whitespace is one pre-token only at the very end of a text), so encoding
+    # chunk by chunk gives the same BPE ids as encoding the whole text.
+    i = buf.rfind("\n")
+    last_newline = i
+    for _ in range(64):
+        if i <= 0:
+            break
+        if i + 1 < len(buf) and not buf[i + 1].isspace():
+            cut = i - 1 if buf[i - 1] == "\r" else i  # keep "\r\n" whole
+            if cut > 0:
+                return cut
+        i = buf.rfind("\n", 0, i)
+    if len(buf) <= max_pending:
+        return 0  # wait for more text and a better cut
+    if last_newline >= 0:
+        return last_newline + 1
+    # A very long line: cut before a character that cannot join what precedes it.
+    for j in range(len(buf) - 1, 0, -1):
+        if _is_safe_start(buf[j]):
+            return j
+    return 0
+
+
+class _Normalizer:
+    """``normalize_text`` applied to a stream of pieces, exactly as on the whole text."""
+
+    def __init__(self, max_pending: int):
+        self.max_pending = max_pending
+        self.pending = ""
+
+    def feed(self, text: str) -> str:
+        buf = self.pending + text
+        cut = _cut_point(buf, self.max_pending)
+        self.pending = buf[cut:]
+        return normalize_text(buf[:cut])
+
+    def flush(self) -> str:
+        out, self.pending = normalize_text(self.pending), ""
+        return out
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _file_chunks(
+    path: Path, origin: str, errors: str, chunk_size: int, stats: ReadStats
+) -> Iterator[str]:
+    """Stream one UTF-8 text file as normalised chunks."""
+    decoder = _Utf8Decoder(origin, errors, stats)
+    # Holding up to a few reads back lets most cuts fall where BPE parity holds.
+    norm = _Normalizer(max_pending=4 * chunk_size)
+    at_start = True
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below; open errors reworded)
+    except OSError as e:
+        raise DataError(f"{origin}: cannot read ({e.strerror})") from None
+    with f:
+        while True:
+            raw = f.read(chunk_size)
+            stats.add_bytes(len(raw))
+            text = decoder.decode(raw, final=not raw)
+            if at_start and text:
+                text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
+                at_start = False
+            out = norm.feed(text) if raw else norm.feed(text) + norm.flush()
+            if out:
+                yield out
+            if not raw:
+                return
+
+
+def _single(text: str) -> Iterator[str]:
+    if text:
+        yield text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _jsonl_documents(path: Path, src: TextSource, stats: ReadStats) -> Iterator[Document]:
+    """One Document per non-blank line of a JSON Lines file."""
+    name = str(path)
+    field_name = src.jsonl_field
+    offset = 0
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise DataError(f"{name}: cannot read ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{name}:{lineno}"
+            stats.add_bytes(len(raw))
+            line = _Utf8Decoder(where, src.encoding_errors, stats, base=offset).decode(raw, True)
+            offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if field_name not in record:
+                keys = ", ".join(map(repr, list(record)[:10])) or "none"
+                raise DataError(
+                    f"{where}: no field {field_name!r} (fields: {keys}); set data.jsonl_field"
+                )
+            value = record[field_name]
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{where}: field {field_name!r} is {type(value).__name__}, not a string"
+                )
+            # JSON escapes can spell lone surrogates ("\ud800") that are not
+            # valid text; treat them like invalid UTF-8.
+            if not value.isascii() and _SURROGATE.search(value):
+                if src.encoding_errors == "strict":
+                    raise DataError(
+                        f"{where}: field {field_name!r} holds an unpaired surrogate escape; "
+                        "set data.encoding_errors=replace to replace it"
+                    )
+                value, n = _SURROGATE.subn("\ufffd", value)
+                if stats.first_replaced is None:
+                    stats.first_replaced = where
+                stats.n_replaced += n
+            yield Document(where, partial(_single, normalize_text(value)))
+
+
+def _pydoc_documents(stats: ReadStats) -> Iterator[Document]:
+    """The Python documentation topics (``pydoc_data``), one document per topic."""
+    from pydoc_data.topics import topics
+
+    def read(text: str) -> Iterator[str]:
+        stats.add_bytes(len(text.encode("utf-8")))
+        yield from _single(normalize_text(text))
+
+    for key in sorted(topics):
+        yield Document(f"pydoc:{key}", partial(read, topics[key]))
+
+
+def _is_jsonl(path: Path, fmt: str) -> bool:
+    return fmt == "jsonl" or (fmt == "auto" and path.suffix.lower() in JSONL_SUFFIXES)
+
+
+def _list_files(src: TextSource) -> list[Path]:
+    """The files of a path source: the file itself, or a folder's visible files, sorted."""
+    root = Path(src.path)  # type: ignore[arg-type]
+    if not root.exists():
+        raise DataError(f"{src.path}: no such file or folder (data.path)")
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"{src.path}: not a regular file or folder (data.path)")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # skip .git and friends
+        files += [
+            Path(dirpath, n)
+            for n in filenames
+            if not n.startswith(".") and Path(dirpath, n).is_file()
+        ]
+    if not files:
+        raise DataError(f"{src.path}: the folder has no files to read (hidden files are skipped)")
+    return sorted(files, key=lambda p: p.relative_to(root).parts)
+
+
+def iter_documents(
+    src: TextSource, *, chunk_size: int = CHUNK_SIZE, stats: ReadStats | None = None
+) -> Iterator[Document]:
+    """Yield the documents of ``src`` in a deterministic order.
+
+    A text file is one document; a JSON Lines file gives one per non-blank line;
+    the embedded corpus one per pydoc topic. ``chunk_size`` is the read size in
+    bytes; ``stats`` (optional) collects bytes read and replacements.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    stats = stats if stats is not None else ReadStats()
+    if src.is_embedded:
+        yield from _pydoc_documents(stats)
+        return
+    for path in _list_files(src):
+        if _is_jsonl(path, src.format):
+            yield from _jsonl_documents(path, src, stats)
+        else:
+            read = partial(_file_chunks, path, str(path), src.encoding_errors, chunk_size, stats)
+            yield Document(str(path), read)
+
+
+def _source_bytes(src: TextSource) -> int:
+    """Total bytes a read of ``src`` will see (for the progress bar only)."""
+    if src.is_embedded:
+        from pydoc_data.topics import topics
+
+        return sum(len(t.encode("utf-8")) for t in topics.values())
+    try:
+        return sum(p.stat().st_size for p in _list_files(src))
+    except (DataError, OSError):
+        return 0  # the read itself will report the problem
+
+
+# --------------------------------------------------------------------------- corpus files
+
+
+@dataclass
+class CorpusMeta:
+    """What ``build_corpus`` made; saved as ``corpus.json`` beside ``tokens.bin``."""
+
+    n_tokens: int  # length of tokens.bin in tokens
+    n_train: int  # tokens[:n_train] is the training split
+    n_val: int  # tokens[n_train:] is the validation split
+    dtype: str  # numpy dtype name of tokens.bin: "uint16" or "uint32"
+    vocab_size: int
+    tokenizer: str  # "char" or "bpe"
+    separator: str  # between documents: "\n\n" (char) or "<|endoftext|>" after each (bpe)
+    n_documents: int  # documents kept
+    n_duplicates: int  # exact duplicates dropped
+    n_empty: int  # empty documents skipped
+    n_replaced: int  # invalid UTF-8 sequences replaced with U+FFFD
+    n_chars: int  # characters of the kept documents, separators excluded
+    n_bytes_read: int  # raw bytes read from the source in one pass
+    source: str  # TextSource.describe()
+    # The exact text behind the validation tokens, for bits per character/byte.
+    # Separator tokens count as the text they stand for: "\n\n" for char, and
+    # nothing (0 chars, 0 bytes) for the BPE <|endoftext|> token.
+    val_chars: int
+    val_bytes: int
+    warnings: list[str] = field(default_factory=list)  # one line each, ready to print
+    version: int = META_VERSION
+
+    def save(self, path: Path) -> None:
+        """Write JSON atomically (temp file, flush, rename)."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> CorpusMeta:
+        """Read corpus.json; CheckpointError naming the file if it is missing or corrupt."""
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{path}: not found; the corpus was never built or its build was "
+                "interrupted; build it again"
+            ) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt corpus metadata ({e}); rebuild") from None
+        names = {f.name for f in fields(cls)}
+        if not isinstance(doc, dict) or not names >= set(doc) or doc.get("version") != META_VERSION:
+            raise CheckpointError(f"{path}: not a corpus.json of version {META_VERSION}; rebuild")
+        try:
+            return cls(**doc)
+        except TypeError as e:
+            raise CheckpointError(f"{path}: incomplete corpus metadata ({e}); rebuild") from None
+
+
+class TokenCorpus:
+    """A built corpus: memory-mapped token ids split into train and validation views."""
+
+    def __init__(self, out_dir: Path, meta: CorpusMeta, tokens: np.memmap):
+        self.out_dir = out_dir
+        self.meta = meta
+        self.tokens = tokens  # (n_tokens,) read-only memmap
+        self.train: np.ndarray = tokens[: meta.n_train]
+        self.val: np.ndarray = tokens[meta.n_train :]
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return f"TokenCorpus({str(self.out_dir)!r}, n_train={m.n_train}, n_val={m.n_val})"
+
+    def __len__(self) -> int:
+        return self.meta.n_tokens
+
+    @classmethod
+    def open(cls, out_dir: str | Path) -> TokenCorpus:
+        """Memory-map ``out_dir/tokens.bin``; CheckpointError if missing or truncated."""
+        out_dir = Path(out_dir)
+        meta = CorpusMeta.load(out_dir / META_FILE)
+        path = out_dir / TOKENS_FILE
+        try:
+            dtype = np.dtype(meta.dtype)
+        except TypeError:
+            raise CheckpointError(f"{out_dir / META_FILE}: unknown dtype {meta.dtype!r}") from None
+        expected = meta.n_tokens * dtype.itemsize
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not found; build the corpus again") from None
+        if (
+            size != expected
+            or meta.n_tokens < 1
+            or meta.n_train < 0
+            or meta.n_train + meta.n_val != meta.n_tokens
+        ):
+            raise CheckpointError(
+                f"{path}: has {size} bytes but corpus.json describes {meta.n_tokens} "
+                f"{meta.dtype} tokens ({expected} bytes); the file is truncated or stale, "
+                "build the corpus again"
+            )
+        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(meta.n_tokens,))
+        return cls(out_dir, meta, tokens)
+
+    def load_tokenizer(self) -> CharTokenizer | BPETokenizer:
+        """The tokenizer saved beside the tokens."""
+        return load_tokenizer(self.out_dir)
+
+
+def _val_text_size(val: np.ndarray, tok: Tokenizer, block: int = 1 << 20) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of the text that the token ids ``val`` stand for."""
+    if isinstance(tok, CharTokenizer):
+        lengths = tok.utf8_lengths()
+        n_bytes = sum(int(lengths[val[i : i + block]].sum()) for i in range(0, len(val), block))
+        return len(val), n_bytes
+    assert isinstance(tok, BPETokenizer)
+    table = tok.token_bytes()
+    lengths = np.array([len(b) for b in table], dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    blob = np.frombuffer(b"".join(table), dtype=np.uint8)
+    # Byte-level tokens can end inside a character, so bytes are decoded by an
+    # incremental decoder across blocks rather than token by token.
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    n_chars = n_bytes = 0
+    for i in range(0, len(val), block):
+        ids = val[i : i + block].astype(np.int64)
+        lens = lengths[ids]
+        total = int(lens.sum())
+        # Gather every token's bytes at once: output byte k of token j comes
+        # from blob[offsets[j] + k - out_start[j]].
+        out_start = np.cumsum(lens) - lens
+        index = np.repeat(offsets[ids] - out_start, lens) + np.arange(total)
+        n_chars += len(decoder.decode(blob[index].tobytes()))
+        n_bytes += total
+    n_chars += len(decoder.decode(b"", final=True))
+    return n_chars, n_bytes
+
+
+def _progress(enabled: bool, total: int, desc: str) -> tqdm:
+    return tqdm(
+        total=total or None,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not enabled,
+        leave=False,
+    )
+
+
+@dataclass
+class _Scan:
+    """What pass 1 learned about the documents of a source."""
+
+    keep: bytearray = field(default_factory=bytearray)  # one flag per document, in order
+    n_kept: int = 0
+    n_duplicates: int = 0
+    n_empty: int = 0
+    n_chars: int = 0  # characters of the kept documents
+    stats: ReadStats = field(default_factory=ReadStats)
+
+
+def _scan(src: TextSource, chunk_size: int, alphabet: np.ndarray | None, bar: tqdm) -> _Scan:
+    """Pass 1: hash every document for exact de-duplication; mark characters in ``alphabet``."""
+    scan = _Scan(stats=ReadStats(on_bytes=bar.update))
+    seen: set[bytes] = set()  # sha256 digests: the only memory that grows with the corpus
+    for doc in iter_documents(src, chunk_size=chunk_size, stats=scan.stats):
+        h = hashlib.sha256() if src.dedup else None
+        n = 0
+        for chunk in doc.chunks():
+            n += len(chunk)
+            if h is not None:
+                h.update(chunk.encode("utf-8"))
+            if alphabet is not None:
+                # A table per code point is O(n), much faster than set(chunk).
+                alphabet[code_points(chunk)] = True
+        if n == 0:
+            scan.n_empty += 1
+            scan.keep.append(0)
+        elif h is not None and (digest := h.digest()) in seen:
+            scan.n_duplicates += 1
+            scan.keep.append(0)
+        else:
+            if h is not None:
+                seen.add(digest)
+            scan.keep.append(1)
+            scan.n_kept += 1
+            scan.n_chars += n
+    scan.stats.on_bytes = None
+    return scan
+
+
+def _kept_documents(src: TextSource, scan: _Scan, chunk_size: int, bar: tqdm) -> Iterator[Document]:
+    """Read ``src`` again and yield the documents pass 1 kept."""
+    n = 0
+    stats = ReadStats(on_bytes=bar.update)
+    for i, doc in enumerate(iter_documents(src, chunk_size=chunk_size, stats=stats)):
+        n = i + 1
+        if i < len(scan.keep) and scan.keep[i]:
+            yield doc
+    if n != len(scan.keep):
+        raise DataError(f"{src.describe()}: the source changed while the corpus was being built")
+
+
+def _write_tokens(
+    docs: Iterator[Document], tok: CharTokenizer | BPETokenizer, n_docs: int, path: Path
+) -> tuple[int, int]:
+    """Pass 2: append the token ids of ``docs`` to ``path``; returns (tokens, characters)."""
+    dtype = token_dtype(tok.vocab_size)
+    empty = np.zeros(0, np.int64)
+    if isinstance(tok, BPETokenizer):
+        if tok.eos_id is None:
+            raise ConfigError(f"the BPE tokenizer has no {EOS_TOKEN} token to separate documents")
+        # A literal "<|endoftext|>" inside a document is text; only real
+        # document ends get the eos id, after every document (GPT-2 style).
+        encode = partial(tok.encode_array, special=False)
+        before, after = empty, np.array([tok.eos_id])
+    else:
+        encode, before, after = tok.encode_array, empty, empty
+        if n_docs > 1:
+            try:
+                before = tok.encode_array(CHAR_SEPARATOR)  # "\n\n" between documents
+            except UnknownCharacterError:
+                raise DataError(
+                    "the char tokenizer has no '\\n', needed to separate documents"
+                ) from None
+    n_tokens = n_chars = 0
+    with open(path, "wb") as f:
+
+        def write(ids: np.ndarray) -> None:
+            nonlocal n_tokens
+            f.write(ids.astype(dtype).tobytes())
+            n_tokens += len(ids)
+
+        for k, doc in enumerate(docs):
+            if k > 0:
+                write(before)
+            pos = 0  # characters into this document, for error messages
+            for chunk in doc.chunks():
+                try:
+                    write(encode(chunk))
+                except UnknownCharacterError as e:
+                    raise DataError(
+                        f"{doc.origin}: character {e.char!r} at position {pos + e.position} "
+                        f"is not in the tokenizer's vocabulary of {tok.vocab_size} characters"
+                    ) from None
+                pos += len(chunk)
+            write(after)
+            n_chars += pos
+        f.flush()
+        os.fsync(f.fileno())
+    return n_tokens, n_chars
+
+
+def build_corpus(
+    src: TextSource,
+    out_dir: str | Path,
+    *,
+    tokenizer: Tokenizer | None = None,
+    tokenizer_kind: str = "char",
+    vocab_size: int = 4096,
+    val_fraction: float = 0.1,
+    progress: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[Tokenizer, TokenCorpus]:
+    """Read ``src``, train a tokenizer (unless given) and write a memory-mapped token file.
+
+    Writes ``out_dir/tokens.bin``, ``out_dir/tokenizer.json`` and, last,
+    ``out_dir/corpus.json``, so an interrupted build is detected by
+    ``TokenCorpus.open``. Memory does not grow with the corpus size: only
+    document hashes and the tokenizer state are kept.
+
+    tokenizer: use this one (e.g. from a run being fine-tuned) instead of training;
+        ``tokenizer_kind`` and ``vocab_size`` are then ignored.
+    tokenizer_kind: "char" or "bpe", for a new tokenizer.
+    vocab_size: BPE vocabulary size (257 to 2**32 - 1); unused for char.
+    val_fraction: the last this fraction of the token stream is validation.
+    progress: show tqdm bars over bytes read.
+    chunk_size: bytes per read.
+    """
+    if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+    if tokenizer is None:
+        if tokenizer_kind not in TOKENIZER_KINDS:
+            raise ConfigError(
+                f"data.tokenizer must be one of {TOKENIZER_KINDS}, got {tokenizer_kind!r}"
+            )
+        if tokenizer_kind == "bpe":
+            check_bpe_vocab_size(vocab_size)  # before reading a large corpus, not after
+    elif not isinstance(tokenizer, CharTokenizer | BPETokenizer):
+        raise ConfigError(f"build_corpus needs a CharTokenizer or BPETokenizer, got {tokenizer!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # An old corpus.json next to new, half-written tokens would look complete.
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    total_bytes = _source_bytes(src) if progress else 0
+    bar = partial(_progress, progress, total_bytes)
+
+    # Pass 1: dedup hashes and, for a new char tokenizer, the alphabet.
+    train_char = tokenizer is None and tokenizer_kind == "char"
+    alphabet = np.zeros(0x110000, dtype=bool) if train_char else None
+    with bar("read") as b:
+        scan = _scan(src, chunk_size, alphabet, b)
+    if scan.n_kept == 0:
+        raise DataError(
+            f"{src.describe()}: the corpus is empty: no document has any text "
+            f"({len(scan.keep)} documents read, {scan.n_empty} empty)"
+        )
+
+    tok: CharTokenizer | BPETokenizer
+    if tokenizer is not None:
+        tok = tokenizer  # type: ignore[assignment]
+    elif alphabet is not None:
+        if scan.n_kept > 1:
+            alphabet[ord("\n")] = True  # the separator must be encodable
+        tok = CharTokenizer([chr(c) for c in np.flatnonzero(alphabet)])
+    else:
+        # Pass 1b: train BPE on the kept documents only, so duplicates do not
+        # skew the merges.
+        with bar("train bpe") as b:
+            docs = _kept_documents(src, scan, chunk_size, b)
+            tok = train_bpe_tokenizer((c for d in docs for c in d.chunks()), vocab_size)
+
+    # Pass 2: encode into a temporary file, renamed only when complete.
+    tokens_path, tmp = out_dir / TOKENS_FILE, out_dir / (TOKENS_FILE + ".tmp")
+    try:
+        with bar("tokenize") as b:
+            docs = _kept_documents(src, scan, chunk_size, b)
+            n_tokens, n_chars = _write_tokens(docs, tok, scan.n_kept, tmp)
+        if n_chars != scan.n_chars:
+            raise DataError(
+                f"{src.describe()}: the source changed while the corpus was being built"
+            )
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, tokens_path)
+
+    # Split: contiguous, the last val_fraction of the stream is validation.
+    dtype = token_dtype(tok.vocab_size)
+    n_val = round(n_tokens * val_fraction)
+    n_train = n_tokens - n_val
+    tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,))
+    val_chars, val_bytes = _val_text_size(tokens[n_train:], tok)
+    del tokens
+
+    stats = scan.stats
+    warnings = []
+    if stats.n_replaced:
+        warnings.append(
+            f"{stats.n_replaced} invalid UTF-8 sequence(s) replaced with U+FFFD "
+            f"(first: {stats.first_replaced})"
+        )
+    meta = CorpusMeta(
+        n_tokens=n_tokens,
+        n_train=n_train,
+        n_val=n_val,
+        dtype=dtype.name,
+        vocab_size=tok.vocab_size,
+        tokenizer=tok.kind,
+        separator=EOS_TOKEN if isinstance(tok, BPETokenizer) else CHAR_SEPARATOR,
+        n_documents=scan.n_kept,
+        n_duplicates=scan.n_duplicates,
+        n_empty=scan.n_empty,
+        n_replaced=stats.n_replaced,
+        n_chars=scan.n_chars,
+        n_bytes_read=stats.n_bytes,
+        source=src.describe(),
+        val_chars=val_chars,
+        val_bytes=val_bytes,
+        warnings=warnings,
+    )
+    tok.save(out_dir / TOKENIZER_FILE)
+    meta.save(out_dir / META_FILE)  # last: its presence means the build is complete
+    return tok, TokenCorpus.open(out_dir)
