@@ -1,0 +1,5 @@
+"""Model families: one file each, holding its config, networks and losses."""
+
+from aigc.models.gpt import GPT, GPTConfig, KVCache
+
+__all__ = ["GPT", "GPTConfig", "KVCache"]
