@@ -20,7 +20,9 @@ def test_recipe_loads_with_types():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(RECIPE, ["train.max_steps=2000", "model.n_layer=6", "data.path=my_corpus/", "train.lr=3e-4"])
+    cfg = load_config(
+        RECIPE, ["train.max_steps=2000", "model.n_layer=6", "data.path=my_corpus/", "train.lr=3e-4"]
+    )
     assert cfg.train.max_steps == 2000
     assert cfg.model.n_layer == 6
     assert cfg.data.path == "my_corpus/"

@@ -7,6 +7,7 @@ more than GPT without knowing any family's mathematics.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -58,7 +59,9 @@ class ToyTask:
 
     def train_batch(self, step, micro, rank, world):
         g = torch.Generator().manual_seed(step)
-        return torch.randn(self.batch, 4, generator=g) + 2.0, torch.randn(self.batch, 2, generator=g)
+        return torch.randn(self.batch, 4, generator=g) + 2.0, torch.randn(
+            self.batch, 2, generator=g
+        )
 
     def eval_sums(self, model, rank, world, device):
         return {"n": 1.0}
@@ -71,7 +74,9 @@ class ToyTask:
 
 
 def _trainer(tmp_path, model, **train):
-    cfg = Config(family="toy", data=None, model=None, train=TrainConfig(**{"log_every": 1, **train}))
+    cfg = Config(
+        family="toy", data=None, model=None, train=TrainConfig(**{"log_every": 1, **train})
+    )
     run = RunDir(tmp_path / "run")
     run.create("toy", "family: toy\n")
     return Trainer(ToyTask(model), cfg, run, DistInfo(), torch.device("cpu"))
@@ -130,7 +135,9 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 def test_time_budget_stops_training(tmp_path):
     torch.manual_seed(0)
-    t = _trainer(tmp_path, TwoPlayer(), max_steps=10**9, max_time=0.5, warmup_steps=0, checkpoint_every=0)
+    t = _trainer(
+        tmp_path, TwoPlayer(), max_steps=10**9, max_time=0.5, warmup_steps=0, checkpoint_every=0
+    )
     result = t.fit()
     assert 0.5 <= result.train_time < 5
     assert t.run.latest_checkpoint().name == f"step-{result.step:08d}"
@@ -156,5 +163,5 @@ def test_ema_matches_an_independent_recurrence():
 def test_cosine_progress_is_monotone():
     cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0)
     values = [lr_factor(cfg, s, s / 100) for s in range(101)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     assert values[-1] == pytest.approx(0.0, abs=1e-12) and not math.isnan(np.sum(values))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from aigc.api import TextGenerator, TrainOutcome, load, train  # noqa: E402
-from aigc.config import Config, load_config  # noqa: E402
+from aigc.api import TextGenerator, TrainOutcome, load, train
+from aigc.config import Config, load_config
 
 __all__ = ["Config", "TextGenerator", "TrainOutcome", "__version__", "load", "load_config", "train"]

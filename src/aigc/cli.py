@@ -44,7 +44,7 @@ def resolve_recipe(name: str) -> tuple[Path | None, Path | None]:
     if p.is_file():
         return p, None
     for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
-        if candidate.is_file() and not p.suffix == ".yml":
+        if candidate.is_file() and p.suffix != ".yml":
             return candidate, None
     known = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.yaml")))
     from aigc.errors import ConfigError

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "configs" / "gpt-pydoc-char.yaml")
+
+# Small enough to train for real in a second or two on two CPU cores.
+TINY = [
+    "model.block_size=32",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "train.batch_size=8",
+    "train.warmup_steps=5",
+    "train.max_time=0",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """~40,000 characters of real English text (from the embedded Python docs)."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:40_000]
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Runs `python -m aigc ARGS` in a subprocess, as a user would."""
+    env = {**os.environ, "AIGC_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "aigc", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
