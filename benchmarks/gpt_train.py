@@ -24,6 +24,7 @@ import torch
 
 import aigc
 from aigc.models.gpt import GPT, GPTConfig
+from aigc.runs import RunDir
 
 
 def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
@@ -104,7 +105,7 @@ def aigc_loop(args, seconds: float, compile_: bool) -> tuple[float, int]:
         out = aigc.train(
             "configs/gpt-pydoc-char.yaml", overrides, run_dir=Path(tmp) / "run", progress=False
         )
-        rows = [r for r in aigc.runs.RunDir(out.run_dir).read_metrics() if "tokens_per_s" in r]
+        rows = [r for r in RunDir(out.run_dir).read_metrics() if "tokens_per_s" in r]
         return rows[-1]["tokens_per_s"], out.step
 
 

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from aigc.api import TextGenerator, TrainOutcome, load, train
-from aigc.config import Config, load_config
-
 __all__ = ["Config", "TextGenerator", "TrainOutcome", "__version__", "load", "load_config", "train"]
+
+# Imported on first use, so `aigc --help` answers without loading torch.
+_LAZY = {
+    "train": "aigc.api",
+    "load": "aigc.api",
+    "TextGenerator": "aigc.api",
+    "TrainOutcome": "aigc.api",
+    "Config": "aigc.config",
+    "load_config": "aigc.config",
+}
+
+if TYPE_CHECKING:
+    from aigc.api import TextGenerator, TrainOutcome, load, train
+    from aigc.config import Config, load_config
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aigc' has no attribute {name!r}")

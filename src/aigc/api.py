@@ -117,6 +117,8 @@ def train(
     """
     if config is None and run_dir is None:
         raise ConfigError("give a config (recipe) or a run folder to continue")
+    # The switch the trainer's progress bar honours also silences the data bars.
+    progress = progress and os.environ.get("AIGC_NO_PROGRESS") != "1"
     run = RunDir(run_dir if run_dir is not None else default_run_dir(config))
     new = load_config(config, overrides) if config is not None else None
     if new is not None:
@@ -128,6 +130,10 @@ def train(
             if new is not None:
                 run.check_family(new.family)
             saved = load_config(run.config_path)
+            if (family := run.info()["family"]) != saved.family:
+                raise CheckpointError(
+                    f"{run.path}: run.json says {family!r}, config.yaml says {saved.family!r}"
+                )
             if new is None and overrides:
                 new = load_config(saved, overrides)
             cfg = _merge_for_resume(saved, new, run)
@@ -296,14 +302,17 @@ class TextGenerator:
         stop: str | Iterable[str] = (),
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Yields the completion of ``prompt`` piece by piece as tokens are sampled."""
+        """Yields the completion of ``prompt`` piece by piece as tokens are sampled.
+
+        Bad parameters or a prompt the tokenizer cannot encode raise here, before any text.
+        """
         from aigc.sampling import stream
 
         params = self._params(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, stop=stop, seed=seed,
         )  # fmt: skip
-        yield from stream(self.model, self.tokenizer, prompt, params)
+        return stream(self.model, self.tokenizer, prompt, params)
 
     def evaluate(self, save: bool = True) -> dict[str, Any]:
         """Validation loss, perplexity and bits per character over the whole held-out split."""

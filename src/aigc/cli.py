@@ -180,8 +180,9 @@ def sample(
         repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
     )  # fmt: skip
     if len(prompts) == 1 and stream:
+        pieces = gen.stream(prompts[0], **kw)  # checks the request before printing anything
         typer.echo(prompts[0], nl=False)
-        for piece in gen.stream(prompts[0], **kw):
+        for piece in pieces:
             typer.echo(piece, nl=False)
         typer.echo()
         return

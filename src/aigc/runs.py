@@ -195,7 +195,7 @@ class RunDir:
         if got != family:
             raise CheckpointError(
                 f"{self.path} is a {got!r} run, not a {family!r} run; "
-                "choose another run folder (train.run_dir / --run-dir)"
+                "choose another run folder (--run-dir)"
             )
 
     # checkpoints --------------------------------------------------------------

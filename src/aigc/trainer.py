@@ -563,15 +563,15 @@ class Trainer:
                         for k, v in last_eval.items():
                             writer.add_scalar(f"val/{k}", v, self.step)
                         bar.set_eval(last_eval)
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or at_end:
-                    texts = self.sample()
-                    if main:
-                        _write_samples(self.run, self.step, texts, writer)
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
                     if main:
                         log.sync()
                         writer.flush()
-                    self.save()
+                    self.save()  # before sampling: a failure there loses no training
+                if (cfg.sample_every and self.step % cfg.sample_every == 0) or at_end:
+                    texts = self.sample()
+                    if main:
+                        _write_samples(self.run, self.step, texts, writer)
                 if iter_callback is not None:
                     iter_callback(self)
         except KeyboardInterrupt:

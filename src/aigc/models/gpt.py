@@ -92,7 +92,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # GPT-2 uses the tanh approximation of GELU; exact GELU would break HF parity
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="none")))
 
 
 class Block(nn.Module):
@@ -324,7 +324,7 @@ class GPT(nn.Module):
             is_causal = attn_mask is None and T > 1
             y = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask, is_causal=is_causal)
             x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), *w.attn_proj)
-            h = F.gelu(F.linear(F.layer_norm(x, (C,), *w.ln_2), *w.c_fc), approximate="tanh")
+            h = F.gelu(F.linear(F.layer_norm(x, (C,), *w.ln_2), *w.c_fc), approximate="none")
             x = x + F.linear(h, *w.mlp_proj)  # (B, T, C)
         cache.length = S
         if last_only:

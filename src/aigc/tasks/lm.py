@@ -222,9 +222,17 @@ class LMTask:
         }
 
     def sample_prompts(self) -> list[str]:
-        """The start of the validation text (a real context) and an empty prompt."""
+        """The start of the validation text (a real context) and an empty prompt.
+
+        An empty prompt starts from end-of-text or a newline; a char vocabulary of
+        text without line breaks has neither, so there the empty prompt is left out.
+        """
         head = (
             self.tokenizer.decode(self.corpus.val[:64].tolist()) if self.corpus is not None else ""
         )
         head = head.split("\n")[0][:40] if head.strip() else ""
-        return [p for p in dict.fromkeys([head, ""])]
+        try:
+            can_start_empty = self.tokenizer.eos_id is not None or bool(self.tokenizer.encode("\n"))
+        except DataError:  # "\n" is not in the vocabulary
+            can_start_empty = False
+        return [p for p in dict.fromkeys([head, ""]) if p or can_start_empty]
