@@ -36,6 +36,7 @@ lint: $(VENV)/.test-installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/gpt_train.py
 	$(BIN)/python benchmarks/gpt_sample.py
+	$(BIN)/python benchmarks/train_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -71,6 +71,7 @@ def main() -> None:
     args = ap.parse_args()
 
     common = [
+        "train",
         "configs/gpt-pydoc-char.yaml",
         f"train.max_steps={args.steps}",
         "train.max_time=0",

@@ -366,3 +366,13 @@ def test_bad_sampling_requests_name_the_parameter(trained):
     )
     for proc, named in zip(procs, [*bad.values(), "'€' at position 9"], strict=True):
         assert_user_error(proc, named)
+
+
+def test_usage_errors_exit_2_without_traceback():
+    # Regression: a usage error (unknown verb, missing argument) printed a traceback,
+    # because Typer's bundled click is not the `click` package.
+    for args in (["nosuchverb"], ["train"], ["sample"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert "Usage" in proc.stderr

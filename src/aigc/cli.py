@@ -216,7 +216,8 @@ def eval_(
 def main() -> None:
     """Entry point of the `aigc` console script and `python -m aigc`."""
     try:
-        app(standalone_mode=False)
+        # Standalone mode: click reports its own usage errors (exit 2) and --help.
+        app()
     except AigcError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -226,14 +227,3 @@ def main() -> None:
             err=True,
         )
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
