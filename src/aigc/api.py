@@ -164,8 +164,7 @@ def _create_run(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            tokenizer = task_cls.prepare_data(cfg, tmp, progress=progress)
-            tokenizer.save(tmp / "tokenizer.json")
+            task_cls.prepare_data(cfg, tmp, progress=progress)  # writes tokenizer.json too
             task_cls.finish_config(cfg, tmp)
             run.create(cfg.family, cfg.to_yaml())
             task_cls.install_data(tmp, run)

@@ -17,7 +17,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -692,7 +692,3 @@ class _ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def iter_param_groups(model: nn.Module) -> Iterable[str]:
-    return _param_groups(model).keys()
