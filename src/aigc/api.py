@@ -182,13 +182,11 @@ def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> 
     task_cls = get_task(cfg.family)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     task = task_cls.open(cfg, run)
-    if not progress:
-        os.environ["AIGC_NO_PROGRESS"] = "1"
-    trainer = Trainer(task, cfg, run, dist_info, device)
+    trainer = Trainer(task, cfg, run, dist_info, device, progress=progress)
     resumed = trainer.restore()
     start = trainer.step
-    if resumed:
-        run.truncate_metrics(start) if dist_info.is_main else None
+    if resumed and dist_info.is_main:
+        run.truncate_metrics(start)
     if dist_info.is_main:
         atomic_write_text(run.config_path, cfg.to_yaml())
     result: TrainResult = trainer.fit()

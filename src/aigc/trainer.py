@@ -313,9 +313,16 @@ class Trainer:
     """Trains ``task.model`` into ``run`` according to ``config.train``."""
 
     def __init__(
-        self, task: Task, config: Config, run: RunDir, dist_info: DistInfo, device: torch.device
+        self,
+        task: Task,
+        config: Config,
+        run: RunDir,
+        dist_info: DistInfo,
+        device: torch.device,
+        progress: bool = True,
     ):
         self.task = task
+        self.progress = progress  # show a progress bar on rank 0
         self.config = config
         self.cfg = config.train
         self.run = run
@@ -500,7 +507,11 @@ class Trainer:
         main = self.dist.is_main
         log = MetricsLog(self.run.metrics_path) if main else None
         writer = _tensorboard(self.run, self.step) if main else None
-        bar = _ProgressBar(cfg, self.step, self.train_time, self.task.item_name) if main else None
+        bar = (
+            _ProgressBar(cfg, self.step, self.train_time, self.task.item_name, self.progress)
+            if main
+            else None
+        )
         self.model.train()
         window: dict[str, float] = {}
         window_steps = 0
@@ -660,7 +671,9 @@ def _write_samples(run: RunDir, step: int, texts: dict[str, str], writer: Any) -
 class _ProgressBar:
     """tqdm over steps, or over seconds when training has a time budget."""
 
-    def __init__(self, cfg: TrainConfig, step: int, train_time: float, item_name: str):
+    def __init__(
+        self, cfg: TrainConfig, step: int, train_time: float, item_name: str, enabled: bool
+    ):
         from tqdm.auto import tqdm
 
         self.by_time = cfg.max_time > 0
@@ -673,7 +686,7 @@ class _ProgressBar:
         )
         self.bar = tqdm(
             total=total, initial=initial, desc="train", unit="s" if self.by_time else "step",
-            bar_format=fmt, dynamic_ncols=True, mininterval=0.5, disable=os.environ.get("AIGC_NO_PROGRESS") == "1",
+            bar_format=fmt, dynamic_ncols=True, mininterval=0.5, disable=not enabled,
         )  # fmt: skip
         self.item_name = item_name
         self.eval_text = ""
