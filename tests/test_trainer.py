@@ -165,3 +165,24 @@ def test_cosine_progress_is_monotone():
     values = [lr_factor(cfg, s, s / 100) for s in range(101)]
     assert all(a >= b for a, b in itertools.pairwise(values))
     assert values[-1] == pytest.approx(0.0, abs=1e-12) and not math.isnan(np.sum(values))
+
+
+def test_ema_warms_up_and_averages_buffers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = EMA(net, decay=0.999)
+    assert "1.running_mean" in ema.names  # batch-norm statistics follow the weights
+    expected = {n: t.detach().clone() for n, t in net.state_dict().items() if n in ema.names}
+    for step in range(20):
+        net(torch.randn(8, 3))  # moves the running statistics (train mode)
+        with torch.no_grad():
+            net[0].weight.add_(torch.randn_like(net[0].weight))
+        ema.update(step)
+        d = min(0.999, (1 + step) / (10 + step))  # warm-up: the first steps weigh heavily
+        live = net.state_dict()
+        expected = {n: d * expected[n] + (1 - d) * live[n] for n in expected}
+    for n in ema.names:
+        assert torch.allclose(ema.shadow[n], expected[n], atol=1e-5), n
+    with ema.applied():
+        assert torch.allclose(net[1].running_mean, expected["1.running_mean"], atol=1e-5)
+    assert torch.allclose(net[1].running_mean, net.state_dict()["1.running_mean"])

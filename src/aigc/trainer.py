@@ -49,7 +49,9 @@ class Task(Protocol):
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
-    def samples(self, model: nn.Module, step: int, device: torch.device) -> dict[str, str]: ...
+    def samples(self, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
+        """Named samples: text (str) or an image grid ((H, W, C) uint8 NumPy array)."""
+        ...
 
 
 # ---------------------------------------------------------------------------
@@ -183,38 +185,52 @@ def _all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
 
 
 class EMA:
-    """Shadow copies of a module's floating-point parameters, updated after each step."""
+    """Shadow copies of a module's floating-point parameters and buffers, updated after each step.
+
+    Buffers (e.g. batch-norm running statistics) are averaged with the weights, so
+    the averaged weights are used with statistics that follow them. With the step
+    number, the decay warms up as min(decay, (1 + step) / (10 + step)), so the
+    random initial weights do not linger in the average of a short run.
+    """
 
     def __init__(self, module: nn.Module, decay: float):
         self.module = module
         self.decay = decay
-        self.names = [n for n, p in module.named_parameters() if p.dtype.is_floating_point]
-        params = dict(module.named_parameters())
-        self.shadow = {n: params[n].detach().clone() for n in self.names}
+        state = module.state_dict(keep_vars=True)
+        seen: set[int] = set()  # tied weights are averaged once
+        self.names = []
+        for n, t in state.items():
+            if t.dtype.is_floating_point and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                self.names.append(n)
+        self.shadow = {n: state[n].detach().clone() for n in self.names}
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        state = self.module.state_dict(keep_vars=True)
+        return {n: state[n].detach() for n in self.names}
 
     @torch.no_grad()
-    def update(self) -> None:
-        params = dict(self.module.named_parameters())
+    def update(self, step: int | None = None) -> None:
+        decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+        live = self._live()
         torch._foreach_lerp_(
-            [self.shadow[n] for n in self.names],
-            [params[n].detach() for n in self.names],
-            1 - self.decay,
+            [self.shadow[n] for n in self.names], [live[n] for n in self.names], 1 - decay
         )
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Temporarily swaps the EMA weights into the module."""
-        params = dict(self.module.named_parameters())
-        backup = {n: params[n].detach().clone() for n in self.names}
+        live = self._live()
+        backup = {n: live[n].clone() for n in self.names}
         with torch.no_grad():
             for n in self.names:
-                params[n].copy_(self.shadow[n])
+                live[n].copy_(self.shadow[n])
         try:
             yield
         finally:
             with torch.no_grad():
                 for n in self.names:
-                    params[n].copy_(backup[n])
+                    live[n].copy_(backup[n])
 
 
 # ---------------------------------------------------------------------------
@@ -447,7 +463,7 @@ class Trainer:
             sums = dict(zip(keys, vec.tolist(), strict=True))
         return self.task.eval_metrics(sums)
 
-    def sample(self) -> dict[str, str]:
+    def sample(self) -> dict[str, Any]:
         was_training = self.model.training
         self.model.eval()
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
@@ -524,7 +540,7 @@ class Trainer:
                 lr = self._set_lr()
                 scalars, step = self.train_step()
                 if self.ema is not None and not step.skipped:
-                    self.ema.update()
+                    self.ema.update(self.step)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 self.train_time += dt
@@ -657,15 +673,27 @@ def _tensorboard(run: RunDir, step: int):
     return SummaryWriter(log_dir=str(run.tb_dir), purge_step=step + 1 if step else None)
 
 
-def _write_samples(run: RunDir, step: int, texts: dict[str, str], writer: Any) -> None:
+def _write_samples(run: RunDir, step: int, samples: dict[str, Any], writer: Any) -> None:
+    """Texts go to samples/step-N.txt, image grids to samples/step-N-<name>.png; both to TensorBoard."""
     run.samples_dir.mkdir(exist_ok=True)
-    if not texts:
-        return
-    body = "\n\n".join(f"=== {k} ===\n{v}" for k, v in texts.items())
-    (run.samples_dir / f"step-{step:08d}.txt").write_text(body + "\n", encoding="utf-8")
+    texts = {k: v for k, v in samples.items() if isinstance(v, str)}
+    images = {k: v for k, v in samples.items() if not isinstance(v, str)}
+    if texts:
+        body = "\n\n".join(f"=== {k} ===\n{v}" for k, v in texts.items())
+        (run.samples_dir / f"step-{step:08d}.txt").write_text(body + "\n", encoding="utf-8")
     for k, v in texts.items():
         # TensorBoard renders text as markdown; a code block keeps it verbatim.
         writer.add_text(f"samples/{k}", "```\n" + v + "\n```", step)
+    if images:
+        from PIL import Image
+
+        for k, grid in images.items():
+            grid = np.asarray(grid, dtype=np.uint8)
+            name = "".join(c if c.isalnum() or c in "-_" else "_" for c in k)
+            Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+                run.samples_dir / f"step-{step:08d}-{name}.png"
+            )
+            writer.add_image(f"samples/{k}", grid, step, dataformats="HWC")
 
 
 class _ProgressBar:
@@ -694,8 +722,9 @@ class _ProgressBar:
     def update(self, step: int, train_time: float, scalars: dict[str, float], rate: float) -> None:
         new = min(train_time, self.bar.total) if self.by_time else step
         self.bar.update(new - self.bar.n)
-        loss = scalars.get("loss")
-        post = f"step {step}" + (f", loss {loss:.3f}" if loss is not None else "")
+        # the family's losses: "loss", or e.g. "d_loss" and "g_loss" for a GAN
+        losses = [(k, v) for k, v in scalars.items() if k == "loss" or k.endswith("_loss")][:2]
+        post = f"step {step}" + "".join(f", {k} {v:.3f}" for k, v in losses)
         post += f", {rate:,.0f} {self.item_name}/s{self.eval_text}"
         self.bar.set_postfix_str(post, refresh=False)
 
