@@ -1,0 +1,738 @@
+"""Image sets for the GAN and VAE families: embedded sources and real formats, as uint8 arrays.
+
+``load_image_set`` turns a source into an ``ImageSet`` of same-sized (N, H, W, C)
+uint8 images with integer labels. Sources:
+
+- ``"digits"`` (the default): scikit-learn's 1,797 handwritten 8×8 digits, no download.
+- ``"shapes"``: procedural coloured shapes with four labels and a caption each
+  (``aigc.data.shapes``), any number, deterministic in a seed.
+- an image folder: one sub-folder per class (``root/<class>/**/*.png``), or the
+  images directly in ``root`` for an unlabelled set; PNG, JPEG, WebP, BMP, GIF.
+  A folder holding ``train`` and ``test`` (or ``val``) sub-folders is split by them.
+- MNIST / Fashion-MNIST IDX files, gzipped or not: an ``*-images-idx3-ubyte[.gz]``
+  file (its ``*-labels-idx1-ubyte[.gz]`` found beside it) or the folder holding them.
+- CIFAR-10 / CIFAR-100 **binary** version: ``cifar-10-batches-bin`` or
+  ``cifar-100-binary`` (or one ``.bin`` file of them). The pickled Python version
+  is refused: unpickling a downloaded file can run arbitrary code.
+
+Every image is converted to RGB or L, centre-cropped to a square (or squashed)
+and resized with Pillow (LANCZOS when shrinking, BICUBIC when enlarging). Bad
+files raise ``DataError`` naming the file and the fault; with ``skip_bad`` they
+are skipped and counted in ``ImageSet.skipped``. Nothing is ever downloaded.
+
+Training code uses ``to_tensor`` (uint8 -> [-1, 1] float), ``random_flip`` for
+augmentation, ``to_uint8`` / ``image_grid`` / ``save_png`` for samples and
+``split_indices`` for a deterministic validation split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image
+
+from aigc.errors import ConfigError, DataError
+
+EMBEDDED = ("digits", "shapes")
+SPLITS = ("train", "test")
+CHANNELS = {1: "L", 3: "RGB"}
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # Pillow never guesses other formats
+# Files an image folder may hold besides images, never read: metadata and OS clutter.
+IGNORED_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".yaml", ".yml")
+IGNORED_NAMES = ("Thumbs.db", "desktop.ini")
+# Sub-folder names that mean "a split of the data", not "a class".
+SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "valid", "validation")}
+_PARALLEL_FROM = 64  # image files; fewer are decoded on the calling thread
+
+# IDX (MNIST family): "train-images-idx3-ubyte.gz", also "train-images.idx3-ubyte".
+IDX_IMAGES = re.compile(r"(?P<prefix>.*)images[.-]idx3[.-]ubyte(\.gz)?", re.IGNORECASE)
+IDX_LABELS = re.compile(r".*labels[.-]idx1[.-]ubyte(\.gz)?", re.IGNORECASE)
+IDX_UBYTE = 0x08  # element type code of unsigned bytes, the only one images use
+IDX_SPLIT_WORDS = {"train": ("train",), "test": ("t10k", "test")}
+
+# CIFAR binary version: records of label byte(s) then 32×32 R plane, G plane, B plane.
+CIFAR_PIXELS = 3 * 32 * 32
+CIFAR10_BATCH = re.compile(r"data_batch_(\d+)\.bin")
+CIFAR_PICKLED_DIRS = ("cifar-10-batches-py", "cifar-100-python")
+CIFAR_PICKLED_FILES = re.compile(r"data_batch_\d+|test_batch|batches\.meta")
+CIFAR_BINARY_HELP = (
+    "aigc reads only the binary version (unpickling a downloaded file can run arbitrary "
+    "code): download cifar-10-binary.tar.gz or cifar-100-binary.tar.gz from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html, extract it and pass the folder "
+    "cifar-10-batches-bin or cifar-100-binary"
+)
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass
+class ImageSet:
+    """Same-sized images with integer labels per attribute, as loaded by ``load_image_set``."""
+
+    images: np.ndarray  # (N, H, W, C) uint8, C = 1 or 3
+    labels: dict[str, np.ndarray]  # attribute -> (N,) int64; {} when unlabelled; one label: "class"
+    classes: dict[str, list[str]]  # attribute -> names of its values (index = label value)
+    captions: list[str] | None  # one per image, or None
+    source: str  # where it came from, for logs and reports
+    skipped: int = 0  # bad files skipped with skip_bad
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if (
+            self.images.dtype != np.uint8
+            or self.images.ndim != 4
+            or self.images.shape[3] not in (1, 3)
+        ):
+            raise ValueError(
+                f"images must be (N, H, W, 1 or 3) uint8, got {self.images.shape} {self.images.dtype}"
+            )
+        for key, values in self.labels.items():
+            if values.shape != (n,):
+                raise ValueError(f"labels[{key!r}] has shape {values.shape}, expected ({n},)")
+            if key not in self.classes:
+                raise ValueError(f"labels[{key!r}] has no class names")
+        if self.captions is not None and len(self.captions) != n:
+            raise ValueError(f"{len(self.captions)} captions for {n} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def is_labelled(self) -> bool:
+        """False for an unlabelled set (e.g. images directly in a folder), unusable for conditioning."""
+        return bool(self.labels)
+
+    def require_labels(self, key: str = "class") -> np.ndarray:
+        """The (N,) labels of ``key``, or a DataError saying why a conditional model cannot use this set."""
+        if key in self.labels:
+            return self.labels[key]
+        if not self.labels:
+            raise DataError(
+                f"{self.source} has no labels, but a conditional model needs them: put each "
+                "class's images in its own sub-folder (root/<class>/...), or train an "
+                "unconditional model"
+            )
+        raise DataError(
+            f"{self.source} has no {key!r} labels; it has {', '.join(map(repr, self.labels))}"
+        )
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        """The images at integer indices (or a boolean mask) ``idx``, with their labels and captions."""
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return ImageSet(
+            images=self.images[idx],
+            labels={k: v[idx] for k, v in self.labels.items()},
+            classes={k: list(v) for k, v in self.classes.items()},
+            captions=None if self.captions is None else [self.captions[i] for i in idx],
+            source=self.source,
+            skipped=self.skipped,
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_image_set(
+    source: str | os.PathLike | None,
+    *,
+    image_size: int = 32,
+    channels: int = 3,
+    crop: bool = True,
+    skip_bad: bool = False,
+    split: str = "train",
+    n: int = 10000,
+    seed: int = 0,
+) -> ImageSet:
+    """Read ``source`` as ``image_size``² images with ``channels`` channels.
+
+    source: None or "digits", "shapes", or a path: an image folder, an IDX images
+        file (its labels file found beside it by name), a folder of IDX files
+        (MNIST layout), or a CIFAR binary folder or ``.bin`` file.
+    channels: 1 (greyscale, "L") or 3 ("RGB"); grey sources are repeated to 3
+        channels, colour sources converted with ITU-R 601-2 luma (as Pillow does).
+    crop: centre-crop non-square images to a square before resizing (else squash).
+    skip_bad: skip (and count) undecodable or unsupported files instead of raising.
+    split: "train" or "test": MNIST train / t10k files, CIFAR data_batch_* / test_batch
+        or train.bin / test.bin, an image folder's train / test (or val) sub-folder.
+        The embedded sources have no split and ignore it.
+    n, seed: number of images and seed of "shapes".
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
+        raise ConfigError(f"data.image_size must be an integer >= 4, got {image_size!r}")
+    if channels not in CHANNELS:
+        raise ConfigError(f"data.channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+    if split not in SPLITS:
+        raise ConfigError(f"data.split must be one of {SPLITS}, got {split!r}")
+
+    if source is None or source == "digits":
+        images, labels = _digits_raw()
+        return ImageSet(
+            images=_prepare(images, image_size, channels, crop),
+            labels={"class": labels.copy()},
+            classes={"class": [str(i) for i in range(10)]},
+            captions=None,
+            source="digits (scikit-learn handwritten digits, 1,797 images of 8x8)",
+        )
+    if source == "shapes":
+        from aigc.data.shapes import generate_shapes
+
+        result = generate_shapes(n, image_size=image_size, seed=seed)
+        result.images = _to_channels(result.images, channels)
+        return result
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"no such file or folder: {path}; use an embedded source ({', '.join(EMBEDDED)}) "
+            "or a path to an image folder, MNIST IDX files or CIFAR binary files "
+            "(aigc never downloads data)"
+        )
+    if _is_pickled_cifar(path):
+        raise DataError(f"{path} is the pickled Python version of CIFAR; {CIFAR_BINARY_HELP}")
+    opts = {"image_size": image_size, "channels": channels, "crop": crop}
+    if path.is_file():
+        return _load_file(path, skip_bad=skip_bad, **opts)
+    names = {p.name for p in path.iterdir()}
+    if any(CIFAR10_BATCH.fullmatch(name) for name in names) or "test_batch.bin" in names:
+        return _load_cifar10_folder(path, split, skip_bad, **opts)
+    if "train.bin" in names or "test.bin" in names:
+        return _load_cifar100_file(path / f"{split}.bin", **opts)
+    if any(IDX_IMAGES.fullmatch(name) for name in names):
+        return _load_idx(_idx_images_in(path, split), **opts)
+    return _load_image_folder(path, split, skip_bad=skip_bad, **opts)
+
+
+def _load_file(path: Path, *, skip_bad: bool, **opts) -> ImageSet:
+    """A single file given as the source: IDX images or one CIFAR binary file."""
+    name = path.name
+    if IDX_IMAGES.fullmatch(name):
+        return _load_idx(path, **opts)
+    if IDX_LABELS.fullmatch(name):
+        raise DataError(f"{path} is an IDX labels file; pass its images file (*-images-idx3-ubyte)")
+    if CIFAR10_BATCH.fullmatch(name) or name == "test_batch.bin":
+        return _load_cifar10_files([path], skip_bad=False, **opts)
+    if name in ("train.bin", "test.bin"):
+        return _load_cifar100_file(path, **opts)
+    if name.endswith((".tar.gz", ".tgz", ".tar", ".zip")):
+        raise DataError(f"{path} is an archive; extract it and pass the extracted folder")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise DataError(f"{path} is a single image; pass the folder of images that holds it")
+    raise DataError(
+        f"{path}: not a supported image source (an image folder, MNIST *-images-idx3-ubyte[.gz], "
+        "or CIFAR binary data_batch_*.bin / test_batch.bin / train.bin / test.bin)"
+    )
+
+
+# --------------------------------------------------------------------------- embedded digits
+
+
+@lru_cache(maxsize=1)
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as read-only (1797, 8, 8, 1) uint8 in 0..255 and (1797,) int64."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # a broken install: scikit-learn is a dependency
+        raise DataError("the digits source needs scikit-learn: pip install scikit-learn") from e
+    digits = load_digits()  # read from a CSV file bundled with scikit-learn
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _load_image_folder(
+    root: Path, split: str, *, image_size: int, channels: int, crop: bool, skip_bad: bool
+) -> ImageSet:
+    root = _split_folder(root, split)
+    children = sorted(p for p in root.iterdir() if not _ignored(p))
+    loose = [p for p in children if p.is_file()]
+    by_class = {d.name: _files_under(d) for d in children if d.is_dir()}
+    by_class = {name: files for name, files in by_class.items() if files}
+    if loose and by_class:
+        raise DataError(
+            f"{root} holds files directly in it (e.g. {loose[0].name}) and class sub-folders "
+            f"({', '.join(list(by_class)[:3])}); move the loose files into a class folder, "
+            "or point at one folder"
+        )
+    if not loose and not by_class:
+        raise DataError(
+            f"{root} holds no images; put images ({', '.join(IMAGE_SUFFIXES)}) in it, "
+            "or one sub-folder of images per class"
+        )
+    class_names = list(by_class)  # sorted, as children are
+    if by_class:
+        files = [(f, i) for i, name in enumerate(class_names) for f in by_class[name]]
+    else:
+        files = [(f, -1) for f in loose]
+
+    mode = CHANNELS[channels]
+
+    def read(item: tuple[Path, int]) -> np.ndarray | None:
+        try:
+            return _read_image_file(item[0], mode, image_size, crop)
+        except DataError:
+            if skip_bad:
+                return None
+            raise
+
+    if len(files) < _PARALLEL_FROM:
+        arrays = [read(item) for item in files]
+    else:  # Pillow releases the GIL while decoding and resizing
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        try:
+            arrays = list(pool.map(read, files))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    skipped = len(files) - len(keep)
+    if not keep:
+        raise DataError(f"{root}: none of its {len(files)} files could be read ({skipped} skipped)")
+    images = np.stack([arrays[i] for i in keep])
+    what = f"{len(class_names)} classes" if class_names else "unlabelled"
+    if by_class:
+        labels = {"class": np.array([files[i][1] for i in keep], dtype=np.int64)}
+        classes = {"class": class_names}
+    else:
+        labels, classes = {}, {}
+    return ImageSet(
+        images=images,
+        labels=labels,
+        classes=classes,
+        captions=None,
+        source=f"{root} (image folder, {what})",
+        skipped=skipped,
+    )
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/<split>`` when root holds a train folder and a test/val folder, else root."""
+    names = {p.name for p in root.iterdir() if p.is_dir()}
+    if "train" not in names or not names.intersection(SPLIT_DIRS["test"]):
+        return root
+    return root / next(name for name in SPLIT_DIRS[split] if name in names)
+
+
+def _ignored(path: Path) -> bool:
+    """Hidden files and folders, OS clutter and metadata files are never read."""
+    name = path.name
+    return (
+        name.startswith(".")
+        or name in IGNORED_NAMES
+        or (path.suffix.lower() in IGNORED_SUFFIXES and not path.is_dir())
+    )
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """All files below ``folder`` (recursively, sorted), except ignored ones."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        base = Path(dirpath)
+        found.extend(base / f for f in sorted(filenames) if not _ignored(base / f))
+    return found
+
+
+def _read_image_file(path: Path, mode: str, size: int, crop: bool) -> np.ndarray:
+    """One image file as a (size, size, C) uint8 array, or a DataError naming the fault."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type; image folders hold {', '.join(IMAGE_SUFFIXES)} files "
+            "(remove it, or pass skip_bad=True to skip such files)"
+        )
+    try:
+        with Image.open(path, formats=PIL_FORMATS) as img:
+            img.draft(None, (size, size))  # JPEG: decode at a reduced scale when much larger
+            img.load()
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            out = _to_mode(img, mode)
+            if orientation != 1:  # camera photos store their rotation in EXIF
+                from PIL import ImageOps
+
+                out = ImageOps.exif_transpose(out)
+            out = _resize_square(out, size, crop)
+            array = np.asarray(out)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(
+            f"{path}: cannot decode image ({e}); replace or remove the file, "
+            "or pass skip_bad=True to skip bad files"
+        ) from e
+    return array.reshape(size, size, len(mode))
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Converts to L or RGB; transparent pixels are composited over black."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _resize_square(img: Image.Image, size: int, crop: bool) -> Image.Image:
+    """Centre-crops to a square (when ``crop``) and resizes to ``size``²."""
+    w, h = img.size
+    box = None
+    side = min(w, h) if crop else max(w, h)
+    if crop and w != h:
+        left, top = (w - side) // 2, (h - side) // 2
+        box = (left, top, left + side, top + side)
+    if box is None and (w, h) == (size, size):
+        return img
+    # Pillow's LANCZOS widens its kernel when shrinking, so it anti-aliases.
+    resample = Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC
+    return img.resize((size, size), resample, box=box)
+
+
+# --------------------------------------------------------------------------- MNIST IDX
+
+
+def _idx_images_in(folder: Path, split: str) -> Path:
+    """The IDX images file of ``split`` in an MNIST-layout folder (plain preferred to .gz)."""
+    by_prefix: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        m = IDX_IMAGES.fullmatch(p.name)
+        if m and any(w in m["prefix"].lower() for w in IDX_SPLIT_WORDS[split]):
+            by_prefix.setdefault(m["prefix"], []).append(p)
+    if not by_prefix:
+        raise DataError(
+            f"{folder} has no {split} IDX images file (a name with "
+            f"{' or '.join(IDX_SPLIT_WORDS[split])} and images-idx3-ubyte)"
+        )
+    if len(by_prefix) > 1:
+        names = ", ".join(files[0].name for files in by_prefix.values())
+        raise DataError(
+            f"{folder} has several {split} IDX images files ({names}); pass one of them"
+        )
+    (files,) = by_prefix.values()
+    return min(files, key=lambda p: p.suffix.lower() == ".gz")
+
+
+def _idx_labels_for(images_path: Path) -> Path | None:
+    """The labels file beside an images file: same prefix, labels-idx1-ubyte, .gz or not."""
+    prefix = IDX_IMAGES.fullmatch(images_path.name)["prefix"]
+    pattern = re.compile(re.escape(prefix) + r"labels[.-]idx1[.-]ubyte(\.gz)?", re.IGNORECASE)
+    found = [p for p in sorted(images_path.parent.iterdir()) if pattern.fullmatch(p.name)]
+    if not found:
+        return None
+    same_gz = [p for p in found if (p.suffix == ".gz") == (images_path.suffix == ".gz")]
+    return (same_gz or found)[0]
+
+
+def _load_idx(path: Path, *, image_size: int, channels: int, crop: bool) -> ImageSet:
+    images = _read_idx(path, ndim=3, what="images")[..., None]  # (N, rows, cols, 1)
+    labels_path = _idx_labels_for(path)
+    if labels_path is None:
+        labels, classes, note = {}, {}, "no labels file beside it, unlabelled"
+    else:
+        y = _read_idx(labels_path, ndim=1, what="labels").astype(np.int64)
+        if len(y) != len(images):
+            raise DataError(
+                f"{labels_path} has {len(y):,} labels but {path.name} has {len(images):,} images; "
+                "use the labels file of the same split"
+            )
+        n_classes = max(10, int(y.max(initial=0)) + 1)
+        labels, classes = {"class": y}, {"class": [str(i) for i in range(n_classes)]}
+        note = f"labels from {labels_path.name}"
+    return ImageSet(
+        images=_prepare(images, image_size, channels, crop),
+        labels=labels,
+        classes=classes,
+        captions=None,
+        source=f"{path} (IDX, {note})",
+    )
+
+
+def _read_idx(path: Path, *, ndim: int, what: str) -> np.ndarray:
+    """An IDX file of unsigned bytes with ``ndim`` dimensions, size-checked against its header.
+
+    Header: two zero bytes, the element type (0x08 = unsigned byte), the number of
+    dimensions, then each dimension as a big-endian 32-bit integer.
+    """
+    data, gz_truncated = _read_maybe_gzip(path)
+    expected_magic = (IDX_UBYTE << 8) | ndim  # 2051 for images, 2049 for labels
+    if gz_truncated and len(data) < 4 + 4 * ndim:
+        raise DataError(
+            f"{path}: truncated: the gzip stream ends after {len(data)} bytes, inside the "
+            f"{4 + 4 * ndim}-byte IDX header; download it again"
+        )
+    if len(data) < 4 or data[:2] != b"\0\0" or data[3] != ndim:
+        raise DataError(
+            f"{path}: not an IDX {what} file: magic number 0x{data[:4].hex() or '(none)'}, "
+            f"expected 0x{expected_magic:08x} ({expected_magic}); check the file name and download"
+        )
+    if data[2] != IDX_UBYTE:
+        raise DataError(
+            f"{path}: IDX element type 0x{data[2]:02x} is not supported (only unsigned bytes, 0x08)"
+        )
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(data[4:header].ljust(4 * ndim, b"\0"), ">u4"))
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        fault = "truncated" if len(data) < expected else "longer than its header says"
+        where = " after decompressing (the gzip stream ends early)" if gz_truncated else ""
+        raise DataError(
+            f"{path}: {fault}: its header ({' x '.join(map(str, dims))}) needs {expected:,} bytes, "
+            f"it has {len(data):,}{where}; download it again"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _read_maybe_gzip(path: Path) -> tuple[bytes, bool]:
+    """The file's bytes, gunzipped when it starts with the gzip magic; and whether gzip ended early."""
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return raw, False
+    parts, rest = [], raw
+    try:
+        while rest:  # a gzip file may hold several members
+            d = zlib.decompressobj(wbits=31)
+            parts.append(d.decompress(rest))
+            parts.append(d.flush())
+            if not d.eof:
+                return b"".join(parts), True
+            rest = d.unused_data.lstrip(b"\0")  # some tools pad with zeros
+    except zlib.error as e:
+        raise DataError(f"{path}: corrupt gzip data ({e}); download it again") from e
+    return b"".join(parts), False
+
+
+# --------------------------------------------------------------------------- CIFAR binary
+
+
+def _is_pickled_cifar(path: Path) -> bool:
+    """The CIFAR "python version" folder or one of its files (which are pickles)."""
+    if path.name in CIFAR_PICKLED_DIRS or CIFAR_PICKLED_FILES.fullmatch(path.name):
+        return True
+    if path.is_dir():
+        files = {p.name for p in path.iterdir() if p.is_file()}
+        return any(CIFAR_PICKLED_FILES.fullmatch(x) for x in files) or {"meta", "train"} <= files
+    if path.name in ("train", "test", "meta"):  # CIFAR-100 python: pickles start with 0x80
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"
+    return False
+
+
+def _load_cifar10_folder(folder: Path, split: str, skip_bad: bool, **opts) -> ImageSet:
+    if split == "train":
+        batches = [p for p in folder.iterdir() if CIFAR10_BATCH.fullmatch(p.name)]
+        files = sorted(batches, key=lambda p: int(CIFAR10_BATCH.fullmatch(p.name)[1]))
+    else:
+        files = [folder / "test_batch.bin"] if (folder / "test_batch.bin").is_file() else []
+    if not files:
+        want = "data_batch_1.bin .. data_batch_5.bin" if split == "train" else "test_batch.bin"
+        raise DataError(f"{folder} has no CIFAR-10 {split} files ({want})")
+    return _load_cifar10_files(files, skip_bad=skip_bad, **opts)
+
+
+def _load_cifar10_files(
+    files: list[Path], *, skip_bad: bool, image_size: int, channels: int, crop: bool
+) -> ImageSet:
+    images, labels, skipped = [], [], 0
+    for path in files:
+        try:
+            x, y = _read_cifar_records(path, n_label_bytes=1, limits=(10,), name="CIFAR-10")
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        images.append(x)
+        labels.append(y[:, 0])
+    if not images:
+        raise DataError(f"none of {', '.join(str(p) for p in files)} could be read")
+    names = _class_names(files[0].parent / "batches.meta.txt", 10)
+    where = files[0] if len(files) == 1 else files[0].parent
+    return ImageSet(
+        images=_prepare(np.concatenate(images), image_size, channels, crop),
+        labels={"class": np.concatenate(labels)},
+        classes={"class": names},
+        captions=None,
+        source=f"{where} (CIFAR-10 binary, {len(files) - skipped} files)",
+        skipped=skipped,
+    )
+
+
+def _load_cifar100_file(path: Path, *, image_size: int, channels: int, crop: bool) -> ImageSet:
+    if not path.is_file():
+        raise DataError(f"{path} not found: a CIFAR-100 binary folder holds train.bin and test.bin")
+    x, y = _read_cifar_records(path, n_label_bytes=2, limits=(20, 100), name="CIFAR-100")
+    return ImageSet(
+        images=_prepare(x, image_size, channels, crop),
+        labels={"class": y[:, 1], "coarse": y[:, 0]},  # record: coarse byte, fine byte
+        classes={
+            "class": _class_names(path.parent / "fine_label_names.txt", 100),
+            "coarse": _class_names(path.parent / "coarse_label_names.txt", 20),
+        },
+        captions=None,
+        source=f"{path} (CIFAR-100 binary)",
+    )
+
+
+def _read_cifar_records(
+    path: Path, *, n_label_bytes: int, limits: tuple[int, ...], name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images and (N, n_label_bytes) int64 labels of a CIFAR .bin file."""
+    record = n_label_bytes + CIFAR_PIXELS
+    size = path.stat().st_size
+    if size == 0 or size % record:
+        whole = size // record
+        raise DataError(
+            f"{path}: {size:,} bytes, expected a multiple of {record:,} ({name} binary records of "
+            f"{n_label_bytes} label byte(s) + {CIFAR_PIXELS:,} pixel bytes; {whole + 1:,} records "
+            f"= {(whole + 1) * record:,} bytes): the file is truncated or not {name} binary"
+        )
+    rows = np.fromfile(path, dtype=np.uint8).reshape(-1, record)
+    labels = rows[:, :n_label_bytes].astype(np.int64)
+    for j, limit in enumerate(limits):
+        bad = np.flatnonzero(labels[:, j] >= limit)
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"{path}: label {labels[i, j]} of record {i} (byte {i * record + j:,}) is not below "
+                f"{limit}; is this {name} binary?"
+            )
+    # Each record stores the red plane, then green, then blue, row-major: (N, C, H, W) -> (N, H, W, C)
+    images = rows[:, n_label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def _class_names(path: Path, count: int) -> list[str]:
+    """Names, one a line, from ``path`` when it exists, else "0", "1", ..."""
+    if not path.is_file():
+        return [str(i) for i in range(count)]
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) != count:
+        raise DataError(f"{path}: {len(names)} class names, expected {count}; fix or remove it")
+    return names
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def _prepare(images: np.ndarray, size: int, channels: int, crop: bool) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, size, size, channels), a fresh writable array."""
+    if channels == 1:
+        images = _to_channels(images, 1)  # fewer pixels to resize
+    images = _resize_array(images, size, crop)
+    images = _to_channels(images, channels)
+    return images if images.flags.writeable and images.flags.owndata else images.copy()
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Repeats grey to RGB, or converts RGB to L with Pillow's ITU-R 601-2 luma and rounding."""
+    if images.shape[3] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=3)
+    rgb = images.astype(np.uint32)
+    luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(np.uint8)[..., None]
+
+
+def _resize_array(images: np.ndarray, size: int, crop: bool) -> np.ndarray:
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    out = np.empty((n, size, size, c), dtype=np.uint8)
+    for i in range(n):
+        img = Image.fromarray(images[i, :, :, 0] if c == 1 else images[i])
+        out[i] = np.asarray(_resize_square(img, size, crop)).reshape(size, size, c)
+    return out
+
+
+# --------------------------------------------------------------------------- tensors and files
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected (N, H, W, C) uint8, got {images.shape} {images.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return (x.float() / 127.5 - 1.0).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8; values outside are clamped, NaN -> 0."""
+    if images.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W), got shape {tuple(images.shape)}")
+    x = torch.nan_to_num(images.detach().to("cpu", torch.float32), nan=-1.0)
+    x = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def random_flip(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Mirrors each (N, C, H, W) image left-right with probability 1/2, drawn from ``rng``."""
+    flip = torch.from_numpy(rng.random(len(images)) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def image_grid(
+    images: np.ndarray, nrow: int | None = None, pad: int = 2, pad_value: int = 255
+) -> np.ndarray:
+    """(N, H, W, C) or (N, H, W) uint8 -> one (H', W', C) uint8 grid, ``nrow`` images a row.
+
+    nrow defaults to ceil(sqrt(N)); ``pad`` pixels of ``pad_value`` surround every image.
+    """
+    if images.ndim == 3:
+        images = images[..., None]
+    n, h, w, c = images.shape
+    if n == 0:
+        raise ValueError("image_grid needs at least one image")
+    per_row = min(n, nrow or math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / per_row)
+    grid = np.full(
+        (rows * (h + pad) + pad, per_row * (w + pad) + pad, c), pad_value, dtype=np.uint8
+    )
+    for i in range(n):
+        r, q = divmod(i, per_row)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes an (H, W, C) or (H, W) uint8 image as PNG, atomically (temporary name, rename)."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"expected (H, W[, C]) uint8, got {array.shape} {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, val) indices of a seeded random split of ``range(n)``.
+
+    Disjoint and covering; val has round(n * val_fraction) indices, at least one when
+    val_fraction > 0 and n > 1, and train is never empty.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0:
+        n_val = max(n_val, 1)
+    n_val = max(0, min(n_val, n - 1))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
