@@ -209,8 +209,11 @@ def _set_global_modes(cfg: Config) -> None:
 # Loading a run
 
 
-def load(run_dir: str | Path, device: str = "auto", ema: bool | None = None) -> TextGenerator:
-    """Loads a trained run for generation (its latest checkpoint; EMA weights when trained with EMA)."""
+def load(
+    run_dir: str | Path, device: str = "auto", ema: bool | None = None
+) -> TextGenerator | ImageGenerator:
+    """Loads a trained run for generation: a TextGenerator for a language model, an
+    ImageGenerator for an image model (latest checkpoint; EMA weights when trained with EMA)."""
     run = RunDir(run_dir)
     info = run.info()
     cfg = load_config(run.config_path)
@@ -235,12 +238,13 @@ def load(run_dir: str | Path, device: str = "auto", ema: bool | None = None) -> 
     if use_ema and "ema" in files:
         scope = getattr(model, "ema_scope", None)
         target = getattr(model, scope) if scope else model
-        params = dict(target.named_parameters())
+        live = target.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, t in files["ema"].items():
-                params[name].copy_(t)
+                live[name].copy_(t)
     model.to(dev).eval()
-    return TextGenerator(run, task, dev, int(state["step"]))
+    generator_class = ImageGenerator if cfg.family == "gan" else TextGenerator
+    return generator_class(run, task, dev, int(state["step"]))
 
 
 class TextGenerator:
@@ -331,3 +335,183 @@ class TextGenerator:
         if save:
             atomic_write_text(self.run.path / "eval.json", json.dumps(result, indent=2) + "\n")
         return result
+
+
+class ImageGenerator:
+    """A trained image generator: sample, interpolate, save and evaluate.
+
+    Labels (for a conditional run) are given as a class index or name when the run
+    has one labelled attribute (``3``, ``"3"``), as ``"attribute=value"`` strings, or
+    as a dict ``{"colour": "red", "shape": "circle"}``; attributes left out are drawn
+    at random (from the seed).
+    """
+
+    def __init__(self, run: RunDir, task: Any, device: torch.device, step: int):
+        self.run = run
+        self.task = task
+        self.model = task.model
+        self.config: Config = task.config
+        self.device = device
+        self.step = step
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.task.attributes)
+
+    @property
+    def classes(self) -> dict[str, list[str]]:
+        """Attribute -> its value names, for a conditional run ({} otherwise)."""
+        return self.task.classes
+
+    def labels_for(
+        self, n: int, labels: Any = None, seed: int | None = None
+    ) -> torch.Tensor | None:
+        """The (n, A) label tensor for a label request (see the class docstring)."""
+        from aigc.errors import RequestError
+
+        if labels is None or labels == {} or labels == []:
+            return None
+        if not self.conditional:
+            raise RequestError(
+                f"{self.run.path} is not a conditional model; it takes no class or labels"
+            )
+        attrs, classes = self.task.attributes, self.classes
+        wanted: dict[str, Any] = {}
+        items = labels if isinstance(labels, list | tuple) else [labels]
+        for item in items:
+            if isinstance(item, dict):
+                wanted.update(item)
+            elif isinstance(item, str) and "=" in item:
+                key, value = item.split("=", 1)
+                wanted[key.strip()] = value.strip()
+            elif len(attrs) == 1:
+                wanted[attrs[0]] = item
+            else:
+                raise RequestError(
+                    f"label {item!r} is ambiguous: this run has several attributes "
+                    f"({', '.join(attrs)}); give attribute=value"
+                )
+        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        out = self.model.random_labels(n, gen)  # (n, A): attributes not asked for stay random
+        for key, value in wanted.items():
+            if key not in attrs:
+                raise RequestError(
+                    f"unknown label attribute {key!r}; this run has {', '.join(attrs)}"
+                )
+            names = classes[key]
+            if isinstance(value, str) and value in names:
+                index = names.index(value)
+            elif isinstance(value, int | str) and str(value).lstrip("-").isdigit():
+                index = int(value)
+                if not 0 <= index < len(names):
+                    raise RequestError(
+                        f"{key}={value} is out of range: {key} has {len(names)} classes"
+                    )
+            else:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise RequestError(f"{key}={value!r} is not one of: {shown}")
+            out[:, attrs.index(key)] = index
+        return out
+
+    def generate(
+        self,
+        n: int = 64,
+        labels: Any = None,
+        seed: int | None = None,
+        output: str = "tensor",
+    ) -> Any:
+        """n images: a (n, C, H, W) float tensor in [-1, 1] (``output="tensor"``), a list of
+        PIL images (``"pil"``) or a (n, H, W, C) uint8 array (``"uint8"``)."""
+        from aigc.tasks.gan import sample_images
+
+        _check_count(n)
+        lab = self.labels_for(n, labels, seed)
+        with torch.inference_mode():
+            images, _ = sample_images(self.model, n, lab, seed, self.device)
+        return _image_output(images.cpu(), output)
+
+    def interpolate(
+        self,
+        steps: int = 8,
+        rows: int = 1,
+        labels: Any = None,
+        seed: int | None = None,
+        output: str = "tensor",
+    ) -> Any:
+        """``rows`` strips of ``steps`` images walking (spherically) between two random
+        latent points; the labels stay fixed along a strip. Shape (rows * steps, ...)."""
+        from aigc.errors import RequestError
+
+        if not isinstance(steps, int) or not 2 <= steps <= 64:
+            raise RequestError(f"interpolate={steps!r} must be an integer in [2, 64]")
+        _check_count(rows * steps)
+        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        m = self.model
+        ends = m.sample_z(2 * rows, gen)
+        z = torch.cat([m.interpolate(ends[2 * r], ends[2 * r + 1], steps) for r in range(rows)])
+        lab = self.labels_for(rows, labels, seed)
+        if lab is None and m.cfg.conditional:
+            lab = m.random_labels(rows, gen)
+        if lab is not None:
+            lab = lab.repeat_interleave(steps, dim=0)
+        with torch.inference_mode():
+            images = m.generate(z.to(self.device), None if lab is None else lab.to(self.device))
+        return _image_output(images.cpu(), output)
+
+    def save(self, images: torch.Tensor, out: str | Path, nrow: int | None = None) -> list[Path]:
+        """Writes a grid PNG (``out`` ends in .png) or one PNG per image into folder ``out``."""
+        from aigc.data.images import image_grid, save_png, to_uint8
+
+        out = Path(out)
+        pixels = to_uint8(images)
+        if out.suffix.lower() == ".png":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_png(image_grid(pixels, nrow=nrow), out)
+            return [out]
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, img in enumerate(pixels):
+            paths.append(out / f"{i:05d}.png")
+            save_png(img, paths[-1])
+        return paths
+
+    def evaluate(self, n: int | None = None, save: bool = True) -> dict[str, Any]:
+        """Classifier-based checks of n generated images (default data.eval_samples): label
+        accuracy (conditional runs), class shares and variety; saved to eval.json."""
+        if n is not None:
+            _check_count(n, limit=100_000)
+            self.config.data.eval_samples = n
+        with torch.inference_mode():
+            sums = self.task.eval_sums(self.model, 0, 1, self.device)
+        result = {
+            "step": self.step,
+            "samples": self.config.data.eval_samples,
+            **self.task.eval_metrics(sums),
+        }
+        if save:
+            atomic_write_text(self.run.path / "eval.json", json.dumps(result, indent=2) + "\n")
+        return result
+
+
+def _check_count(n: Any, limit: int = 10_000) -> None:
+    from aigc.errors import RequestError
+
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
+        raise RequestError(f"n={n!r} must be an integer in [1, {limit}]")
+
+
+def _image_output(images: torch.Tensor, output: str) -> Any:
+    from aigc.errors import RequestError
+
+    if output == "tensor":
+        return images
+    from aigc.data.images import to_uint8
+
+    pixels = to_uint8(images)
+    if output == "uint8":
+        return pixels
+    if output == "pil":
+        from PIL import Image
+
+        return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    raise RequestError(f"output={output!r} must be tensor, pil or uint8")

@@ -63,12 +63,16 @@ def _next_free(base: Path) -> Path:
 
 @app.command()
 def quickstart(
-    minutes: Annotated[float, typer.Option(help="Training budget in minutes.")] = 2.0,
+    minutes: Annotated[float, typer.Option(help="Training budget of the GPT in minutes.")] = 2.0,
+    image_minutes: Annotated[
+        float, typer.Option(help="Training budget of the DCGAN in minutes (0 skips it).")
+    ] = 1.5,
     run_dir: Annotated[
         Path | None, typer.Option(help="Run folder (default: runs/quickstart, numbered if taken).")
     ] = None,
 ) -> None:
-    """Pretrain a small character-level GPT on the embedded Python docs, then sample from it."""
+    """Pretrain a small character-level GPT on the embedded Python docs and sample from it,
+    then train a DCGAN on the embedded digits and save a grid of its images."""
     import aigc
 
     recipe = RECIPES_DIR / "gpt-pydoc-char.yaml"
@@ -94,6 +98,36 @@ def quickstart(
         f"  aigc eval {outcome.run_dir}\n"
         f"  tensorboard --logdir {outcome.run_dir}/tb\n"
         "  aigc train gpt-pydoc-char data.path=my_corpus/ --run-dir runs/mine   # your own text"
+    )
+    if image_minutes > 0:
+        _quickstart_images(image_minutes, Path(f"{target}-dcgan"))
+
+
+def _quickstart_images(minutes: float, target: Path) -> None:
+    import aigc
+
+    target = _next_free(target)
+    recipe = RECIPES_DIR / "dcgan-digits.yaml"
+    typer.echo(
+        f"\naigc quickstart, part 2: training {recipe.name} for {minutes:g} min into {target}/"
+    )
+    outcome = aigc.train(recipe, [f"train.max_time={minutes * 60}"], run_dir=target)
+    gen = aigc.load(outcome.run_dir)
+    grid = gen.save(gen.generate(64, seed=0), Path(outcome.run_dir) / "samples" / "quickstart.png")[
+        0
+    ]
+    m = outcome.metrics
+    line = f"\ntrained {outcome.step} steps in {outcome.train_time:.0f} s"
+    if "min_class_share" in m:
+        line += (f"; every digit drawn: the rarest class is {100 * m['min_class_share']:.1f}% "
+                 f"of samples (a classifier trained on real digits judges)")  # fmt: skip
+    typer.echo(line)
+    typer.echo(
+        f"64 generated digits: {grid}\n"
+        "Try next:\n"
+        f"  aigc sample {outcome.run_dir} --n 64 --out digits.png --seed 1\n"
+        f"  aigc sample {outcome.run_dir} --interpolate 8 --out walk.png\n"
+        "  aigc train cgan-digits      # a conditional GAN: aigc sample runs/cgan-digits --class 7"
     )
 
 
@@ -169,11 +203,33 @@ def sample(
     ] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    n: Annotated[int, typer.Option("--n", help="Image runs: how many images.")] = 64,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Image runs: a grid .png, or a folder for one PNG per image."),
+    ] = None,
+    class_: Annotated[
+        str | None, typer.Option("--class", help="Image runs: the class to draw (name or index).")
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(help="Image runs: attribute=value, e.g. --label colour=red; repeatable."),
+    ] = None,
+    interpolate: Annotated[
+        int | None,
+        typer.Option(help="Image runs: strips of this many images between random latent points."),
+    ] = None,
 ) -> None:
-    """Generate text from a trained run (streams to the terminal)."""
+    """Generate from a trained run: text streams to the terminal, images go to --out."""
     import aigc
+    from aigc.api import ImageGenerator
 
     gen = aigc.load(run, device=device)
+    if isinstance(gen, ImageGenerator):
+        if prompt:
+            _fail(f"{run} is an image model; --prompt is for text models")
+        _sample_images(gen, run, n, out, class_, label or [], interpolate, seed)
+        return
     prompts = prompt or [""]
     kw = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -198,11 +254,27 @@ def eval_(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    samples: Annotated[
+        int | None, typer.Option("--n", help="Image runs: generated images to judge.")
+    ] = None,
 ) -> None:
-    """Evaluate a run on its held-out split (loss, perplexity, bits per character); saves eval.json."""
+    """Evaluate a run and save eval.json: held-out loss, perplexity and bits per character for
+    text; for images, a domain classifier's verdict on generated samples."""
     import aigc
+    from aigc.api import ImageGenerator
 
-    result = aigc.load(run, device=device).evaluate()
+    gen = aigc.load(run, device=device)
+    if isinstance(gen, ImageGenerator):
+        result = gen.evaluate(n=samples)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        typer.echo(f"{run} at step {result['step']}: {result['samples']:,} generated images")
+        for k, v in result.items():
+            if k not in ("step", "samples"):
+                typer.echo(f"  {k:<32} {v:.4f}")
+        return
+    result = gen.evaluate()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -211,6 +283,24 @@ def eval_(
         f"  loss {result['loss']:.4f} nats/token   perplexity {result['ppl']:.3f}   "
         f"{result['bpc']:.4f} bits/char   {result['bpb']:.4f} bits/byte"
     )
+
+
+def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
+                   label: list[str], interpolate: int | None, seed: int | None) -> None:  # fmt: skip
+    labels: list = list(label)
+    if class_ is not None:
+        labels.insert(0, int(class_) if class_.lstrip("-").isdigit() else class_)
+    if interpolate is not None:
+        rows = max(1, n // interpolate)
+        images = gen.interpolate(interpolate, rows=rows, labels=labels or None, seed=seed)
+        nrow = interpolate
+    else:
+        images = gen.generate(n, labels=labels or None, seed=seed)
+        nrow = None
+    target = out or Path(run) / "samples" / ("interpolation.png" if interpolate else "sample.png")
+    paths = gen.save(images, target, nrow=nrow)
+    where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"
+    typer.echo(f"wrote {len(images)} images to {where}")
 
 
 def main() -> None:

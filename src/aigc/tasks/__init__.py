@@ -17,6 +17,7 @@ from aigc.errors import ConfigError
 # family name -> "module:Class"; imported lazily so `aigc --help` stays fast.
 TASKS: dict[str, str] = {
     "gpt": "aigc.tasks.lm:LMTask",
+    "gan": "aigc.tasks.gan:GANTask",
 }
 
 

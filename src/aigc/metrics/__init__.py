@@ -1,0 +1,1 @@
+"""Metrics of generated content: classifiers that judge images, and image statistics."""
