@@ -22,6 +22,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _aigc_cache(tmp_path_factory):
+    """Domain classifiers are cached in a folder of the test session, never in ~/.cache."""
+    os.environ["AIGC_CACHE_DIR"] = str(tmp_path_factory.mktemp("aigc-cache"))
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """~40,000 characters of real English text (from the embedded Python docs)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from aigc.runs import RunDir
 from tests.conftest import RECIPE, ROOT, TINY, run_cli
@@ -216,9 +217,17 @@ def test_console_script_help():
 @pytest.mark.slow
 def test_quickstart(tmp_path):
     run_dir = tmp_path / "qs"
-    proc = run_cli("quickstart", "--minutes", "0.1", "--run-dir", str(run_dir), cwd=tmp_path)
+    proc = run_cli(
+        "quickstart", "--minutes", "0.1", "--image-minutes", "0.1", "--run-dir", str(run_dir),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    # part 2: a DCGAN on digits, its grid saved and its path printed
+    grid = Path(f"{run_dir}-dcgan") / "samples" / "quickstart.png"
+    assert f"64 generated digits: {grid}" in out
+    with Image.open(grid) as im:
+        assert im.size == (8 * 34 + 2, 8 * 34 + 2)
     assert "validation loss" in out and "nats/char" in out
     assert "--- sample (prompt 'The for statement') ---\nThe for statement" in out
     assert f"The run folder is {run_dir}/" in out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from aigc.config import Config, TrainConfig, apply_overrides, from_dict, load_config
+from aigc.config import RECIPES_DIR, Config, TrainConfig, apply_overrides, from_dict, load_config
 from aigc.errors import ConfigError
 
 RECIPE = "configs/gpt-pydoc-char.yaml"
@@ -85,3 +85,13 @@ def test_round_trip_through_yaml(tmp_path):
     again = load_config(path)
     assert again.to_dict() == cfg.to_dict()
     assert yaml.safe_load(path.read_text())["train"]["max_steps"] == 7
+
+
+def test_shipped_recipes_load_by_name_and_validate():
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    assert {"gpt-pydoc-char", "cgan-digits", "dcgan-shapes", "wgangp-digits"} <= set(names)
+    for name in names:
+        cfg = load_config(name)  # by name, as aigc.train("cgan-digits") does
+        assert cfg.to_dict() == load_config(RECIPES_DIR / f"{name}.yaml").to_dict()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no-such-recipe")

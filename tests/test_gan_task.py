@@ -35,19 +35,10 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # one classifier cache for the session, never the user's home
-    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "aigc-cache"))
-
-
 @pytest.fixture(scope="module")
 def cgan_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cgan") / "run"
-    cache = tmp_path_factory.getbasetemp() / "aigc-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIGC_CACHE_DIR", str(cache))
-        aigc.train(CGAN, TINY, run_dir=run, progress=False)
+    aigc.train(CGAN, TINY, run_dir=run, progress=False)
     return run
 
 
@@ -97,7 +88,9 @@ def test_generate_labels_seed_and_outputs(cgan_run):
     assert not torch.equal(a, gen.generate(12, labels=4, seed=5))
     assert not torch.equal(a, gen.generate(12, labels=3, seed=6))
     # same seed, same images whatever else is asked for
-    assert torch.equal(gen.generate(4, labels=3, seed=5), a[:4])
+    # (convolutions may round differently at another batch size)
+    assert torch.allclose(gen.generate(4, labels=3, seed=5), a[:4], atol=1e-5)
+    assert torch.allclose(gen.generate(3, seed=9), gen.generate(40, seed=9)[:3], atol=1e-5)
     pil = gen.generate(2, seed=0, output="pil")
     assert pil[0].size == (32, 32) and pil[0].mode == "L"
     strip = gen.interpolate(steps=5, rows=2, seed=1)
@@ -190,3 +183,89 @@ def test_an_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AigcError, match="empty"):
         aigc.train(DCGAN, [*TINY, f"data.source={tmp_path / 'empty'}"], run_dir=tmp_path / "r")
+
+
+def test_a_gan_run_continues_from_its_recipe(tmp_path):
+    # the saved config holds values filled in from the data (num_classes, channels)
+    run = tmp_path / "run"
+    aigc.train(CGAN, [*TINY, "train.max_steps=3"], run_dir=run, progress=False)
+    out = aigc.train(CGAN, [*TINY, "train.max_steps=5"], run_dir=run, progress=False)
+    assert out.resumed_from == 3 and out.step == 5
+
+
+def test_numeric_class_names_are_names_first(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("10", "2", "3"):  # sorted as strings: ["10", "2", "3"]
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for i in range(3):
+            img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "pics" / name / f"{i}.png")
+    out = aigc.train(
+        CGAN,
+        [*TINY, f"data.source={tmp_path / 'pics'}", "train.batch_size=4", "data.image_size=16",
+         "train.max_steps=1"],
+        run_dir=tmp_path / "run",
+        progress=False,
+    )  # fmt: skip
+    gen = aigc.load(out.run_dir)
+    assert gen.classes["class"] == ["10", "2", "3"]
+    assert gen.labels_for(2, "2").tolist() == [[1], [1]]  # the class named "2"
+    assert gen.labels_for(1, np.int64(0)).tolist() == [[0]]  # NumPy integers are indices
+
+
+def test_eval_sums_send_the_same_keys_whatever_is_drawn(cgan_run):
+    # the trainer all-reduces eval sums by position across processes
+    gen = aigc.load(cgan_run)
+    keys = [set(gen.task.eval_sums(gen.model, rank, 4, torch.device("cpu"))) for rank in range(2)]
+    assert keys[0] == keys[1]
+    assert {f"pairs/{c}" for c in range(10)} <= keys[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--interpolate", "0"], "--interpolate 0"),
+        (["--out", "grid.jpg"], "PNG"),
+    ],
+)
+def test_cli_sample_bad_outputs_exit_2(cgan_run, tmp_path, args, message):
+    r = run_cli("sample", str(cgan_run), *args, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_damaged_meta_and_unlabelled_eval_are_clean_errors(tmp_path):
+    data = _folder_of_images(tmp_path / "pics", classes=False)
+    run = tmp_path / "run"
+    aigc.train(
+        DCGAN, [*TINY, f"data.source={data}", "train.batch_size=4", "train.max_steps=1"],
+        run_dir=run, progress=False,
+    )  # fmt: skip
+    r = run_cli("eval", str(run))
+    assert r.returncode == 2 and "unlabelled" in r.stderr and "Traceback" not in r.stderr
+    (run / "data" / "meta.json").write_text("{not json")
+    r = run_cli("sample", str(run), "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 2 and "meta.json" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.source=shapes", "data.n=200", "data.flip=true"], "data.flip"),
+        (["train.seed=-1"], "train.seed"),
+    ],
+)
+def test_more_bad_configs(tmp_path, overrides, message):
+    with pytest.raises(AigcError, match=message):
+        aigc.train(CGAN, [*TINY, *overrides], run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_class_folder_cannot_train_a_conditional_model(tmp_path):
+    data = tmp_path / "pics"
+    (data / "cats").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(data / "cats" / f"{i}.png")
+    with pytest.raises(AigcError, match="single class"):
+        aigc.train(
+            CGAN, [*TINY, f"data.source={data}", "train.batch_size=4"], run_dir=tmp_path / "r"
+        )

@@ -5,7 +5,9 @@ The CLI and (later) the server are thin layers over these functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import operator
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from aigc.config import Config, load_config
-from aigc.errors import CheckpointError, ConfigError
+from aigc.errors import AigcError, CheckpointError, ConfigError
 from aigc.runs import RunDir, atomic_write_text
 from aigc.tasks import get_task
 from aigc.trainer import (
@@ -42,6 +44,7 @@ RESUMABLE_KEYS = {
     "train.nan_tolerance",
     "train.device",
     "train.compile",
+    "data.eval_samples",
 }
 
 
@@ -75,17 +78,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _resolve_paths(config: Config) -> None:
     """Stores data paths absolute, so a run resumes from any working directory."""
-    path = getattr(config.data, "path", None)
-    if isinstance(path, str) and path and Path(path).exists():
-        config.data.path = str(Path(path).resolve())
+    for key in ("path", "source"):  # text: data.path; images: data.source
+        value = getattr(config.data, key, None)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            setattr(config.data, key, str(Path(value).expanduser().resolve()))
 
 
 def _merge_for_resume(saved: Config, new: Config | None, run: RunDir) -> Config:
     if new is None:
         return saved
+    # values that follow from the data (vocabulary, image size, classes); a damaged
+    # run folder is reported when it is opened
+    with contextlib.suppress(AigcError):
+        get_task(new.family).complete_config(new, run)
     a, b = _flat(saved.to_dict()), _flat(new.to_dict())
-    if b.get("model.vocab_size") == 0:
-        b["model.vocab_size"] = a.get("model.vocab_size")
     changed = sorted(
         k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS
     )
@@ -97,7 +103,8 @@ def _merge_for_resume(saved: Config, new: Config | None, run: RunDir) -> Config:
         )
     for key in RESUMABLE_KEYS:
         section, name = key.split(".")
-        setattr(getattr(saved, section), name, getattr(getattr(new, section), name))
+        if hasattr(getattr(new, section), name):  # some keys belong to one family only
+            setattr(getattr(saved, section), name, getattr(getattr(new, section), name))
     return saved
 
 
@@ -369,7 +376,7 @@ class ImageGenerator:
         """The (n, A) label tensor for a label request (see the class docstring)."""
         from aigc.errors import RequestError
 
-        if labels is None or labels == {} or labels == []:
+        if labels is None or (isinstance(labels, dict | list | tuple) and not labels):
             return None
         if not self.conditional:
             raise RequestError(
@@ -391,8 +398,7 @@ class ImageGenerator:
                     f"label {item!r} is ambiguous: this run has several attributes "
                     f"({', '.join(attrs)}); give attribute=value"
                 )
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-        out = self.model.random_labels(n, gen)  # (n, A): attributes not asked for stay random
+        out = torch.full((n, len(attrs)), -1, dtype=torch.long)  # -1: drawn at random
         for key, value in wanted.items():
             if key not in attrs:
                 raise RequestError(
@@ -401,7 +407,7 @@ class ImageGenerator:
             names = classes[key]
             if isinstance(value, str) and value in names:
                 index = names.index(value)
-            elif isinstance(value, int | str) and str(value).lstrip("-").isdigit():
+            elif _is_index(value):
                 index = int(value)
                 if not 0 <= index < len(names):
                     raise RequestError(
@@ -425,7 +431,7 @@ class ImageGenerator:
         from aigc.tasks.gan import sample_images
 
         _check_count(n)
-        lab = self.labels_for(n, labels, seed)
+        lab = self.labels_for(n, labels)
         with torch.inference_mode():
             images, _ = sample_images(self.model, n, lab, seed, self.device)
         return _image_output(images.cpu(), output)
@@ -445,13 +451,14 @@ class ImageGenerator:
         if not isinstance(steps, int) or not 2 <= steps <= 64:
             raise RequestError(f"interpolate={steps!r} must be an integer in [2, 64]")
         _check_count(rows * steps)
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         m = self.model
         ends = m.sample_z(2 * rows, gen)
         z = torch.cat([m.interpolate(ends[2 * r], ends[2 * r + 1], steps) for r in range(rows)])
-        lab = self.labels_for(rows, labels, seed)
-        if lab is None and m.cfg.conditional:
-            lab = m.random_labels(rows, gen)
+        lab = self.labels_for(rows, labels)
+        if m.cfg.conditional:
+            random = m.random_labels(rows, gen).cpu()
+            lab = random if lab is None else torch.where(lab < 0, random, lab)
         if lab is not None:
             lab = lab.repeat_interleave(steps, dim=0)
         with torch.inference_mode():
@@ -461,26 +468,38 @@ class ImageGenerator:
     def save(self, images: torch.Tensor, out: str | Path, nrow: int | None = None) -> list[Path]:
         """Writes a grid PNG (``out`` ends in .png) or one PNG per image into folder ``out``."""
         from aigc.data.images import image_grid, save_png, to_uint8
+        from aigc.errors import RequestError
 
         out = Path(out)
+        if out.suffix and out.suffix.lower() != ".png":
+            raise RequestError(f"{out}: images are written as PNG; give a .png file or a folder")
         pixels = to_uint8(images)
-        if out.suffix.lower() == ".png":
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_png(image_grid(pixels, nrow=nrow), out)
-            return [out]
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, img in enumerate(pixels):
-            paths.append(out / f"{i:05d}.png")
-            save_png(img, paths[-1])
-        return paths
+        try:
+            if out.suffix:
+                save_png(image_grid(pixels, nrow=nrow), out)
+                return [out]
+            out.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for i, img in enumerate(pixels):
+                paths.append(out / f"{i:05d}.png")
+                save_png(img, paths[-1])
+            return paths
+        except OSError as e:
+            raise RequestError(f"{out}: cannot write there ({e.strerror or e})") from None
 
     def evaluate(self, n: int | None = None, save: bool = True) -> dict[str, Any]:
         """Classifier-based checks of n generated images (default data.eval_samples): label
         accuracy (conditional runs), class shares and variety; saved to eval.json."""
+        from aigc.errors import RequestError
+
         if n is not None:
             _check_count(n, limit=100_000)
             self.config.data.eval_samples = n
+        if not self.task.meta["attributes"]:
+            raise RequestError(
+                f"{self.run.path} was trained on unlabelled images, so there is no domain "
+                "classifier to judge its samples (label-free metrics such as FID are planned)"
+            )
         with torch.inference_mode():
             sums = self.task.eval_sums(self.model, 0, 1, self.device)
         result = {
@@ -491,6 +510,17 @@ class ImageGenerator:
         if save:
             atomic_write_text(self.run.path / "eval.json", json.dumps(result, indent=2) + "\n")
         return result
+
+
+def _is_index(value: Any) -> bool:
+    """An integer (Python, NumPy or a 0-d tensor) or a string of one."""
+    if isinstance(value, str):
+        return value.lstrip("-").isdigit()
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
 
 
 def _check_count(n: Any, limit: int = 10_000) -> None:

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from aigc.config import RECIPES_DIR, shipped_recipe
 from aigc.errors import AigcError
 
 app = typer.Typer(
@@ -23,8 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-RECIPES_DIR = Path(__file__).parent / "configs"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -43,9 +42,8 @@ def resolve_recipe(name: str) -> tuple[Path | None, Path | None]:
         return None, p
     if p.is_file():
         return p, None
-    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
-        if candidate.is_file() and p.suffix != ".yml":
-            return candidate, None
+    if (shipped := shipped_recipe(name)) is not None:
+        return shipped, None
     known = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.yaml")))
     from aigc.errors import ConfigError
 
@@ -118,9 +116,11 @@ def _quickstart_images(minutes: float, target: Path) -> None:
     ]
     m = outcome.metrics
     line = f"\ntrained {outcome.step} steps in {outcome.train_time:.0f} s"
-    if "min_class_share" in m:
-        line += (f"; every digit drawn: the rarest class is {100 * m['min_class_share']:.1f}% "
-                 f"of samples (a classifier trained on real digits judges)")  # fmt: skip
+    if m.get("min_class_share", 0) > 0:
+        line += (f"; every digit drawn: the rarest is {100 * m['min_class_share']:.1f}% of "
+                 f"samples, judged by a classifier trained on real digits")  # fmt: skip
+    elif "classes_seen" in m:
+        line += f"; {100 * m['classes_seen']:.0f}% of the digits drawn so far (train longer)"
     typer.echo(line)
     typer.echo(
         f"64 generated digits: {grid}\n"
@@ -177,9 +177,11 @@ def _report(outcome) -> None:
     if "loss" in m:
         line += f", validation loss {m['loss']:.4f} (ppl {m['ppl']:.2f}, {m['bpc']:.3f} bits/char)"
     typer.echo(line)
-    typer.echo(
-        f"run folder: {outcome.run_dir}/   next: aigc sample {outcome.run_dir} --prompt '...'"
-    )
+    from aigc.runs import RunDir
+
+    family = RunDir(outcome.run_dir).info()["family"]
+    hint = "--prompt '...'" if family == "gpt" else "--n 64 --out grid.png"
+    typer.echo(f"run folder: {outcome.run_dir}/   next: aigc sample {outcome.run_dir} {hint}")
 
 
 @app.command()
@@ -287,11 +289,17 @@ def eval_(
 
 def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
                    label: list[str], interpolate: int | None, seed: int | None) -> None:  # fmt: skip
+    from aigc.errors import RequestError
+
     labels: list = list(label)
     if class_ is not None:
-        labels.insert(0, int(class_) if class_.lstrip("-").isdigit() else class_)
+        labels.insert(0, class_)  # a class name first, else an index
     if interpolate is not None:
-        rows = max(1, n // interpolate)
+        if not 2 <= interpolate <= 64:
+            raise RequestError(f"--interpolate {interpolate} must be in [2, 64]")
+        if not 1 <= n <= 10_000 or n < interpolate:
+            raise RequestError(f"--n {n} must be in [{interpolate}, 10000] with --interpolate")
+        rows = n // interpolate
         images = gen.interpolate(interpolate, rows=rows, labels=labels or None, seed=seed)
         nrow = interpolate
     else:

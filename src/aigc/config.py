@@ -54,6 +54,13 @@ class TrainConfig:
     sample_every: int = 0  # steps between samples in samples/ and TensorBoard (0 = at the end)
     nan_tolerance: int = 5  # stop after this many non-finite steps in a row
 
+    def validate(self) -> None:
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed={self.seed} must be in [0, 2**63)")
+        for key in ("batch_size", "grad_accum", "log_every", "nan_tolerance"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be at least 1")
+
 
 @dataclass
 class Config:
@@ -211,6 +218,21 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return out
 
 
+RECIPES_DIR = Path(__file__).parent / "configs"
+
+
+def shipped_recipe(name: str | Path) -> Path | None:
+    """The recipe that ships with aigc under ``name`` (``cgan-digits`` or
+    ``cgan-digits.yaml``), or None."""
+    p = Path(name)
+    if p.is_file() or len(p.parts) != 1:
+        return None
+    for candidate in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+        if candidate.is_file() and candidate.suffix == ".yaml":
+            return candidate
+    return None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Reads a YAML mapping, with errors naming the file and line."""
     p = Path(path)
@@ -263,5 +285,5 @@ def load_config(
     elif isinstance(source, dict):
         data = source
     else:
-        data = read_yaml(source)
+        data = read_yaml(shipped_recipe(source) or source)
     return build_config(apply_overrides(data, overrides))

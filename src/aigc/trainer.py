@@ -98,7 +98,8 @@ def init_distributed(device_name: str) -> DistInfo:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # small CPU tensors (eval sums, logged means, the clock) go over gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     return info
 
 
@@ -539,6 +540,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = self._set_lr()
                 scalars, step = self.train_step()
+                if self.dist.world > 1:
+                    _broadcast_buffers(self.model)
                 if self.ema is not None and not step.skipped:
                     self.ema.update(self.step)
                 self.step += 1
@@ -649,6 +652,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's floating buffers (batch-norm statistics), as DDP does,
+    so all ranks evaluate, sample and save the same model."""
+    for b in model.buffers():
+        if b.dtype.is_floating_point:
+            dist.broadcast(b, 0)
 
 
 def _all_reduce_mean(row: dict[str, float], world: int) -> dict[str, float]:

@@ -115,6 +115,7 @@ def train_classifier(
     batch_size: int = 64,
     val_fraction: float = 0.15,
     seed: int = 0,
+    max_images: int = 20_000,
 ) -> TrainedClassifier:
     """Trains a DomainClassifier on (N, H, W, C) uint8 images and per-attribute labels.
 
@@ -125,16 +126,15 @@ def train_classifier(
         raise ValueError("a domain classifier needs labelled images")
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    n = len(images)
-    order = rng.permutation(n)
+    n = min(len(images), max_images)  # a large set: a random subset is plenty
+    order = rng.permutation(len(images))[:n]
     n_val = max(1, round(n * val_fraction))
     val_idx, train_idx = order[:n_val], order[n_val:]
     batch_size = max(1, min(batch_size, len(train_idx)))  # a tiny set still trains
-    x_all = _images_to_tensor(images)
     y_all = {a: torch.from_numpy(np.asarray(v, dtype=np.int64)) for a, v in labels.items()}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = DomainClassifier(x_all.shape[1], {a: len(classes[a]) for a in labels})
+        model = DomainClassifier(images.shape[-1], {a: len(classes[a]) for a in labels})
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * max(1, len(train_idx) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
@@ -146,14 +146,17 @@ def train_classifier(
             if done == steps:
                 break
             idx = perm[i : i + batch_size]
-            logits = model(_shift(x_all[idx], rng))
+            x = _images_to_tensor(images[np.sort(idx.numpy())])  # (B, C, H, W), read per batch
+            idx = idx.sort().values
+            logits = model(_shift(x, rng))
             loss = sum(F.cross_entropy(logits[a], y_all[a][idx]) for a in logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             done += 1
-    pred = model.predict(x_all[torch.from_numpy(val_idx)])
+    val_idx = np.sort(val_idx)
+    pred = model.predict(_images_to_tensor(images[val_idx]))
     accuracy = {
         a: float((pred[a] == y_all[a][torch.from_numpy(val_idx)]).float().mean()) for a in labels
     }

@@ -69,6 +69,7 @@ class GANConfig:
     gp_weight: float = 10.0  # lambda of the WGAN-GP gradient penalty
     n_critic: int = 1  # discriminator updates per generator update (5 for wgan-gp)
     spectral_norm: bool = False  # spectral normalisation of D's weights (Miyato et al. 2018)
+    d_batch_norm: bool = True  # dcgan D: batch norm after each strided conv but the first
     g_width: int = 64  # dcgan: channels of G's last hidden layer (doubling towards z)
     d_width: int = 64  # dcgan: channels of D's first layer (doubling with depth)
     hidden: list[int] = field(default_factory=lambda: [256, 512, 1024])  # mlp G; D reversed
@@ -253,7 +254,7 @@ class DCGANDiscriminator(nn.Module):
     def __init__(self, cfg: GANConfig, num_classes: list[int]) -> None:
         super().__init__()
         self.cond = cfg.cond_d if num_classes else None
-        batch_norm = cfg.loss != "wgan-gp"  # the gradient penalty is per image
+        batch_norm = cfg.d_batch_norm and cfg.loss != "wgan-gp"  # the gradient penalty is per image
         n_down = int(math.log2(cfg.image_size)) - 2  # image_size -> 4 by halving
         in_ch = cfg.channels
         self.embed: LabelEmbedding | None = None

@@ -30,6 +30,7 @@ from aigc.tasks.images import (
     read_meta,
     to_model_batch,
 )
+from aigc.trainer import mix_seed
 
 
 class GANTask:
@@ -72,10 +73,26 @@ class GANTask:
                     f"model.conditional=true but {meta['source']} has no labels "
                     "(an image folder needs one sub-folder per class); set model.conditional=false"
                 )
+            for a in meta["attributes"]:
+                if len(meta["classes"][a]) < 2:
+                    raise DataError(
+                        f"{meta['source']}: {a!r} has a single class {meta['classes'][a]!r}; a "
+                        "conditional model needs two or more (or set model.conditional=false)"
+                    )
             m.num_classes = [len(meta["classes"][a]) for a in meta["attributes"]]
         else:
             m.num_classes = []
+        if config.data.flip and "position" in meta["attributes"]:
+            raise ConfigError(
+                "data.flip=true would swap left and right but keep the position labels; "
+                "leave flips off for this data (or choose data.labels without position)"
+            )
         m.validate()
+
+    @staticmethod
+    def complete_config(config: Config, run: RunDir) -> None:
+        """Fills what follows from an existing run's data (to compare configs on resume)."""
+        GANTask._fit_model_to_data(config, read_meta(run.data_dir))
 
     @staticmethod
     def finish_config(config: Config, data_dir: Path) -> None:
@@ -130,10 +147,15 @@ class GANTask:
 
             data = self.data or open_data(self.run.data_dir)
             labels = data.split_labels("train")
-            with torch.inference_mode(False), torch.enable_grad():
+            # trained outside the caller's inference mode and autocast: always fp32
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.autocast("cpu", enabled=False),
+            ):
                 self._classifier = cached_classifier(
                     f"{self.meta['sha256']}|{self.meta['n_train']}|{','.join(data.attributes)}",
-                    np.asarray(data.train_images),
+                    data.train_images,
                     {a: labels[:, i] for i, a in enumerate(data.attributes)},
                     {a: data.classes[a] for a in data.attributes},
                 )
@@ -146,11 +168,11 @@ class GANTask:
         clf = self.classifier()
         if clf is None:
             return {}
-        n = self.config.data.eval_samples // world
+        n = max(1, self.config.data.eval_samples // world)
         images, requested = sample_images(
             model, n, None, self.config.train.seed + 1_000_003 * (rank + 1), device
         )
-        predicted = clf.model.to(device).predict(images)
+        predicted = clf.model.predict(images)  # on the classifier's device (CPU)
         sums: dict[str, float] = {"n": float(n)}
         first = self.meta["attributes"][0]
         for a in self.meta["attributes"]:
@@ -169,9 +191,10 @@ class GANTask:
         flat = images.reshape(len(images), -1).double().cpu()
         for c in range(len(self.meta["classes"][first])):
             x = flat[group == c][:200]
-            if len(x) >= 2:
-                sums[f"pairdist/{c}"] = float(torch.cdist(x, x).sum())
-                sums[f"pairs/{c}"] = float(len(x) * (len(x) - 1))
+            # every rank sends every key: the trainer all-reduces the sums by position
+            pairs = len(x) * (len(x) - 1)
+            sums[f"pairdist/{c}"] = float(torch.cdist(x, x).sum()) if pairs else 0.0
+            sums[f"pairs/{c}"] = float(pairs)
         return sums
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -244,17 +267,35 @@ def sample_images(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n images (n, C, H, W) in [-1, 1] and the labels they were asked for.
 
-    labels (n, A) long, or None: random labels for a conditional model. Noise and
-    random labels come from one generator seeded by ``seed``, so the same seed
-    gives the same images whatever the batch size.
+    labels (n, A) long, or None: a conditional model then draws every label at
+    random, and entries of -1 are drawn at random too. With a seed, image i's noise
+    and random labels come from a generator seeded by (seed, i) alone, so image i
+    is the same whatever n and the batch size are.
     """
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    z = model.sample_z(n, gen)
-    if model.cfg.conditional and labels is None:
-        labels = model.random_labels(n, gen)
+    z, drawn = _latents(model, n, seed)
+    if model.cfg.conditional:
+        labels = drawn if labels is None else torch.where(labels < 0, drawn, labels)
+    else:
+        labels = None
     out = []
     for i in range(0, n, batch_size):
         lab = None if labels is None else labels[i : i + batch_size].to(device)
         out.append(model.generate(z[i : i + batch_size].to(device), lab))
     images = torch.cat(out) if out else torch.zeros(0)
     return images, labels
+
+
+def _latents(model: GAN, n: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Noise (n, z_dim) and random labels (n, A) (None if unconditional), on the CPU."""
+    conditional = model.cfg.conditional
+    if seed is None:
+        z = model.sample_z(n).cpu()
+        return z, model.random_labels(n).cpu() if conditional else None
+    zs, labels = [], []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(mix_seed(seed, i))
+        zs.append(torch.randn(1, model.cfg.z_dim, generator=gen))
+        if conditional:
+            labels.append(torch.stack([torch.randint(k, (1,), generator=gen)
+                                       for k in model.cfg.num_classes], 1))  # fmt: skip
+    return torch.cat(zs), torch.cat(labels) if conditional else None

@@ -164,14 +164,14 @@ def _is_grey(pixels: np.ndarray) -> bool:
 
 def open_data(data_dir: Path) -> ImageData:
     """The prepared images of a run, memory-mapped."""
+    meta = read_meta(data_dir)
     try:
-        meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
         images = np.load(data_dir / "images.npy", mmap_mode="r", allow_pickle=False)
         labels_path = data_dir / "labels.npy"
         labels = np.load(labels_path, allow_pickle=False) if labels_path.exists() else None
     except FileNotFoundError as e:
         raise CheckpointError(f"{e.filename} is missing; the run folder is incomplete") from None
-    except (ValueError, json.JSONDecodeError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{data_dir}: prepared data is damaged ({e})") from None
     if images.ndim != 4 or images.dtype != np.uint8:
         raise CheckpointError(f"{data_dir / 'images.npy'}: expected (N, H, W, C) uint8 images")
@@ -180,11 +180,21 @@ def open_data(data_dir: Path) -> ImageData:
     )
 
 
+_META_KEYS = ("source", "spec", "attributes", "classes", "n_train", "sha256")
+
+
 def read_meta(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / "meta.json"
     try:
-        return json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{data_dir / 'meta.json'} is missing") from None
+        raise CheckpointError(f"{path} is missing; the run folder is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e})") from None
+    missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: no {missing[0]!r}")
+    return meta
 
 
 def epoch_batch_indices(n: int, step: int, size: int, seed: int) -> np.ndarray:

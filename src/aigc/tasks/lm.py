@@ -121,6 +121,11 @@ class LMTask:
             )
 
     @staticmethod
+    def complete_config(config: Config, run: RunDir) -> None:
+        """Fills what follows from an existing run's data (to compare configs on resume)."""
+        LMTask._set_vocab(config, load_tokenizer(run.tokenizer_path))
+
+    @staticmethod
     def finish_config(config: Config, data_dir: Path) -> None:
         """Fills values that follow from the prepared data (the vocabulary size)."""
         LMTask._set_vocab(config, load_tokenizer(data_dir / "tokenizer.json"))
