@@ -411,11 +411,14 @@ class GAN(nn.Module):
         return loss, {k: v.detach() for k, v in stats.items()}
 
     def g_loss(
-        self, batch_size: int, labels: Tensor | None = None
+        self, batch_size: int, labels: Tensor | None = None, fake: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Generator loss on batch_size fresh fakes: -log sigmoid(D(G(z))) for bce (the
-        non-saturating loss), -D(G(z)) for hinge and wgan-gp. Stats: g_loss."""
-        s_fake = self.D(self.G(self.sample_z(batch_size), labels), labels).float()
+        """Generator loss on batch_size fresh fakes (or on ``fake``, still attached to G's
+        graph): -log sigmoid(D(G(z))) for bce (the non-saturating loss), -D(G(z)) for hinge
+        and wgan-gp. Stats: g_loss."""
+        if fake is None:
+            fake = self.G(self.sample_z(batch_size), labels)
+        s_fake = self.D(fake, labels).float()
         loss = F.softplus(-s_fake).mean() if self.cfg.loss == "bce" else -s_fake.mean()
         return loss, {"g_loss": loss.detach()}
 
@@ -431,12 +434,15 @@ class GAN(nn.Module):
         if not self.num_classes:
             labels = None  # labelled data, unconditional model
         totals: dict[str, Tensor] = {}
+        # With one critic step, the fakes D learns from are the ones G learns from, as in
+        # the DCGAN paper's loop: one G forward per step instead of two.
+        fake = self.G(self.sample_z(images.size(0)), labels) if self.cfg.n_critic == 1 else None
         for _ in range(self.cfg.n_critic):
-            loss, stats = self.d_loss(images, labels)
+            loss, stats = self.d_loss(images, labels, fake=fake)
             step.update("discriminator", loss)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / self.cfg.n_critic
-        loss, stats = self.g_loss(images.size(0), labels)
+        loss, stats = self.g_loss(images.size(0), labels, fake=fake)
         step.update("generator", loss)
         return {**totals, **stats}
 
