@@ -519,3 +519,25 @@ def test_interpolate_is_spherical():
     assert torch.allclose(slerp(u, 2 * u, torch.tensor([0.5])), torch.tensor([[1.5, 0.0]]))
     with pytest.raises(ValueError, match="steps"):
         gan.interpolate(z0, z1, 1)
+
+
+def test_a_diverging_gan_stops_with_the_step_named(tmp_path):
+    # A known GAN failure: D's scores blow up. The trainer's guard skips each non-finite
+    # update, keeps the last checkpoint and stops after nan_tolerance in a row.
+    from aigc.errors import TrainingError
+
+    torch.manual_seed(0)
+    gan = GAN(tiny(arch="dcgan", image_size=16, conditional=True, num_classes=[3]))
+    train = TrainConfig(max_steps=10, warmup_steps=0, log_every=1, eval_every=0, nan_tolerance=3)
+    config = Config(family="gan", data=None, model=gan.cfg, train=train)
+    run = RunDir(tmp_path / "run")
+    run.create("gan", "family: gan\n")
+    t = Trainer(GANTask(gan), config, run, DistInfo(), torch.device("cpu"), False)
+    with torch.no_grad():
+        gan.D.head.weight.fill_(float("inf"))
+    d_before = {k: v.clone() for k, v in gan.D.state_dict().items()}
+    with pytest.raises(TrainingError, match=r"3 steps in a row \(last at step 3"):
+        t.fit()
+    assert t.nonfinite_total == 3 and t.step == 3
+    for k, v in gan.D.state_dict().items():  # skipped updates left D untouched
+        assert torch.equal(v, d_before[k]) or "running" in k or "num_batches" in k, k
