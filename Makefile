@@ -37,6 +37,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/gpt_train.py
 	$(BIN)/python benchmarks/gpt_sample.py
 	$(BIN)/python benchmarks/train_memory.py
+	$(BIN)/python benchmarks/gan_train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
