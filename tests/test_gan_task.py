@@ -269,3 +269,26 @@ def test_one_class_folder_cannot_train_a_conditional_model(tmp_path):
         aigc.train(
             CGAN, [*TINY, f"data.source={data}", "train.batch_size=4"], run_dir=tmp_path / "r"
         )
+
+
+@pytest.mark.slow
+def test_gan_under_torchrun_evaluates_and_writes_once(tmp_path):
+    # two ranks: eval sums all-reduced by position (same keys on both), BN buffers
+    # broadcast from rank 0, only rank 0 writes
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AIGC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "aigc", "train", CGAN, *TINY, "train.batch_size=8", "train.max_steps=4",
+         "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = RunDir(tmp_path / "run").read_metrics()
+    assert [x["step"] for x in rows if "d_loss" in x] == [1, 2, 3, 4]
+    final = rows[-1]
+    assert 0 <= final["val_label_accuracy"] <= 1 and final["val_diversity"] > 0
+    assert RunDir(tmp_path / "run").checkpoint_names() == ["step-00000003", "step-00000004"]
