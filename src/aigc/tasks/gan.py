@@ -9,158 +9,25 @@ drawn) and the variety within each class against the real images of that class.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from aigc.config import Config
-from aigc.errors import ConfigError, DataError
 from aigc.models.gan import GAN, GANConfig
-from aigc.runs import RunDir
-from aigc.tasks.images import (
-    ImageData,
-    ImageDataConfig,
-    epoch_batch_indices,
-    open_data,
-    prepare,
-    read_meta,
-    to_model_batch,
-)
+from aigc.tasks.images import ImageTask, open_data, to_model_batch
 from aigc.trainer import mix_seed
 
 
-class GANTask:
+class GANTask(ImageTask):
     """Trains a GAN on a run's images; evaluates its samples with a domain classifier."""
 
     family = "gan"
-    data_config = ImageDataConfig
     model_config = GANConfig
-    item_name = "images"
-
-    def __init__(self, config: Config, run: RunDir, data: ImageData | None, meta: dict[str, Any]):
-        self.config = config
-        self.run = run
-        self.data = data
-        self.meta = meta
-        self.model: nn.Module = GAN(config.model)
-        self.items_per_batch = config.train.batch_size
-        self._classifier = None
-
-    # construction -----------------------------------------------------------
-    @staticmethod
-    def prepare_data(config: Config, data_dir: Path, progress: bool = True) -> None:
-        data = prepare(config.data, data_dir, seed=config.train.seed)
-        GANTask._fit_model_to_data(config, data.meta)
-        if len(data.train_images) < config.train.batch_size:
-            raise DataError(
-                f"{data.meta['source']}: {len(data.train_images)} training images, fewer than "
-                f"train.batch_size={config.train.batch_size}; use more images or a smaller batch"
-            )
-
-    @staticmethod
-    def _fit_model_to_data(config: Config, meta: dict[str, Any]) -> None:
-        """Image size, channels and label sizes follow from the data; checked before training."""
-        m: GANConfig = config.model
-        m.image_size = int(meta["spec"]["image_size"])
-        m.channels = int(meta["spec"]["channels"])
-        if m.conditional:
-            if not meta["attributes"]:
-                raise ConfigError(
-                    f"model.conditional=true but {meta['source']} has no labels "
-                    "(an image folder needs one sub-folder per class); set model.conditional=false"
-                )
-            for a in meta["attributes"]:
-                if len(meta["classes"][a]) < 2:
-                    raise DataError(
-                        f"{meta['source']}: {a!r} has a single class {meta['classes'][a]!r}; a "
-                        "conditional model needs two or more (or set model.conditional=false)"
-                    )
-            m.num_classes = [len(meta["classes"][a]) for a in meta["attributes"]]
-        else:
-            m.num_classes = []
-        if config.data.flip and "position" in meta["attributes"]:
-            raise ConfigError(
-                "data.flip=true would swap left and right but keep the position labels; "
-                "leave flips off for this data (or choose data.labels without position)"
-            )
-        m.validate()
-
-    @staticmethod
-    def complete_config(config: Config, run: RunDir) -> None:
-        """Fills what follows from an existing run's data (to compare configs on resume)."""
-        GANTask._fit_model_to_data(config, read_meta(run.data_dir))
-
-    @staticmethod
-    def finish_config(config: Config, data_dir: Path) -> None:
-        GANTask._fit_model_to_data(config, read_meta(data_dir))
-
-    @staticmethod
-    def install_data(tmp_dir: Path, run: RunDir) -> None:
-        shutil.move(str(tmp_dir), run.data_dir)
-
-    @classmethod
-    def open(cls, config: Config, run: RunDir, with_data: bool = True) -> GANTask:
-        meta = read_meta(run.data_dir)
-        cls._fit_model_to_data(config, meta)
-        return cls(config, run, open_data(run.data_dir) if with_data else None, meta)
-
-    # what the model is conditioned on ---------------------------------------
-    @property
-    def attributes(self) -> list[str]:
-        return list(self.meta["attributes"]) if self.config.model.conditional else []
-
-    @property
-    def classes(self) -> dict[str, list[str]]:
-        return {a: list(self.meta["classes"][a]) for a in self.attributes}
-
-    # training ---------------------------------------------------------------
-    def train_batch(
-        self, step: int, micro: int, rank: int, world: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A slice of global batch ``step``: epochs of fresh permutations, flips if asked."""
-        from aigc.data.images import random_flip
-
-        B = self.config.train.batch_size
-        accum = self.config.train.grad_accum
-        seed = self.config.train.seed
-        train = self.data.train_images
-        idx = epoch_batch_indices(len(train), step, B * accum * world, seed)
-        part = micro * world + rank
-        idx = idx[part * B : (part + 1) * B]
-        images = to_model_batch(train[idx])
-        if self.config.data.flip:
-            images = random_flip(images, np.random.default_rng([seed, step, part, 1]))
-        labels = None
-        if self.attributes:
-            labels = torch.from_numpy(self.data.split_labels("train")[idx])  # (B, A)
-        return images, labels
+    model_class = GAN
 
     # evaluation -------------------------------------------------------------
-    def classifier(self):
-        """The cached domain classifier of this run's labelled images (None if unlabelled)."""
-        if self._classifier is None and self.meta["attributes"]:
-            from aigc.metrics.classifier import cached_classifier
-
-            data = self.data or open_data(self.run.data_dir)
-            labels = data.split_labels("train")
-            # trained outside the caller's inference mode and autocast: always fp32
-            with (
-                torch.inference_mode(False),
-                torch.enable_grad(),
-                torch.autocast("cpu", enabled=False),
-            ):
-                self._classifier = cached_classifier(
-                    f"{self.meta['sha256']}|{self.meta['n_train']}|{','.join(data.attributes)}",
-                    data.train_images,
-                    {a: labels[:, i] for i, a in enumerate(data.attributes)},
-                    {a: data.classes[a] for a in data.attributes},
-                )
-        return self._classifier
-
     def eval_sums(
         self, model: nn.Module, rank: int, world: int, device: torch.device
     ) -> dict[str, float]:
