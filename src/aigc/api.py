@@ -250,7 +250,7 @@ def load(
             for name, t in files["ema"].items():
                 live[name].copy_(t)
     model.to(dev).eval()
-    generator_class = ImageGenerator if cfg.family == "gan" else TextGenerator
+    generator_class = TextGenerator if cfg.family == "gpt" else ImageGenerator
     return generator_class(run, task, dev, int(state["step"]))
 
 
@@ -495,18 +495,15 @@ class ImageGenerator:
         if n is not None:
             _check_count(n, limit=100_000)
             self.config.data.eval_samples = n
-        if not self.task.meta["attributes"]:
+        with torch.inference_mode():
+            sums = self.task.eval_sums(self.model, 0, 1, self.device)
+        metrics = self.task.eval_metrics(sums)
+        if not metrics:
             raise RequestError(
                 f"{self.run.path} was trained on unlabelled images, so there is no domain "
                 "classifier to judge its samples (label-free metrics such as FID are planned)"
             )
-        with torch.inference_mode():
-            sums = self.task.eval_sums(self.model, 0, 1, self.device)
-        result = {
-            "step": self.step,
-            "samples": self.config.data.eval_samples,
-            **self.task.eval_metrics(sums),
-        }
+        result = {"step": self.step, "samples": self.config.data.eval_samples, **metrics}
         if save:
             atomic_write_text(self.run.path / "eval.json", json.dumps(result, indent=2) + "\n")
         return result

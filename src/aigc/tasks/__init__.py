@@ -18,6 +18,7 @@ from aigc.errors import ConfigError
 TASKS: dict[str, str] = {
     "gpt": "aigc.tasks.lm:LMTask",
     "gan": "aigc.tasks.gan:GANTask",
+    "vae": "aigc.tasks.vae:VAETask",
 }
 
 

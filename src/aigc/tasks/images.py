@@ -224,7 +224,7 @@ def to_model_batch(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1]."""
     from aigc.data.images import to_tensor
 
-    return to_tensor(np.ascontiguousarray(images))
+    return to_tensor(np.array(images))  # a copy: memory-mapped pages are read-only
 
 
 class ImageTask:
