@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from aigc.config import Config, TrainConfig
 from aigc.errors import ConfigError
-from aigc.models.gan import GAN, GANConfig, slerp
+from aigc.models.gan import GAN, GANConfig
+from aigc.models.layers import slerp
 from aigc.runs import RunDir
 from aigc.trainer import DistInfo, Trainer
 

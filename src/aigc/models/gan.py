@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.nn.utils.parametrizations import spectral_norm
 
 from aigc.errors import ConfigError
+from aigc.models.layers import LabelEmbedding, check_int, check_lists, slerp
 
 ARCHS = ("mlp", "dcgan")
 LOSSES = ("bce", "hinge", "wgan-gp")
@@ -92,20 +93,14 @@ class GANConfig:
             ("g_width", 1),
             ("d_width", 1),
         ):
-            _check_int(f"model.{key}", getattr(self, key), low)
+            check_int(f"model.{key}", getattr(self, key), low)
         size = self.image_size
         if self.arch == "dcgan" and size and (size < 16 or size & (size - 1)):
             raise ConfigError(
                 f"model.image_size={size} does not fit arch=dcgan, which doubles a 4x4 map: "
                 f"use a power of two >= 16 (e.g. 32 or 64) or arch=mlp"
             )
-        for key in ("hidden", "num_classes"):
-            if not isinstance(getattr(self, key), list | tuple):
-                raise ConfigError(f"model.{key}={getattr(self, key)!r} must be a list of integers")
-        for i, width in enumerate(self.hidden):
-            _check_int(f"model.hidden[{i}]", width, 1)
-        for i, n in enumerate(self.num_classes):
-            _check_int(f"model.num_classes[{i}]", n, 2)  # one class is no condition
+        check_lists(self)
         for key in ("conditional", "spectral_norm"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"model.{key}={getattr(self, key)!r} must be true or false")
@@ -135,26 +130,8 @@ class GANConfig:
             )
 
 
-def _check_int(key: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if value < low:
-        raise ConfigError(f"{key}={value} must be at least {low}")
-
-
 # ---------------------------------------------------------------------------
 # Blocks
-
-
-class LabelEmbedding(nn.Module):
-    """One learned table per attribute: labels (B, A) int64 -> (B, A, dim)."""
-
-    def __init__(self, num_classes: list[int], dim: int) -> None:
-        super().__init__()
-        self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in num_classes)
-
-    def forward(self, labels: Tensor) -> Tensor:
-        return torch.stack([t(labels[:, a]) for a, t in enumerate(self.tables)], dim=1)
 
 
 def _latent_with_labels(z: Tensor, labels: Tensor | None, embed: LabelEmbedding | None) -> Tensor:
@@ -298,22 +275,6 @@ def _dcgan_init(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------
 # Sampling helpers
-
-
-def slerp(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation (Shoemake 1985; White 2016 for GAN latents).
-
-    z0, z1 (Z,); t (T,) in [0, 1] -> (T, Z). Walks the great circle between the two
-    directions, so a Gaussian latent keeps a typical norm (a straight line through
-    the middle of the ball would not). Parallel or opposite vectors fall back to lerp.
-    """
-    t = t.to(z0.dtype)[:, None]  # (T, 1)
-    cos = torch.dot(z0, z1) / (z0.norm() * z1.norm()).clamp_min(1e-12)
-    omega = torch.arccos(cos.clamp(-1.0, 1.0))
-    sin = torch.sin(omega)
-    if sin.abs() < 1e-6:
-        return (1 - t) * z0 + t * z1
-    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / sin
 
 
 # ---------------------------------------------------------------------------

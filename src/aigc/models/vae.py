@@ -50,9 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aigc.errors import ConfigError
-
-# Shared with the GAN family (TODO: move both to models/layers.py).
-from aigc.models.gan import LabelEmbedding, _check_int, slerp
+from aigc.models.layers import LabelEmbedding, check_int, check_lists, slerp
 
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
@@ -93,20 +91,14 @@ class VAEConfig:
             ("embed_dim", 1),
             ("kl_warmup_steps", 0),
         ):
-            _check_int(f"model.{key}", getattr(self, key), low)
+            check_int(f"model.{key}", getattr(self, key), low)
         size = self.image_size
         if self.arch == "conv" and size and (size < 16 or size & (size - 1)):
             raise ConfigError(
                 f"model.image_size={size} does not fit arch=conv, which halves the image to "
                 f"4x4: use a power of two >= 16 (e.g. 32 or 64) or arch=mlp"
             )
-        for key in ("hidden", "num_classes"):
-            if not isinstance(getattr(self, key), list | tuple):
-                raise ConfigError(f"model.{key}={getattr(self, key)!r} must be a list of integers")
-        for i, width in enumerate(self.hidden):
-            _check_int(f"model.hidden[{i}]", width, 1)
-        for i, n in enumerate(self.num_classes):
-            _check_int(f"model.num_classes[{i}]", n, 2)  # one class is no condition
+        check_lists(self)
         if not isinstance(self.conditional, bool):
             raise ConfigError(f"model.conditional={self.conditional!r} must be true or false")
         if self.num_classes and not self.conditional:

@@ -1,0 +1,62 @@
+"""Blocks and checks shared by two or more model families (STYLE: never copied).
+
+``LabelEmbedding`` conditions a generator or encoder on labelled attributes,
+``slerp`` walks between Gaussian latents, ``check_int`` and ``check_lists`` are the
+config checks the image families share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from aigc.errors import ConfigError
+
+
+def check_int(key: str, value: Any, low: int) -> None:
+    """Raise ConfigError unless ``value`` is an integer >= low, naming ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if value < low:
+        raise ConfigError(f"{key}={value} must be at least {low}")
+
+
+def check_lists(cfg: Any) -> None:
+    """``hidden`` widths >= 1 and ``num_classes`` entries >= 2 (one class is no condition)."""
+    for key in ("hidden", "num_classes"):
+        if not isinstance(getattr(cfg, key), list | tuple):
+            raise ConfigError(f"model.{key}={getattr(cfg, key)!r} must be a list of integers")
+    for i, width in enumerate(cfg.hidden):
+        check_int(f"model.hidden[{i}]", width, 1)
+    for i, n in enumerate(cfg.num_classes):
+        check_int(f"model.num_classes[{i}]", n, 2)
+
+
+class LabelEmbedding(nn.Module):
+    """One learned table per attribute: labels (B, A) int64 -> (B, A, dim)."""
+
+    def __init__(self, num_classes: list[int], dim: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in num_classes)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return torch.stack([t(labels[:, a]) for a, t in enumerate(self.tables)], dim=1)
+
+
+def slerp(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation (Shoemake 1985; White 2016 for GAN latents).
+
+    z0, z1 (Z,); t (T,) in [0, 1] -> (T, Z). Walks the great circle between the two
+    directions, so a Gaussian latent keeps a typical norm (a straight line through
+    the middle of the ball would not). Parallel or opposite vectors fall back to lerp.
+    """
+    t = t.to(z0.dtype)[:, None]  # (T, 1)
+    cos = torch.dot(z0, z1) / (z0.norm() * z1.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(omega)
+    if sin.abs() < 1e-6:
+        return (1 - t) * z0 + t * z1
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / sin
