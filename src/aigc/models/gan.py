@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.nn.utils.parametrizations import spectral_norm
 
 from aigc.errors import ConfigError
-from aigc.models.layers import LabelEmbedding, check_int, check_lists, slerp
+from aigc.models.layers import LabelEmbedding, LatentSampling, check_int, check_lists, slerp
 
 ARCHS = ("mlp", "dcgan")
 LOSSES = ("bce", "hinge", "wgan-gp")
@@ -281,7 +281,7 @@ def _dcgan_init(module: nn.Module) -> None:
 # The model
 
 
-class GAN(nn.Module):
+class GAN(LatentSampling, nn.Module):
     """Generator G and discriminator D with their losses; the trainer keeps an EMA of G."""
 
     ema_scope = "G"
@@ -408,45 +408,6 @@ class GAN(nn.Module):
         return {**totals, **stats}
 
     # sampling ----------------------------------------------------------------
-    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n latents (n, z_dim) from N(0, I), on the model's device.
-
-        With a generator they are drawn on the generator's device, so a seed gives
-        the same latents on CPU and GPU.
-        """
-        device = generator.device if generator is not None else self.device
-        z = torch.randn(n, self.cfg.z_dim, generator=generator, device=device)
-        return z.to(self.device)
-
-    def random_labels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n label rows (n, A) int64, each attribute uniform over its classes."""
-        if not self.num_classes:
-            raise ValueError("random_labels needs a conditional GAN; this one has no labels")
-        device = generator.device if generator is not None else self.device
-        cols = [
-            torch.randint(k, (n,), generator=generator, device=device) for k in self.num_classes
-        ]
-        return torch.stack(cols, dim=1).to(self.device)
-
-    def check_labels(self, labels: Tensor | None, n: int) -> None:
-        """Raise ValueError unless labels suit n samples of this model."""
-        if not self.num_classes:
-            if labels is not None:
-                raise ValueError("this GAN is unconditional: labels must be None")
-            return
-        A = len(self.num_classes)
-        if labels is None:
-            raise ValueError(f"this GAN is conditional: pass labels of shape ({n}, {A})")
-        if tuple(labels.shape) != (n, A) or labels.dtype != torch.int64:
-            raise ValueError(
-                f"labels must be int64 of shape ({n}, {A}), got {labels.dtype} {tuple(labels.shape)}"
-            )
-        high = torch.tensor(self.num_classes, device=labels.device)
-        bad = (labels < 0) | (labels >= high)
-        if bool(bad.any()):
-            a = int(bad.any(0).nonzero()[0])
-            raise ValueError(f"label attribute {a} must be in [0, {self.num_classes[a]})")
-
     @torch.no_grad()
     def generate(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """Images (n, C, H, W) in [-1, 1] from latents z (n, z_dim), with G in eval mode."""

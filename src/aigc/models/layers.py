@@ -60,3 +60,51 @@ def slerp(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
     if sin.abs() < 1e-6:
         return (1 - t) * z0 + t * z1
     return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / sin
+
+
+class LatentSampling:
+    """Prior noise and labels for a latent-variable image model (a GAN, a VAE): the
+    model has ``cfg.z_dim``, ``num_classes`` (one entry per attribute; [] =
+    unconditional) and ``device``."""
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n latents (n, z_dim) from the prior N(0, I), on the model's device.
+
+        With a generator they are drawn on the generator's device, so a seed gives
+        the same latents on CPU and GPU.
+        """
+        device = generator.device if generator is not None else self.device
+        z = torch.randn(n, self.cfg.z_dim, generator=generator, device=device)
+        return z.to(self.device)
+
+    def random_labels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n label rows (n, A) int64, each attribute uniform over its classes."""
+        if not self.num_classes:
+            raise ValueError(
+                f"random_labels needs a conditional {type(self).__name__}; this one has no labels"
+            )
+        device = generator.device if generator is not None else self.device
+        cols = [
+            torch.randint(k, (n,), generator=generator, device=device) for k in self.num_classes
+        ]
+        return torch.stack(cols, dim=1).to(self.device)
+
+    def check_labels(self, labels: Tensor | None, n: int) -> None:
+        """Raise ValueError unless labels suit n samples of this model."""
+        if not self.num_classes:
+            if labels is not None:
+                raise ValueError(
+                    f"this {type(self).__name__} is unconditional: labels must be None"
+                )
+            return
+        A = len(self.num_classes)
+        if labels is None or tuple(labels.shape) != (n, A) or labels.dtype != torch.int64:
+            got = None if labels is None else f"{labels.dtype} {tuple(labels.shape)}"
+            raise ValueError(
+                f"this {type(self).__name__} is conditional: pass int64 labels ({n}, {A}), got {got}"
+            )
+        high = torch.tensor(self.num_classes, device=labels.device)
+        bad = (labels < 0) | (labels >= high)
+        if bool(bad.any()):
+            a = int(bad.any(0).nonzero()[0])
+            raise ValueError(f"label attribute {a} must be in [0, {self.num_classes[a]})")

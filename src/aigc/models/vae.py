@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aigc.errors import ConfigError
-from aigc.models.layers import LabelEmbedding, check_int, check_lists, slerp
+from aigc.models.layers import LabelEmbedding, LatentSampling, check_int, check_lists, slerp
 
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
@@ -267,7 +267,7 @@ class ConvDecoder(nn.Module):
 # The model
 
 
-class VAE(nn.Module):
+class VAE(LatentSampling, nn.Module):
     """Encoder q(z|x), decoder p(x|z) and the (beta-weighted) negative ELBO."""
 
     def __init__(self, cfg: VAEConfig) -> None:
@@ -418,42 +418,6 @@ class VAE(nn.Module):
         return -(torch.logsumexp(log_w_all, dim=0) - math.log(k))
 
     # sampling ----------------------------------------------------------------
-    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n latents (n, z_dim) from the prior N(0, I), on the model's device.
-
-        With a generator they are drawn on the generator's device, so a seed gives
-        the same latents on CPU and GPU.
-        """
-        device = generator.device if generator is not None else self.device
-        z = torch.randn(n, self.cfg.z_dim, generator=generator, device=device)
-        return z.to(self.device)
-
-    def random_labels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n label rows (n, A) int64, each attribute uniform over its classes."""
-        if not self.num_classes:
-            raise ValueError("random_labels needs a conditional VAE; this one has no labels")
-        device = generator.device if generator is not None else self.device
-        cols = [
-            torch.randint(k, (n,), generator=generator, device=device) for k in self.num_classes
-        ]
-        return torch.stack(cols, dim=1).to(self.device)
-
-    def check_labels(self, labels: Tensor | None, n: int) -> None:
-        """Raise ValueError unless labels suit n samples of this model."""
-        if not self.num_classes:
-            if labels is not None:
-                raise ValueError("this VAE is unconditional: labels must be None")
-            return
-        A = len(self.num_classes)
-        if labels is None or tuple(labels.shape) != (n, A) or labels.dtype != torch.int64:
-            got = None if labels is None else f"{labels.dtype} {tuple(labels.shape)}"
-            raise ValueError(f"this VAE is conditional: pass int64 labels ({n}, {A}), got {got}")
-        high = torch.tensor(self.num_classes, device=labels.device)
-        bad = (labels < 0) | (labels >= high)
-        if bool(bad.any()):
-            a = int(bad.any(0).nonzero()[0])
-            raise ValueError(f"label attribute {a} must be in [0, {self.num_classes[a]})")
-
     def decode_mean(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """The decoder's mean image (B, C, H, W), clamped to [-1, 1]: 2*sigmoid(logits) - 1
         for bernoulli, the location (mean = mode) for gaussian and discretized_logistic."""
