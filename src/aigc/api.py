@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -463,6 +464,79 @@ class ImageGenerator:
             lab = lab.repeat_interleave(steps, dim=0)
         with torch.inference_mode():
             images = m.generate(z.to(self.device), None if lab is None else lab.to(self.device))
+        return _image_output(images.cpu(), output)
+
+    def _vae_only(self, what: str) -> None:
+        from aigc.errors import RequestError
+
+        if not hasattr(self.model, "reconstruct"):
+            raise RequestError(f"{self.run.path} is a {self.config.family} run; only VAEs {what}")
+
+    def reconstruct(self, source: str | None = None, n: int = 32, output: str = "tensor") -> Any:
+        """Originals and reconstructions (decoded posterior means) of ``n`` images, in rows
+        of 8 that alternate: originals, then theirs. ``source`` None takes the run's held-out
+        images; else a data source as in ``data.source`` (a folder, IDX or CIFAR file,
+        digits, shapes), prepared like the run's own. VAE runs only."""
+        from aigc.data.images import load_image_set
+        from aigc.errors import RequestError
+        from aigc.tasks.images import to_model_batch
+
+        self._vae_only("reconstruct")
+        _check_count(n, limit=1000)
+        labels = None
+        if source is None:
+            images, labels = self.task._val()
+        else:
+            spec = self.task.meta["spec"]
+            found = load_image_set(
+                source, image_size=spec["image_size"], channels=spec["channels"], crop=spec["crop"]
+            )
+            images = found.images
+            if self.conditional:
+                missing = [a for a in self.task.attributes if a not in found.labels]
+                if missing:
+                    raise RequestError(
+                        f"{found.source} has no {missing[0]!r} labels, which this conditional "
+                        "VAE needs to reconstruct"
+                    )
+                labels = np.stack([found.labels[a] for a in self.task.attributes], 1)
+        images = images[:n]
+        x = to_model_batch(images).to(self.device)
+        y = None if labels is None else torch.from_numpy(np.asarray(labels[:n])).to(self.device)
+        with torch.inference_mode():
+            rec = self.model.reconstruct(x, y)
+        rows = [t for i in range(0, len(x), 8) for t in (x[i : i + 8], rec[i : i + 8])]
+        return _image_output(torch.cat(rows).cpu(), output)
+
+    def traverse(
+        self,
+        steps: int = 8,
+        span: float = 3.0,
+        dims: list[int] | None = None,
+        labels: Any = None,
+        seed: int | None = None,
+        output: str = "tensor",
+    ) -> Any:
+        """One row per latent dimension (default: all): that unit swept over ``steps``
+        values in [-span, span] around a latent drawn from the seed, the others held.
+        VAE runs only."""
+        from aigc.errors import RequestError
+
+        self._vae_only("traverse their latents")
+        z_dim = self.model.cfg.z_dim
+        dims = list(range(z_dim)) if dims is None else list(dims)
+        if not 2 <= steps <= 64 or not dims or any(not 0 <= d < z_dim for d in dims):
+            raise RequestError(f"traverse: steps in [2, 64] and dims in [0, {z_dim}) are needed")
+        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        z0 = self.model.sample_z(1, gen)[0].cpu()
+        zs = self.model.traverse(z0, torch.linspace(-span, span, steps), dims)
+        lab = self.labels_for(1, labels)
+        if self.model.cfg.conditional:
+            random = self.model.random_labels(1, gen).cpu()
+            lab = random if lab is None else torch.where(lab < 0, random, lab)
+            lab = lab.expand(len(zs), -1)
+        with torch.inference_mode():
+            images = self.model.generate(zs.to(self.device), None if lab is None else lab)
         return _image_output(images.cpu(), output)
 
     def save(self, images: torch.Tensor, out: str | Path, nrow: int | None = None) -> list[Path]:

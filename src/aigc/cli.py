@@ -221,6 +221,13 @@ def sample(
         int | None,
         typer.Option(help="Image runs: strips of this many images between random latent points."),
     ] = None,
+    reconstruct: Annotated[
+        str | None,
+        typer.Option(help="VAE runs: reconstruct 'held-out' images, or a folder/dataset."),
+    ] = None,
+    traverse: Annotated[
+        bool, typer.Option(help="VAE runs: vary one latent dimension at a time, a row each.")
+    ] = False,
 ) -> None:
     """Generate from a trained run: text streams to the terminal, images go to --out."""
     import aigc
@@ -230,6 +237,16 @@ def sample(
     if isinstance(gen, ImageGenerator):
         if prompt:
             _fail(f"{run} is an image model; --prompt is for text models")
+        if reconstruct is not None or traverse:
+            if reconstruct is not None:
+                source = None if reconstruct == "held-out" else reconstruct
+                images, name = gen.reconstruct(source, n=min(n, 1000)), "reconstructions.png"
+            else:
+                wanted = ([class_] if class_ is not None else []) + list(label or [])
+                images, name = gen.traverse(labels=wanted or None, seed=seed), "traversal.png"
+            paths = gen.save(images, out or Path(run) / "samples" / name, nrow=8)
+            typer.echo(f"wrote {len(images)} images to {paths[0] if len(paths) == 1 else out}")
+            return
         _sample_images(gen, run, n, out, class_, label or [], interpolate, seed)
         return
     prompts = prompt or [""]
