@@ -371,10 +371,9 @@ class ImageGenerator:
         """Attribute -> its value names, for a conditional run ({} otherwise)."""
         return self.task.classes
 
-    def labels_for(
-        self, n: int, labels: Any = None, seed: int | None = None
-    ) -> torch.Tensor | None:
-        """The (n, A) label tensor for a label request (see the class docstring)."""
+    def labels_for(self, n: int, labels: Any = None) -> torch.Tensor | None:
+        """The (n, A) label tensor for a label request (see the class docstring); -1 marks
+        an attribute left to chance. None when nothing is asked."""
         from aigc.errors import RequestError
 
         if labels is None or (isinstance(labels, dict | list | tuple) and not labels):
@@ -456,15 +455,21 @@ class ImageGenerator:
         m = self.model
         ends = m.sample_z(2 * rows, gen)
         z = torch.cat([m.interpolate(ends[2 * r], ends[2 * r + 1], steps) for r in range(rows)])
-        lab = self.labels_for(rows, labels)
-        if m.cfg.conditional:
-            random = m.random_labels(rows, gen).cpu()
-            lab = random if lab is None else torch.where(lab < 0, random, lab)
+        lab = self._labels_drawn(rows, labels, gen)
         if lab is not None:
             lab = lab.repeat_interleave(steps, dim=0)
         with torch.inference_mode():
             images = m.generate(z.to(self.device), None if lab is None else lab.to(self.device))
         return _image_output(images.cpu(), output)
+
+    def _labels_drawn(self, n: int, labels: Any, gen: torch.Generator) -> torch.Tensor | None:
+        """labels_for(n, labels) with every attribute left to chance drawn from ``gen``
+        (all of them when nothing is asked); None for an unconditional run."""
+        lab = self.labels_for(n, labels)
+        if not self.model.cfg.conditional:
+            return lab
+        random = self.model.random_labels(n, gen).cpu()
+        return random if lab is None else torch.where(lab < 0, random, lab)
 
     def _vae_only(self, what: str) -> None:
         from aigc.errors import RequestError
@@ -530,13 +535,11 @@ class ImageGenerator:
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         z0 = self.model.sample_z(1, gen)[0].cpu()
         zs = self.model.traverse(z0, torch.linspace(-span, span, steps), dims)
-        lab = self.labels_for(1, labels)
-        if self.model.cfg.conditional:
-            random = self.model.random_labels(1, gen).cpu()
-            lab = random if lab is None else torch.where(lab < 0, random, lab)
-            lab = lab.expand(len(zs), -1)
+        lab = self._labels_drawn(1, labels, gen)
+        if lab is not None:
+            lab = lab.expand(len(zs), -1).to(self.device)
         with torch.inference_mode():
-            images = self.model.generate(zs.to(self.device), None if lab is None else lab)
+            images = self.model.generate(zs.to(self.device), lab)
         return _image_output(images.cpu(), output)
 
     def save(self, images: torch.Tensor, out: str | Path, nrow: int | None = None) -> list[Path]:

@@ -111,9 +111,8 @@ def _quickstart_images(minutes: float, target: Path) -> None:
     )
     outcome = aigc.train(recipe, [f"train.max_time={minutes * 60}"], run_dir=target)
     gen = aigc.load(outcome.run_dir)
-    grid = gen.save(gen.generate(64, seed=0), Path(outcome.run_dir) / "samples" / "quickstart.png")[
-        0
-    ]
+    grid = Path(outcome.run_dir) / "samples" / "quickstart.png"
+    gen.save(gen.generate(64, seed=0), grid)
     m = outcome.metrics
     line = f"\ntrained {outcome.step} steps in {outcome.train_time:.0f} s"
     if m.get("min_class_share", 0) > 0:

@@ -289,7 +289,7 @@ class ImageTask:
     @classmethod
     def complete_config(cls, config: Config, run: RunDir) -> None:
         """Fills what follows from an existing run's data (to compare configs on resume)."""
-        cls._fit_model_to_data(config, read_meta(run.data_dir))
+        cls.finish_config(config, run.data_dir)
 
     @classmethod
     def finish_config(cls, config: Config, data_dir: Path) -> None:
