@@ -72,8 +72,9 @@ def test_shapes(arch, channels, size, likelihood):
     assert out.shape == (2, channels, size, size) and out.abs().max() <= 1
     assert vae.reconstruct(x).shape == x.shape
     terms = vae.elbo_terms(x)
-    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in terms.values())
-    assert vae.kl_per_dim(x).shape == (2, 4)
+    assert all(terms[k].shape == (2,) for k in ("recon", "kl", "nelbo"))
+    assert terms["kl_dims"].shape == terms["mu"].shape == (2, 4)
+    assert all(torch.isfinite(v).all() for v in terms.values())
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
@@ -176,7 +177,9 @@ def test_training_step_updates_once_and_returns_detached_stats():
     step = Step(vae)
     out = vae.training_step((images(4, 1, 16), labels_for(vae, 4)), step)
     assert step.calls == ["model"]
-    assert set(out) == {"loss", "elbo", "recon", "kl", "beta", "bpd"}
+    per_dim = {f"kl_dim/{u}" for u in range(4)}
+    assert set(out) == {"loss", "elbo", "recon", "kl", "beta", "bpd"} | per_dim
+    assert torch.allclose(sum(out[k] for k in per_dim), out["kl"])
     for k, v in out.items():
         assert v.dim() == 0 and not v.requires_grad and torch.isfinite(v), k
     assert torch.allclose(out["elbo"], out["recon"] + out["kl"])
@@ -239,8 +242,8 @@ def test_iwae_bound_is_tighter_than_the_elbo(trained):
     with torch.no_grad():
         nelbo = torch.stack([vae.elbo_terms(data)["nelbo"] for _ in range(20)]).mean(0)
     iwae1 = torch.stack([vae.iwae_nll(data, k=1) for _ in range(20)]).mean(0)
-    iwae50 = vae.iwae_nll(data, k=50, chunk=7)  # chunks that do not divide k
-    iwae500 = vae.iwae_nll(data, k=500, chunk=100)
+    iwae50 = vae.iwae_nll(data, k=50, max_batch=7 * 64)  # passes of 7 samples do not divide k
+    iwae500 = vae.iwae_nll(data, k=500, max_batch=100 * 64)
     assert iwae50.shape == (64,) and iwae50.dtype == torch.float64
     assert abs(iwae1.mean().item() - nelbo.double().mean().item()) < 0.05 * nelbo.mean().item()
     assert iwae50.mean() <= nelbo.double().mean() + 0.1
@@ -252,7 +255,7 @@ def test_iwae_with_labels_runs():
     torch.manual_seed(0)
     vae = VAE(tiny(image_size=16, conditional=True, num_classes=[3]))
     x, y = images(3, 1, 16), labels_for(vae, 3)
-    out = vae.iwae_nll(x, y, k=5, chunk=2)
+    out = vae.iwae_nll(x, y, k=5, max_batch=6)
     assert out.shape == (3,) and torch.isfinite(out).all()
 
 

@@ -742,8 +742,11 @@ class _ProgressBar:
         self.bar.set_postfix_str(post, refresh=False)
 
     def set_eval(self, metrics: dict[str, float]) -> None:
-        if "loss" in metrics:
-            self.eval_text = f", val {metrics['loss']:.3f}"
+        # the headline held-out figure: a loss, a VAE's negative ELBO, or a GAN's label accuracy
+        for key in ("loss", "nelbo", "label_accuracy"):
+            if key in metrics:
+                self.eval_text = f", val {key} {metrics[key]:.3f}"
+                return
 
     def close(self) -> None:
         self.bar.close()

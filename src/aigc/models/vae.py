@@ -342,16 +342,14 @@ class VAE(LatentSampling, nn.Module):
     def elbo_terms(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         """One-sample ELBO terms per image (B,), in nats, without beta: recon = -log p(x|z)
         at z = mu + sigma * eps (eps from torch's global RNG), kl = KL(q(z|x) || N(0, I))
-        in closed form, nelbo = recon + kl. Differentiable."""
+        in closed form, nelbo = recon + kl; also kl_dims (B, z_dim), the KL of each latent
+        unit (near 0 for a collapsed unit), and mu (B, z_dim). Differentiable."""
         mu, logvar = self.encode(x, labels)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # reparameterisation
         recon = -self.log_likelihood(x, *self.decode(z, labels))
-        kl = gaussian_kl(mu, logvar).sum(1)
-        return {"recon": recon, "kl": kl, "nelbo": recon + kl}
-
-    def kl_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        """KL(q(z_u|x) || N(0, 1)) for each latent unit u: (B, z_dim), nats."""
-        return gaussian_kl(*self.encode(x, labels))
+        kl_dims = gaussian_kl(mu, logvar)
+        kl = kl_dims.sum(1)
+        return {"recon": recon, "kl": kl, "nelbo": recon + kl, "kl_dims": kl_dims, "mu": mu}
 
     def beta_at(self, index: int) -> float:
         """beta_t: linear from 0 at step 0 to beta at step kl_warmup_steps, then beta."""
@@ -366,7 +364,8 @@ class VAE(LatentSampling, nn.Module):
         batch is (images, labels): images (B, C, H, W) in [-1, 1], labels (B, A) int64
         or None; beta_t follows step.index. Returns detached scalars, per image: loss
         (the weighted objective), elbo (negative ELBO, beta = 1, nats), recon, kl, beta,
-        and bpd (the negative ELBO in bits per dimension).
+        bpd (the negative ELBO in bits per dimension) and kl_dim/u, the KL of latent unit
+        u (a unit whose KL stays near 0 has collapsed to the prior).
         """
         images, labels = batch if isinstance(batch, tuple | list) else (batch, None)
         if not self.num_classes:
@@ -385,22 +384,25 @@ class VAE(LatentSampling, nn.Module):
             "beta": torch.tensor(beta),
             "bpd": nelbo / (self.num_dims * math.log(2)),
         }
+        for u, v in enumerate(terms["kl_dims"].detach().mean(0)):
+            stats[f"kl_dim/{u}"] = v
         return {k: v.detach() for k, v in stats.items()}
 
     @torch.no_grad()
     def iwae_nll(
-        self, x: Tensor, labels: Tensor | None = None, k: int = 100, chunk: int = 100
+        self, x: Tensor, labels: Tensor | None = None, k: int = 100, max_batch: int = 2048
     ) -> Tensor:
         """Importance-weighted bound on -log p(x) (Burda et al. 2016, eq. 8): (B,) nats.
 
-        -log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x), with k samples decoded
-        ``chunk`` at a time so memory stays bounded; log-weights are combined with
-        logsumexp in float64. k = 1 is the negative ELBO (in expectation); the bound
-        tightens as k grows. Noise comes from torch's global RNG.
+        -log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x), decoding at most
+        ``max_batch`` images (samples x data points) per pass so memory stays bounded;
+        log-weights are combined with logsumexp in float64. k = 1 is the negative ELBO
+        (in expectation); the bound tightens as k grows. Noise comes from torch's global RNG.
         """
-        if k < 1 or chunk < 1:
-            raise ValueError(f"k={k} and chunk={chunk} must be at least 1")
+        if k < 1 or max_batch < 1:
+            raise ValueError(f"k={k} and max_batch={max_batch} must be at least 1")
         B = x.size(0)
+        chunk = max(1, max_batch // B)  # importance samples decoded per pass
         mu, logvar = self.encode(x, labels)
         std = torch.exp(0.5 * logvar)
         log_w: list[Tensor] = []

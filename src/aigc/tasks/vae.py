@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from aigc.errors import ConfigError
 from aigc.models.vae import VAE, VAEConfig
 from aigc.tasks.images import ImageTask, open_data, to_model_batch
+from aigc.trainer import mix_seed
 
 
 class VAETask(ImageTask):
@@ -27,6 +29,17 @@ class VAETask(ImageTask):
     model_class = VAE
     iwae_k = 64  # importance samples per held-out image in evaluations (evaluate() may raise it)
     eval_batch = 128
+
+    @classmethod
+    def check_data_fit(cls, config: Any, meta: dict[str, Any]) -> None:
+        """A Bernoulli likelihood is a probability of binary pixels only: on grey levels its
+        'NLL' is a reconstruction loss, not a likelihood, so such a run is refused."""
+        if config.model.likelihood == "bernoulli" and not meta.get("binary", True):
+            raise ConfigError(
+                f"model.likelihood=bernoulli models binary pixels, but {meta['source']} has grey "
+                "levels: set data.binarize=true (threshold at half), or use "
+                "model.likelihood=discretized_logistic for 8-bit images"
+            )
 
     def _val(self) -> tuple[np.ndarray, np.ndarray | None]:
         data = self.data or open_data(self.run.data_dir)
@@ -48,28 +61,35 @@ class VAETask(ImageTask):
             sums[k] = 0.0
         mu_sum = torch.zeros(z, dtype=torch.float64)
         mu_sq = torch.zeros(z, dtype=torch.float64)
-        # a fixed generator: the same held-out numbers whenever this runs
+        kl_sum = torch.zeros(z, dtype=torch.float64)
+        seed = self.config.train.seed
+        # seeded per batch and per estimate: the same held-out numbers whenever this runs,
+        # and the ELBO's noise does not depend on how many samples the IWAE bound draws
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.train.seed + rank)
             for i in range(0, len(idx), self.eval_batch):
                 part = idx[i : i + self.eval_batch]
                 x = to_model_batch(images[part]).to(device)
                 y = None if labels is None else torch.from_numpy(labels[part]).to(device)
+                torch.manual_seed(mix_seed(seed, rank, i, 0))
                 terms = model.elbo_terms(x, y)
                 for k in ("nelbo", "recon", "kl"):
                     sums[k] += float(terms[k].double().sum())
+                torch.manual_seed(mix_seed(seed, rank, i, 1))
                 sums["iwae"] += float(model.iwae_nll(x, y, self.iwae_k).double().sum())
-                mu, _ = model.encode(x, y)
-                mu_sum += mu.double().sum(0).cpu()
-                mu_sq += (mu.double() ** 2).sum(0).cpu()
+                mu = terms["mu"].double()
+                mu_sum += mu.sum(0).cpu()
+                mu_sq += (mu**2).sum(0).cpu()
+                kl_sum += terms["kl_dims"].double().sum(0).cpu()
         for u in range(z):
             sums[f"mu/{u}"] = float(mu_sum[u])
             sums[f"mu2/{u}"] = float(mu_sq[u])
+            sums[f"kl_dim/{u}"] = float(kl_sum[u])
         return {**sums, **self.judge_sums(model, rank, world, device)}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """nelbo and iwae_nll in nats per image with their bits per dimension, recon, kl,
-        active_units (Var over images of E_q[z_u] > 0.01), iwae_k; classifier metrics."""
+        kl_dim/u (each latent unit's KL), active_units (Var over images of E_q[z_u] > 0.01),
+        iwae_k; classifier metrics."""
         n = sums.get("count", 0.0)
         if not n:
             return self.judge_metrics(sums)
@@ -87,6 +107,7 @@ class VAETask(ImageTask):
             "active_units": float((var > 0.01).sum()),
             "iwae_k": float(self.iwae_k),
         }
+        out.update({f"kl_dim/{u}": sums[f"kl_dim/{u}"] / n for u in range(z)})
         return {**out, **self.judge_metrics(sums)}
 
     def samples(self, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
