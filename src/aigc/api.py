@@ -482,7 +482,7 @@ class ImageGenerator:
         of 8 that alternate: originals, then theirs. ``source`` None takes the run's held-out
         images; else a data source as in ``data.source`` (a folder, IDX or CIFAR file,
         digits, shapes), prepared like the run's own. VAE runs only."""
-        from aigc.data.images import load_image_set
+        from aigc.data.images import binarize, load_image_set
         from aigc.errors import RequestError
         from aigc.tasks.images import to_model_batch
 
@@ -496,7 +496,7 @@ class ImageGenerator:
             found = load_image_set(
                 source, image_size=spec["image_size"], channels=spec["channels"], crop=spec["crop"]
             )
-            images = found.images
+            images = binarize(found.images) if spec.get("binarize") else found.images
             if self.conditional:
                 missing = [a for a in self.task.attributes if a not in found.labels]
                 if missing:
@@ -564,14 +564,30 @@ class ImageGenerator:
         except OSError as e:
             raise RequestError(f"{out}: cannot write there ({e.strerror or e})") from None
 
-    def evaluate(self, n: int | None = None, save: bool = True) -> dict[str, Any]:
-        """Classifier-based checks of n generated images (default data.eval_samples): label
-        accuracy (conditional runs), class shares and variety; saved to eval.json."""
+    def evaluate(
+        self, n: int | None = None, save: bool = True, iwae_k: int | None = None
+    ) -> dict[str, Any]:
+        """Evaluate the run and save eval.json.
+
+        Every labelled run: a domain classifier's checks of n generated images (default
+        data.eval_samples): label accuracy (conditional runs), class shares and variety.
+        VAE runs also report held-out likelihoods: the negative ELBO and the IWAE bound
+        with iwae_k importance samples per image (default 1000, Burda et al.'s setting),
+        in nats per image and bits per dimension, the KL per latent unit and active units.
+        """
         from aigc.errors import RequestError
 
         if n is not None:
             _check_count(n, limit=100_000)
             self.config.data.eval_samples = n
+        if iwae_k is not None and not hasattr(self.task, "iwae_k"):
+            raise RequestError(
+                f"iwae_k (--iwae-k) is for VAE runs; {self.run.path} is a {self.task.family} run"
+            )
+        if hasattr(self.task, "iwae_k"):
+            k = 1000 if iwae_k is None else iwae_k
+            _check_count(k, limit=100_000, what="iwae_k")
+            self.task.iwae_k = k
         with torch.inference_mode():
             sums = self.task.eval_sums(self.model, 0, 1, self.device)
         metrics = self.task.eval_metrics(sums)
@@ -597,11 +613,11 @@ def _is_index(value: Any) -> bool:
     return not isinstance(value, bool)
 
 
-def _check_count(n: Any, limit: int = 10_000) -> None:
+def _check_count(n: Any, limit: int = 10_000, what: str = "n") -> None:
     from aigc.errors import RequestError
 
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
-        raise RequestError(f"n={n!r} must be an integer in [1, {limit}]")
+        raise RequestError(f"{what}={n!r} must be an integer in [1, {limit}]")
 
 
 def _image_output(images: torch.Tensor, output: str) -> Any:

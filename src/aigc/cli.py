@@ -275,22 +275,24 @@ def eval_(
     samples: Annotated[
         int | None, typer.Option("--n", help="Image runs: generated images to judge.")
     ] = None,
+    iwae_k: Annotated[
+        int | None,
+        typer.Option(help="VAE runs: importance samples per image for the IWAE bound [1000]."),
+    ] = None,
 ) -> None:
     """Evaluate a run and save eval.json: held-out loss, perplexity and bits per character for
-    text; for images, a domain classifier's verdict on generated samples."""
+    text; for images, a domain classifier's verdict on generated samples, and for VAEs the
+    held-out negative ELBO and IWAE bound."""
     import aigc
     from aigc.api import ImageGenerator
 
     gen = aigc.load(run, device=device)
     if isinstance(gen, ImageGenerator):
-        result = gen.evaluate(n=samples)
+        result = gen.evaluate(n=samples, iwae_k=iwae_k)
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
-        typer.echo(f"{run} at step {result['step']}: {result['samples']:,} generated images")
-        for k, v in result.items():
-            if k not in ("step", "samples"):
-                typer.echo(f"  {k:<32} {v:.4f}")
+        _print_image_eval(run, result)
         return
     result = gen.evaluate()
     if as_json:
@@ -301,6 +303,27 @@ def eval_(
         f"  loss {result['loss']:.4f} nats/token   perplexity {result['ppl']:.3f}   "
         f"{result['bpc']:.4f} bits/char   {result['bpb']:.4f} bits/byte"
     )
+
+
+def _print_image_eval(run: Path, result: dict) -> None:
+    skip = {"step", "samples", "iwae_k"}
+    typer.echo(f"{run} at step {result['step']}")
+    if "nelbo" in result:
+        typer.echo(
+            f"  held-out negative ELBO  {result['nelbo']:10.2f} nats/image  {result['bpd']:.4f} "
+            f"bits/dim\n"
+            f"  IWAE bound, k={int(result['iwae_k']):<6} {result['iwae_nll']:10.2f} nats/image  "
+            f"{result['iwae_bpd']:.4f} bits/dim\n"
+            f"  reconstruction {result['recon']:.2f} + KL {result['kl']:.2f} nats; active latent "
+            f"units {int(result['active_units'])} of {sum(k.startswith('kl_dim/') for k in result)}"
+        )
+        skip |= {"nelbo", "bpd", "iwae_nll", "iwae_bpd", "recon", "kl", "active_units"}
+        skip |= {k for k in result if k.startswith("kl_dim/")}
+    rest = {k: v for k, v in result.items() if k not in skip}
+    if rest:
+        typer.echo(f"  {result['samples']:,} generated images, judged by the domain classifier:")
+        for k, v in rest.items():
+            typer.echo(f"    {k:<30} {v:.4f}")
 
 
 def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
