@@ -661,6 +661,17 @@ def _resize_array(images: np.ndarray, size: int, crop: bool) -> np.ndarray:
 # --------------------------------------------------------------------------- tensors and files
 
 
+def binarize(images: np.ndarray) -> np.ndarray:
+    """Threshold uint8 images at half intensity: every pixel becomes 0 or 255 (the fixed
+    binarisation of binary-likelihood baselines such as the Bernoulli VAE)."""
+    return np.where(images >= 128, 255, 0).astype(np.uint8)
+
+
+def is_binary(images: np.ndarray) -> bool:
+    """True when every pixel of the uint8 images is 0 or 255."""
+    return bool(((images == 0) | (images == 255)).all())
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
     if images.dtype != np.uint8 or images.ndim != 4:

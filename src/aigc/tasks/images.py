@@ -43,6 +43,7 @@ class ImageDataConfig:
     channels: int = 0  # 1 (grey) or 3 (RGB); 0 = the source's own
     crop: bool = True  # centre-crop to a square before resizing (false: squash)
     flip: bool = False  # random horizontal flips while training
+    binarize: bool = False  # threshold pixels at half intensity to 0 or 255 (binary data)
     skip_bad: bool = False  # skip (and count) unreadable files instead of stopping
     n: int = 10000  # shapes only: how many images to generate
     val_fraction: float = 0.1  # held out for evaluation
@@ -103,7 +104,7 @@ def _source_spec(d: ImageDataConfig) -> str:
 
 def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
     """Reads the source, splits it and writes it into ``data_dir``."""
-    from aigc.data.images import load_image_set, split_indices
+    from aigc.data.images import binarize, is_binary, load_image_set, split_indices
 
     source = _source_spec(d)
     if source not in ("digits", "shapes") and not Path(source).exists():
@@ -124,6 +125,8 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
     pixels = images.images
     if d.channels == 0 and pixels.shape[-1] == 3 and _is_grey(pixels):
         pixels = np.ascontiguousarray(pixels[..., :1])  # a grey source keeps one channel
+    if d.binarize:
+        pixels = binarize(pixels)
     attributes = list(images.labels)
     if d.labels:
         unknown = [a for a in d.labels if a not in attributes]
@@ -147,7 +150,9 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
     meta = {
         "source": images.source,
         "spec": {"source": source, "split": d.split, "image_size": d.image_size,
-                 "channels": int(pixels.shape[-1]), "crop": d.crop, "n": d.n},
+                 "channels": int(pixels.shape[-1]), "crop": d.crop, "n": d.n,
+                 "binarize": d.binarize},
+        "binary": is_binary(pixels),
         "attributes": attributes,
         "classes": {a: list(images.classes[a]) for a in attributes},
         "n_train": len(train_idx),
@@ -258,8 +263,8 @@ class ImageTask:
                 f"train.batch_size={config.train.batch_size}; use more images or a smaller batch"
             )
 
-    @staticmethod
-    def _fit_model_to_data(config: Config, meta: dict[str, Any]) -> None:
+    @classmethod
+    def _fit_model_to_data(cls, config: Config, meta: dict[str, Any]) -> None:
         """Image size, channels and label sizes follow from the data; checked before training."""
         m = config.model
         m.image_size = int(meta["spec"]["image_size"])
@@ -285,6 +290,11 @@ class ImageTask:
                 "leave flips off for this data (or choose data.labels without position)"
             )
         m.validate()
+        cls.check_data_fit(config, meta)
+
+    @classmethod
+    def check_data_fit(cls, config: Config, meta: dict[str, Any]) -> None:
+        """A family's own checks of its model config against the data (before training)."""
 
     @classmethod
     def complete_config(cls, config: Config, run: RunDir) -> None:
