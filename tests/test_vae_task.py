@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,8 +49,9 @@ def test_vae_run_reports_likelihoods_and_writes_samples(tmp_path):
     assert isinstance(gen, ImageGenerator)
     x = gen.generate(6, seed=0)
     assert x.shape == (6, 1, 32, 32) and torch.equal(x, gen.generate(6, seed=0))
-    again = aigc.load(out.run_dir).evaluate(n=50)
+    again = aigc.load(out.run_dir).evaluate(n=50, iwae_k=64)  # training's evaluations use 64
     assert again["nelbo"] == final["val_nelbo"]  # the held-out numbers are seeded
+    assert again["iwae_nll"] == final["val_iwae_nll"]
 
 
 def test_reconstruct_and_traverse_from_python_and_cli(tmp_path):
@@ -73,6 +75,11 @@ def test_reconstruct_and_traverse_from_python_and_cli(tmp_path):
         assert im.size == (8 * 34 + 2, 4 * 34 + 2)
     r = run_cli("sample", str(out.run_dir), "--traverse", "--out", str(tmp_path / "t.png"))
     assert r.returncode == 0 and (tmp_path / "t.png").is_file(), r.stderr
+    r = run_cli("eval", str(out.run_dir), "--iwae-k", "7", "--n", "20")
+    assert r.returncode == 0, r.stderr
+    assert "IWAE bound, k=7" in r.stdout and "active latent units" in r.stdout, r.stdout
+    saved = json.loads((Path(out.run_dir) / "eval.json").read_text())
+    assert saved["iwae_k"] == 7 and saved["samples"] == 20 and "kl_dim/3" in saved
 
 
 def test_reconstruct_is_for_vae_runs_only(tmp_path):
@@ -84,6 +91,8 @@ def test_reconstruct_is_for_vae_runs_only(tmp_path):
                      run_dir=tmp_path / "gan", progress=False)  # fmt: skip
     r = run_cli("sample", str(gan.run_dir), "--reconstruct", "held-out")
     assert r.returncode == 2 and "only VAEs" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("eval", str(gan.run_dir), "--iwae-k", "10")
+    assert r.returncode == 2 and "for VAE runs" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_iwae_bound_never_worse_than_the_elbo_on_a_trained_run(tmp_path):
@@ -113,6 +122,8 @@ def test_iwae_bound_never_worse_than_the_elbo_on_a_trained_run(tmp_path):
     kl_dims = [bounds[100][f"kl_dim/{u}"] for u in range(4)]
     assert abs(sum(kl_dims) - bounds[100]["kl"]) < 1e-6 * bounds[100]["kl"]
     assert bounds[100]["iwae_k"] == 100
+    originals = gen.reconstruct("digits", n=8)[:8]  # other data is binarised like the run's
+    assert set(originals.unique().tolist()) == {-1.0, 1.0}
 
 
 def test_vae_bad_input_is_refused_before_training(tmp_path):
