@@ -19,6 +19,8 @@ TINY = [
     "train.batch_size=8",
     "train.warmup_steps=5",
     "train.max_time=0",
+    "data.eval_samples=4",  # generated texts judged per evaluation
+    "data.eval_sample_tokens=48",
 ]
 
 

@@ -46,6 +46,9 @@ RESUMABLE_KEYS = {
     "train.device",
     "train.compile",
     "data.eval_samples",
+    "data.eval_sample_tokens",
+    "data.eval_metrics",
+    "data.inception_weights",
 }
 
 
@@ -323,10 +326,16 @@ class TextGenerator:
         )  # fmt: skip
         return stream(self.model, self.tokenizer, prompt, params)
 
-    def evaluate(self, save: bool = True) -> dict[str, Any]:
-        """Validation loss, perplexity and bits per character over the whole held-out split."""
+    def evaluate(self, n: int | None = None, save: bool = True) -> dict[str, Any]:
+        """Validation loss, perplexity and bits per character and per byte over the whole
+        held-out split; and n generated texts (default data.eval_samples) judged for
+        distinct-1/2/3, repetition (rep_4) and memorisation: the share of their 50-character
+        windows found verbatim in the training text. Saved to eval.json and metrics.jsonl."""
         from aigc.data.text import TokenCorpus
 
+        if n is not None:
+            _check_count(n, limit=10_000)
+            self.config.data.eval_samples = n
         if self.task.corpus is None:
             self.task.corpus = TokenCorpus.open(self.run.data_dir)
         with torch.inference_mode():
@@ -338,10 +347,11 @@ class TextGenerator:
             "split": "validation",
             "tokens": int(sums["count"]),
             "characters": meta.val_chars,
+            "samples": self.config.data.eval_samples,
             **metrics,
         }
         if save:
-            atomic_write_text(self.run.path / "eval.json", json.dumps(result, indent=2) + "\n")
+            _save_eval(self.run, result)
         return result
 
 
@@ -565,21 +575,45 @@ class ImageGenerator:
             raise RequestError(f"{out}: cannot write there ({e.strerror or e})") from None
 
     def evaluate(
-        self, n: int | None = None, save: bool = True, iwae_k: int | None = None
+        self,
+        n: int | None = None,
+        save: bool = True,
+        iwae_k: int | None = None,
+        metrics: Sequence[str] | None = None,
+        against: str | None = None,
+        inception_weights: str | None = None,
     ) -> dict[str, Any]:
-        """Evaluate the run and save eval.json.
+        """Evaluate the run and save eval.json (and a row in metrics.jsonl).
 
-        Every labelled run: a domain classifier's checks of n generated images (default
-        data.eval_samples): label accuracy (conditional runs), class shares and variety.
-        VAE runs also report held-out likelihoods: the negative ELBO and the IWAE bound
-        with iwae_k importance samples per image (default 1000, Burda et al.'s setting),
-        in nats per image and bits per dimension, the KL per latent unit and active units.
+        n generated images (default data.eval_samples) are compared with the reference
+        images (the run's training images, or ``against``: a data source such as
+        ``digits`` or a folder, prepared like the run's) by the feature ``metrics``
+        (default data.eval_metrics: fid, kid, pr; also is, dc) in the features of the
+        FID Inception network when ``inception_weights`` (or $AIGC_INCEPTION_WEIGHTS) is
+        given, else of the run's domain classifier; ``extractor`` in the result names
+        which. Labelled runs also get the classifier's checks: label accuracy
+        (conditional runs), class shares and variety. VAE runs also report held-out
+        likelihoods: the negative ELBO and the IWAE bound with iwae_k importance samples
+        per image (default 1000), in nats per image and bits per dimension, the KL per
+        latent unit and active units.
         """
         from aigc.errors import RequestError
+        from aigc.tasks.images import check_metric_names
 
         if n is not None:
             _check_count(n, limit=100_000)
             self.config.data.eval_samples = n
+        if metrics is not None:
+            names = [m.strip() for m in metrics if m.strip()]
+            try:
+                check_metric_names(names, "metrics")
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
+            self.config.data.eval_metrics = names
+        if inception_weights is not None:
+            self.config.data.inception_weights = str(inception_weights)
+            self.task._extractor = None
+        self.task.against = against
         if iwae_k is not None and not hasattr(self.task, "iwae_k"):
             raise RequestError(
                 f"iwae_k (--iwae-k) is for VAE runs; {self.run.path} is a {self.task.family} run"
@@ -590,15 +624,16 @@ class ImageGenerator:
             self.task.iwae_k = k
         with torch.inference_mode():
             sums = self.task.eval_sums(self.model, 0, 1, self.device)
-        metrics = self.task.eval_metrics(sums)
-        if not metrics:
+        values = self.task.eval_metrics(sums)
+        if not values:
             raise RequestError(
                 f"{self.run.path} was trained on unlabelled images, so there is no domain "
-                "classifier to judge its samples (label-free metrics such as FID are planned)"
+                "classifier to judge its samples: give --inception-weights PATH for FID/KID/PR"
             )
-        result = {"step": self.step, "samples": self.config.data.eval_samples, **metrics}
+        result = {"step": self.step, "samples": self.config.data.eval_samples}
+        result.update({**self.task.eval_info(), **values})
         if save:
-            atomic_write_text(self.run.path / "eval.json", json.dumps(result, indent=2) + "\n")
+            _save_eval(self.run, result)
         return result
 
 
@@ -611,6 +646,24 @@ def _is_index(value: Any) -> bool:
     except TypeError:
         return False
     return not isinstance(value, bool)
+
+
+def _save_eval(run: RunDir, result: dict[str, Any]) -> None:
+    """eval.json (the latest evaluation) and a row in metrics.jsonl (the history):
+    {"step": ..., "eval_<metric>": ...}."""
+    from aigc.runs import MetricsLog
+
+    atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2) + "\n")
+    log = MetricsLog(run.metrics_path)
+    try:
+        row = {
+            f"eval_{k}": v
+            for k, v in result.items()
+            if k != "step" and (isinstance(v, int | float) or k == "extractor")
+        }
+        log.write({"step": result["step"], **row})
+    finally:
+        log.close()
 
 
 def _check_count(n: Any, limit: int = 10_000, what: str = "n") -> None:

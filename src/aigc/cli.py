@@ -279,6 +279,21 @@ def eval_(
         int | None,
         typer.Option(help="VAE runs: importance samples per image for the IWAE bound [1000]."),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="Image runs: feature metrics, comma-separated: fid,kid,pr,is,dc."),
+    ] = None,
+    against: Annotated[
+        str | None,
+        typer.Option(help="Image runs: reference data (digits, shapes, a folder, ...) [run's]."),
+    ] = None,
+    inception_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="FID Inception weights file [$AIGC_INCEPTION_WEIGHTS]; else the domain "
+            "classifier's features."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a run and save eval.json: held-out loss, perplexity and bits per character for
     text; for images, a domain classifier's verdict on generated samples, and for VAEs the
@@ -288,7 +303,10 @@ def eval_(
 
     gen = aigc.load(run, device=device)
     if isinstance(gen, ImageGenerator):
-        result = gen.evaluate(n=samples, iwae_k=iwae_k)
+        result = gen.evaluate(
+            n=samples, iwae_k=iwae_k, metrics=metrics.split(",") if metrics is not None else None,
+            against=against, inception_weights=inception_weights,
+        )  # fmt: skip
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
@@ -306,7 +324,7 @@ def eval_(
 
 
 def _print_image_eval(run: Path, result: dict) -> None:
-    skip = {"step", "samples", "iwae_k"}
+    skip = {"step", "samples", "iwae_k", "extractor"}
     typer.echo(f"{run} at step {result['step']}")
     if "nelbo" in result:
         typer.echo(
@@ -321,7 +339,8 @@ def _print_image_eval(run: Path, result: dict) -> None:
         skip |= {k for k in result if k.startswith("kl_dim/")}
     rest = {k: v for k, v in result.items() if k not in skip}
     if rest:
-        typer.echo(f"  {result['samples']:,} generated images, judged by the domain classifier:")
+        by = result.get("extractor", "the domain classifier")
+        typer.echo(f"  {result['samples']:,} generated images, features and classes from {by}:")
         for k, v in rest.items():
             typer.echo(f"    {k:<30} {v:.4f}")
 

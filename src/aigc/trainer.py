@@ -589,8 +589,14 @@ class Trainer:
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or at_end:
                     last_eval = self.evaluate()
                     if main:
+                        # what the numbers depend on (e.g. the feature extractor): log only
+                        info = getattr(self.task, "eval_info", dict)()
                         log.write(
-                            {"step": self.step, **{f"val_{k}": v for k, v in last_eval.items()}}
+                            {
+                                "step": self.step,
+                                **{f"val_{k}": v for k, v in last_eval.items()},
+                                **{f"val_{k}": v for k, v in info.items()},
+                            }
                         )
                         for k, v in last_eval.items():
                             writer.add_scalar(f"val/{k}", v, self.step)

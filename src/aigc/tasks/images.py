@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class ImageDataConfig:
     val_fraction: float = 0.1  # held out for evaluation
     labels: list[str] = field(default_factory=list)  # attributes a conditional model gets; [] = all
     eval_samples: int = 1000  # generated images per evaluation
+    eval_metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr"])  # feature metrics
+    inception_weights: str = ""  # FID Inception weights file; "" = $AIGC_INCEPTION_WEIGHTS or none
 
     def validate(self) -> None:
         if not 8 <= self.image_size <= 1024:
@@ -61,6 +64,17 @@ class ImageDataConfig:
             raise ConfigError(f"data.n={self.n} must be at least 1")
         if self.eval_samples < 10:
             raise ConfigError(f"data.eval_samples={self.eval_samples} must be at least 10")
+        check_metric_names(self.eval_metrics, "data.eval_metrics")
+
+
+def check_metric_names(names: list[str], where: str) -> None:
+    """Raise ConfigError unless every name is a registered feature metric."""
+    from aigc.metrics.image import FEATURE_METRICS
+
+    if not isinstance(names, list) or any(n not in FEATURE_METRICS for n in names):
+        raise ConfigError(
+            f"{where}={names!r}: choose from {', '.join(FEATURE_METRICS)} (e.g. fid,kid,pr)"
+        )
 
 
 @dataclass
@@ -251,6 +265,8 @@ class ImageTask:
         self.model: nn.Module = self.model_class(config.model)
         self.items_per_batch = config.train.batch_size
         self._classifier = None
+        self._extractor = None
+        self.against: str | None = None  # reference data spec for feature metrics; None = run's
 
     # construction -----------------------------------------------------------
     @classmethod
@@ -368,21 +384,84 @@ class ImageTask:
                 )
         return self._classifier
 
+    # feature metrics (FID, KID, precision/recall, ...) ------------------------
+    def feature_extractor(self, device: torch.device):
+        """The FID Inception network when weights are given (data.inception_weights or
+        $AIGC_INCEPTION_WEIGHTS), else the domain classifier; None for unlabelled data
+        without Inception weights."""
+        if self._extractor is None:
+            from aigc.metrics.features import (
+                INCEPTION_ENV,
+                classifier_extractor,
+                inception_extractor,
+            )
+
+            path = self.config.data.inception_weights or os.environ.get(INCEPTION_ENV, "")
+            if path:
+                self._extractor = inception_extractor(path, device)
+            elif self.classifier() is not None:
+                self._extractor = classifier_extractor(self.classifier())
+        return self._extractor
+
+    def reference(self, extractor) -> tuple[Any, np.ndarray | None]:
+        """Statistics and features of the reference images (the run's training images, or
+        ``self.against``, a data source prepared like the run's), cached by extractor."""
+        from aigc.data.images import binarize, load_image_set
+        from aigc.metrics.reference import reference_statistics
+
+        spec = self.meta["spec"]
+        if self.against is None:
+            images = (self.data or open_data(self.run.data_dir)).train_images
+            name = f"run-data:{self.meta['sha256']}:train"
+        else:
+            found = load_image_set(
+                self.against, image_size=spec["image_size"], channels=spec["channels"],
+                crop=spec["crop"],
+            )  # fmt: skip
+            images = binarize(found.images) if spec.get("binarize") else found.images
+            name = f"{found.source}|{spec['image_size']}|{spec['channels']}|{spec['crop']}"
+            name += f"|{hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()}"
+        key = {"extractor": extractor.name, "spec": name, "count": len(images)}
+        return reference_statistics(key, lambda: extractor.features(to_model_batch(images)))
+
+    def feature_sums(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """data.eval_metrics of data.eval_samples generated images against the reference,
+        as {"feature/<name>": value}; empty when there is no extractor or no metric."""
+        from aigc.metrics.image import FeatureSets, feature_metrics
+
+        names = self.config.data.eval_metrics
+        extractor = self.feature_extractor(device) if names else None
+        if extractor is None:
+            return {}
+        stats, real = self.reference(extractor)
+        n = self.config.data.eval_samples
+        images, _ = sample_images(model, n, None, self.config.train.seed + 7_000_003, device)
+        fake, logits = extractor.features_and_logits(images.cpu())
+        values = feature_metrics(names, FeatureSets(stats, real, fake, logits))
+        return {f"feature/{k}": float(v) for k, v in values.items()}
+
+    def eval_info(self) -> dict[str, str]:
+        """What the evaluation's numbers depend on beyond the run: the feature extractor."""
+        return {"extractor": self._extractor.name} if self._extractor is not None else {}
+
     # judging generated images -------------------------------------------------
     def judge_sums(
         self, model: nn.Module, rank: int, world: int, device: torch.device
     ) -> dict[str, float]:
         """The domain classifier's verdict on this rank's share of ``data.eval_samples``
         generated images, as additive counts (empty for unlabelled data)."""
+        # feature metrics (FID, ...) on rank 0 with all samples; other ranks send zeros
+        feats = self.feature_sums(model, device)
+        sums: dict[str, float] = {k: v if rank == 0 else 0.0 for k, v in feats.items()}
         clf = self.classifier()
         if clf is None:
-            return {}
+            return sums
         n = max(1, self.config.data.eval_samples // world)
         images, requested = sample_images(
             model, n, None, self.config.train.seed + 1_000_003 * (rank + 1), device
         )
         predicted = clf.model.predict(images)  # on the classifier's device (CPU)
-        sums: dict[str, float] = {"n": float(n)}
+        sums["n"] = float(n)
         first = self.meta["attributes"][0]
         for a in self.meta["attributes"]:
             counts = np.bincount(predicted[a].numpy(), minlength=len(self.meta["classes"][a]))
@@ -409,12 +488,12 @@ class ImageTask:
     def judge_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """label_accuracy (conditional), min_class_share, classes_seen, diversity; per attribute
         with a suffix when the data has several."""
-        if not sums:
-            return {}
+        out = {k[len("feature/") :]: v for k, v in sums.items() if k.startswith("feature/")}
+        if "n" not in sums:
+            return out
         clf = self.classifier()
         attrs = self.meta["attributes"]
         multi = len(attrs) > 1
-        out: dict[str, float] = {}
         for a in attrs:
             suffix = f"/{a}" if multi else ""
             k = len(self.meta["classes"][a])

@@ -19,6 +19,10 @@ from aigc.data.tokenizers import Tokenizer, load_tokenizer
 from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.runs import RunDir
+from aigc.trainer import mix_seed
+
+SAMPLE_KEYS = ("samples", "distinct_1", "distinct_2", "distinct_3", "rep_4", "mem_windows",
+               "mem_hits")  # fmt: skip
 
 
 @dataclass
@@ -34,12 +38,15 @@ class TextDataConfig:
     vocab_size: int = 4096  # BPE only
     val_fraction: float = 0.1  # the last share of the token stream is held out
     eval_batch_size: int = 64  # windows per forward pass during validation
+    eval_samples: int = 16  # texts generated per evaluation for diversity and memorisation
+    eval_sample_tokens: int = 256  # tokens in each of them
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction <= 0.5:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 0.5]")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"data.eval_batch_size={self.eval_batch_size} must be at least 1")
+        for key in ("eval_batch_size", "eval_samples", "eval_sample_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be at least 1")
 
     def source(self) -> TextSource:
         return TextSource(
@@ -68,6 +75,7 @@ class LMTask:
         self.tokenizer = tokenizer
         self.model: nn.Module = GPT(config.model)
         self.items_per_batch = config.train.batch_size * config.model.block_size
+        self._index = None  # CorpusIndex of the training text, built on first use
 
     # construction -----------------------------------------------------------
     @staticmethod
@@ -186,7 +194,43 @@ class LMTask:
             buf = torch.from_numpy(val[s:].astype(np.int64))[None].to(device)
             nll += self._nll(model, buf)
             count += buf.shape[1] - 1
-        return {"nll": float(nll), "count": float(count)}
+        # generated texts are judged on rank 0; every rank sends the same keys
+        judged = self.sample_sums(model) if rank == 0 else dict.fromkeys(SAMPLE_KEYS, 0.0)
+        return {"nll": float(nll), "count": float(count), **judged}
+
+    def sample_sums(self, model: nn.Module) -> dict[str, float]:
+        """data.eval_samples texts of data.eval_sample_tokens from fixed seeds, judged for
+        diversity (distinct-1/2/3 of words), repetition (seq-rep-4) and memorisation: the
+        50-character windows found verbatim in the training text (an index, not a scan)."""
+        from aigc.metrics.text import distinct_1_2_3, memorisation_counts, repetition_rate
+        from aigc.sampling import SamplingParams, generate
+
+        d = self.config.data
+        prompt = self.sample_prompts()[-1]  # empty where the vocabulary allows
+        texts = [
+            generate(model, self.tokenizer, prompt, SamplingParams(
+                max_new_tokens=d.eval_sample_tokens, temperature=1.0,
+                seed=mix_seed(self.config.train.seed, i),
+            ))[0]
+            for i in range(d.eval_samples)
+        ]  # fmt: skip
+        mem = memorisation_counts(texts, self.corpus_index())
+        return {
+            "samples": float(len(texts)),
+            **{k: v * len(texts) for k, v in distinct_1_2_3(texts).items()},
+            "rep_4": repetition_rate(texts, n=4) * len(texts),
+            "mem_windows": float(mem.n_windows),
+            "mem_hits": float(mem.n_memorised),
+        }
+
+    def corpus_index(self):
+        """The 50-character window index of the training text (built once per process)."""
+        if self._index is None:
+            from aigc.metrics.text import CorpusIndex, code_points_of_tokens
+
+            corpus = self.corpus or TokenCorpus.open(self.run.data_dir)
+            self._index = CorpusIndex.build(code_points_of_tokens(corpus.train, self.tokenizer))
+        return self._index
 
     @staticmethod
     def _nll(model: nn.Module, buf: torch.Tensor) -> torch.Tensor:
@@ -208,12 +252,19 @@ class LMTask:
         # The sums cover all validation tokens but the first; scale characters alike.
         share = sums["count"] / max(m.n_val - 1, 1)
         bits = sums["nll"] / math.log(2)
-        return {
+        out = {
             "loss": loss,
             "ppl": math.exp(min(loss, 50.0)),
             "bpc": bits / max(m.val_chars * share, 1e-9),
             "bpb": bits / max(m.val_bytes * share, 1e-9),
         }
+        n = sums.get("samples", 0.0)
+        if n:
+            for k in ("distinct_1", "distinct_2", "distinct_3", "rep_4"):
+                out[k] = sums[k] / n
+            windows = sums["mem_windows"]
+            out["memorisation"] = sums["mem_hits"] / windows if windows else float("nan")
+        return out
 
     def samples(self, model: nn.Module, step: int, device: torch.device) -> dict[str, str]:
         """A few fixed-seed continuations so progress can be read over time."""
