@@ -6,7 +6,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean browser
+
+# The report's page test drives a real browser: Debian's chromium, headless.
+CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 $(BIN)/python:
 	$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "aigc needs Python 3.11 or newer (set PY=python3.11)")'
@@ -24,7 +27,11 @@ $(VENV)/.test-installed: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/aigc quickstart
 
-test: $(VENV)/.test-installed
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then $(CHROMIUM_INSTALL); else sudo sh -c '$(CHROMIUM_INSTALL)'; fi; }
+
+test: $(VENV)/.test-installed browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
@@ -38,6 +45,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/gpt_sample.py
 	$(BIN)/python benchmarks/train_memory.py
 	$(BIN)/python benchmarks/gan_train.py
+	$(BIN)/python benchmarks/metrics.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

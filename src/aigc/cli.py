@@ -323,6 +323,19 @@ def eval_(
     )
 
 
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run folders.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+) -> None:
+    """Write one self-contained HTML page about runs: config, loss curves, metrics, samples;
+    with several runs, a comparison table first."""
+    from aigc.report import write_report
+
+    path = write_report(list(runs), out)
+    typer.echo(f"wrote {path} ({len(runs)} run{'s' if len(runs) > 1 else ''}); open it in a browser")
+
+
 def _print_image_eval(run: Path, result: dict) -> None:
     skip = {"step", "samples", "iwae_k", "extractor"}
     typer.echo(f"{run} at step {result['step']}")
