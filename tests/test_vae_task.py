@@ -186,3 +186,22 @@ def test_resumed_vae_training_equals_uninterrupted(tmp_path):
     rows = [r for r in RunDir(split).read_metrics() if "elbo" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["beta"] for r in rows] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+
+
+def test_vae_on_an_unlabelled_folder_trains_and_evaluates(tmp_path):
+    """Regression: the final evaluation of a VAE on unlabelled images (no classifier, no
+    feature extractor) raised IndexError; it reports the likelihoods alone."""
+    folder = tmp_path / "rects"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        img = np.zeros((16, 16), np.uint8)
+        y, x = rng.integers(0, 10, size=2)
+        img[y : y + 5, x : x + 5] = 255
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    out = aigc.train(ROOT / "configs" / "vae-conv-digits.yaml",
+                     [*TINY, f"data.source={folder}", "data.image_size=16"],
+                     run_dir=tmp_path / "run", progress=False)  # fmt: skip
+    result = aigc.load(out.run_dir).evaluate(iwae_k=4, save=False)
+    assert np.isfinite(result["iwae_nll"]) and "fid" not in result and "extractor" not in result
+    assert not any(k.startswith(("label_accuracy", "min_class_share")) for k in result)
