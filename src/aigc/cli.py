@@ -384,6 +384,10 @@ def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
 
 def main() -> None:
     """Entry point of the `aigc` console script and `python -m aigc`."""
+    import warnings
+
+    # warnings meant for users (e.g. a singular covariance in FID) read as one line
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         # Standalone mode: click reports its own usage errors (exit 2) and --help.
         app()
