@@ -55,6 +55,25 @@ def test_fid_is_zero_for_identical_statistics_and_matches_diagonal_closed_form()
     assert fid_from_statistics(a, b) == pytest.approx(closed, rel=1e-12)
 
 
+def test_fid_of_samples_approaches_the_closed_form_as_n_grows():
+    """Samples of two known Gaussians (full covariances): the estimate's error shrinks with
+    n, towards the exact Fréchet distance of the two distributions."""
+    rng = np.random.default_rng(7)
+    d = 8
+    a1, a2 = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    s1, s2 = a1 @ a1.T / d + np.eye(d), a2 @ a2.T / d + 0.5 * np.eye(d)
+    mu1, mu2 = np.zeros(d), np.full(d, 0.5)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    exact = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(root)
+    errors = []
+    for n in (100, 1_000, 50_000):
+        f1 = rng.multivariate_normal(mu1, s1, size=n)
+        f2 = rng.multivariate_normal(mu2, s2, size=n)
+        errors.append(abs(fid_from_features(f1, f2) - exact))
+    assert errors[2] < errors[0] and errors[2] < 0.02 * exact, (errors, exact)
+    assert fid_from_features(f1, f1) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_statistics_do_not_depend_on_row_order():
     f = gaussian(40, 6, 3)
     a = features_to_statistics(f)
