@@ -87,7 +87,9 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     f1 = rng.standard_normal((10_000, 2048))
-    f2 = rng.standard_normal((10_000, 2048)) @ (np.eye(2048) + 0.01 * rng.standard_normal((2048, 2048)))
+    f2 = rng.standard_normal((10_000, 2048)) @ (
+        np.eye(2048) + 0.01 * rng.standard_normal((2048, 2048))
+    )
     ours, t_ours = timed(lambda: fid_from_statistics(features_to_statistics(f1), features_to_statistics(f2)), args.repeats)  # fmt: skip
     stats = features_to_statistics(f1), features_to_statistics(f2)
     _, t_dist = timed(lambda: fid_from_statistics(*stats), args.repeats)

@@ -333,7 +333,9 @@ def report(
     from aigc.report import write_report
 
     path = write_report(list(runs), out)
-    typer.echo(f"wrote {path} ({len(runs)} run{'s' if len(runs) > 1 else ''}); open it in a browser")
+    typer.echo(
+        f"wrote {path} ({len(runs)} run{'s' if len(runs) > 1 else ''}); open it in a browser"
+    )
 
 
 def _print_image_eval(run: Path, result: dict) -> None:
