@@ -324,6 +324,32 @@ def eval_(
 
 
 @app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A GPT run folder.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="hf (transformers folder) or onnx (one .onnx file).")
+    ] = "hf",
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write [RUN/export-hf or RUN/model.onnx].")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export.")] = False,
+) -> None:
+    """Export a GPT run for other tools: a Hugging Face transformers folder (GPT-2
+    architecture, fast tokenizer) or an ONNX graph (needs: pip install 'aigc[export]')."""
+    from aigc.errors import RequestError
+    from aigc.export import export_hf, export_onnx
+
+    if fmt == "hf":
+        path = export_hf(run, out or run / "export-hf", overwrite=overwrite)
+        typer.echo(f"wrote {path}/ (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
+    elif fmt == "onnx":
+        path = export_onnx(run, out or run / "model.onnx", overwrite=overwrite)
+        typer.echo(f"wrote {path} (input_ids (batch, seq) int64 -> logits)")
+    else:
+        raise RequestError(f"--format {fmt!r}: choose hf or onnx")
+
+
+@app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="One or more run folders.")],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
