@@ -30,6 +30,18 @@ def _aigc_cache(tmp_path_factory):
     os.environ["AIGC_CACHE_DIR"] = str(tmp_path_factory.mktemp("aigc-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: tiny models run fastest so, and a busy machine
+    cannot stall them. Request it from a module-scoped autouse fixture."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """~40,000 characters of real English text (from the embedded Python docs)."""

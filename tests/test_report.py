@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import aigc
@@ -42,12 +41,8 @@ TINY_GAN = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread, and a busy machine cannot stall them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models run fastest on one thread (see conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
