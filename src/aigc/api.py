@@ -492,7 +492,6 @@ class ImageGenerator:
         of 8 that alternate: originals, then theirs. ``source`` None takes the run's held-out
         images; else a data source as in ``data.source`` (a folder, IDX or CIFAR file,
         digits, shapes), prepared like the run's own. VAE runs only."""
-        from aigc.data.images import binarize, load_image_set
         from aigc.errors import RequestError
         from aigc.tasks.images import to_model_batch
 
@@ -502,11 +501,7 @@ class ImageGenerator:
         if source is None:
             images, labels = self.task._val()
         else:
-            spec = self.task.meta["spec"]
-            found = load_image_set(
-                source, image_size=spec["image_size"], channels=spec["channels"], crop=spec["crop"]
-            )
-            images = binarize(found.images) if spec.get("binarize") else found.images
+            images, found = self.task.load_like_run(source)
             if self.conditional:
                 missing = [a for a in self.task.attributes if a not in found.labels]
                 if missing:

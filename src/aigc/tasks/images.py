@@ -384,6 +384,17 @@ class ImageTask:
                 )
         return self._classifier
 
+    def load_like_run(self, source: str) -> tuple[np.ndarray, Any]:
+        """Another data source (as in data.source) prepared like the run's own images:
+        size, channels, crop and binarisation. Returns (N, H, W, C) uint8 and the set read."""
+        from aigc.data.images import binarize, load_image_set
+
+        spec = self.meta["spec"]
+        found = load_image_set(
+            source, image_size=spec["image_size"], channels=spec["channels"], crop=spec["crop"]
+        )
+        return (binarize(found.images) if spec.get("binarize") else found.images), found
+
     # feature metrics (FID, KID, precision/recall, ...) ------------------------
     def feature_extractor(self, device: torch.device):
         """The FID Inception network when weights are given (data.inception_weights or
@@ -406,19 +417,14 @@ class ImageTask:
     def reference(self, extractor) -> tuple[Any, np.ndarray | None]:
         """Statistics and features of the reference images (the run's training images, or
         ``self.against``, a data source prepared like the run's), cached by extractor."""
-        from aigc.data.images import binarize, load_image_set
         from aigc.metrics.reference import reference_statistics
 
-        spec = self.meta["spec"]
         if self.against is None:
             images = (self.data or open_data(self.run.data_dir)).train_images
             name = f"run-data:{self.meta['sha256']}:train"
         else:
-            found = load_image_set(
-                self.against, image_size=spec["image_size"], channels=spec["channels"],
-                crop=spec["crop"],
-            )  # fmt: skip
-            images = binarize(found.images) if spec.get("binarize") else found.images
+            images, found = self.load_like_run(self.against)
+            spec = self.meta["spec"]
             name = f"{found.source}|{spec['image_size']}|{spec['channels']}|{spec['crop']}"
             name += f"|{hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()}"
         key = {"extractor": extractor.name, "spec": name, "count": len(images)}
