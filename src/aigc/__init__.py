@@ -6,11 +6,21 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "TextGenerator", "TrainOutcome", "__version__", "load", "load_config", "train"]
+__all__ = [
+    "Config",
+    "TextGenerator",
+    "TrainOutcome",
+    "__version__",
+    "finetune",
+    "load",
+    "load_config",
+    "train",
+]
 
 # Imported on first use, so `aigc --help` answers without loading torch.
 _LAZY = {
     "train": "aigc.api",
+    "finetune": "aigc.api",
     "load": "aigc.api",
     "TextGenerator": "aigc.api",
     "TrainOutcome": "aigc.api",

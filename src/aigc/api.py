@@ -21,12 +21,13 @@ import torch.distributed as dist
 
 from aigc.config import Config, load_config
 from aigc.errors import AigcError, CheckpointError, ConfigError
-from aigc.runs import RunDir, atomic_write_text
+from aigc.runs import MetricsLog, RunDir, atomic_write_text
 from aigc.tasks import get_task
 from aigc.trainer import (
     DistInfo,
     Trainer,
     TrainResult,
+    frozen_names,
     init_distributed,
     load_module_tensors,
     select_device,
@@ -193,6 +194,14 @@ def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> 
     task_cls = get_task(cfg.family)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     task = task_cls.open(cfg, run)
+    if cfg.train.init_from:
+        trainable, total = _init_from_base(task.model, cfg.train, run.path)
+        if dist_info.is_main and not run.latest_checkpoint():
+            print(f"fine-tuning from {cfg.train.init_from}: {trainable:,} of {total:,} "
+                  f"parameters train ({100 * trainable / total:.2f}%)", flush=True)  # fmt: skip
+            log = MetricsLog(run.metrics_path)
+            log.write({"step": 0, "trainable_params": trainable, "total_params": total})
+            log.close()
     trainer = Trainer(task, cfg, run, dist_info, device, progress=progress)
     resumed = trainer.restore()
     start = trainer.step
@@ -202,6 +211,106 @@ def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> 
         atomic_write_text(run.config_path, cfg.to_yaml())
     result: TrainResult = trainer.fit()
     return TrainOutcome(run.path, result.step, result.train_time, result.metrics, start)
+
+
+def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tuple[int, int]:
+    """Fine-tuning: the base run's latest weights (its EMA weights where it kept an EMA)
+    into ``model``, checked against train.init_sha256; then LoRA adapters when
+    train.lora_rank > 0. Returns (trainable, total) parameter counts."""
+    from aigc.metrics.features import file_sha256
+    from aigc.models.lora import apply_lora, trainable_share
+
+    base = RunDir(train_cfg.init_from)
+    ckpt = base.latest_checkpoint()
+    if ckpt is None:
+        raise CheckpointError(f"the base run {base.path} has no checkpoint")
+    digest = file_sha256(ckpt / "model.safetensors")
+    if train_cfg.init_sha256 and digest != train_cfg.init_sha256:
+        raise CheckpointError(
+            f"the base run {base.path} changed since {where} was fine-tuned from it "
+            f"(model.safetensors sha256 {digest[:12]}, recorded {train_cfg.init_sha256[:12]})"
+        )
+    files, state = base.load_checkpoint(ckpt)
+    load_module_tensors(
+        model, files["model"], state.get("tied", {}), str(ckpt / "model.safetensors")
+    )
+    if "ema" in files and load_config(base.config_path).train.ema > 0:
+        live = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, t in files["ema"].items():
+                live[name].copy_(t)
+    if train_cfg.lora_rank:
+        apply_lora(model, train_cfg.lora())
+    return trainable_share(model)
+
+
+def finetune(
+    base_run: str | Path,
+    overrides: Sequence[str] = (),
+    method: str = "full",
+    run_dir: str | Path | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"),
+    progress: bool = True,
+) -> TrainOutcome:
+    """Fine-tunes a GPT run into a new run that starts from its latest weights and keeps
+    its tokenizer and architecture; records the base (path, sha256 of its weights).
+
+    ``method`` is "full" (every weight trains) or "lora" (only rank-``lora_rank``
+    adapters on ``lora_targets`` train; the run stores only them). The data default to
+    the standard library's sources (``data.path=stdlib``), with characters the base's
+    vocabulary lacks written as "?"; ``overrides`` change data and training keys.
+    """
+    base = RunDir(base_run)
+    family = base.info()["family"]
+    if family != "gpt":
+        raise ConfigError(f"{base.path} is a {family!r} run; fine-tuning needs a GPT run")
+    if method not in ("full", "lora"):
+        raise ConfigError(f"--method {method!r}: choose full or lora")
+    base_cfg = load_config(base.config_path)
+    if base_cfg.train.lora_rank:
+        raise ConfigError(f"{base.path} is itself a LoRA run; export it merged first")
+    ckpt = base.latest_checkpoint()
+    if ckpt is None:
+        raise CheckpointError(f"the base run {base.path} has no checkpoint; train it first")
+    from aigc.metrics.features import file_sha256
+
+    lora = method == "lora"
+    if lora and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+        raise ConfigError(f"--lora-rank {lora_rank!r} must be an integer of at least 1")
+    defaults = [
+        "data.path=stdlib", "data.unknown_chars=replace", "train.max_steps=500",
+        "train.max_time=0", "train.warmup_steps=20", "train.eval_every=0", "train.ema=0",
+        f"train.lr={3e-3 if lora else 1e-3}", f"train.min_lr={3e-4 if lora else 1e-4}",
+        "train.weight_decay=0.0" if lora else "train.weight_decay=0.1",
+    ]  # fmt: skip
+    cfg = load_config(base_cfg.to_dict(), [*defaults, *overrides])
+    if cfg.model != base_cfg.model:
+        changed = [
+            k for k in vars(cfg.model) if getattr(cfg.model, k) != getattr(base_cfg.model, k)
+        ]
+        raise ConfigError(
+            f"model.{changed[0]} cannot change when fine-tuning: the weights of "
+            f"{base.path} fit its architecture"
+        )
+    cfg.train.init_from = str(base.path.resolve())
+    cfg.train.init_sha256 = file_sha256(ckpt / "model.safetensors")
+    if lora:
+        cfg.train.lora_rank = lora_rank
+        cfg.train.lora_alpha = lora_alpha
+        cfg.train.lora_targets = list(lora_targets)
+    cfg.train.validate()
+    if lora:  # targets that match no layer: refused before any folder is made
+        from aigc.models.gpt import GPT
+        from aigc.models.lora import apply_lora
+
+        with torch.device("meta"):
+            apply_lora(GPT(cfg.model), cfg.train.lora())
+    _resolve_paths(cfg)
+    if run_dir is None:
+        run_dir = base.path.parent / f"{base.path.name}-{method}"
+    return train(cfg, [], run_dir=run_dir, progress=progress)
 
 
 def _set_global_modes(cfg: Config) -> None:
@@ -242,9 +351,12 @@ def load(
     if state.get("family") != cfg.family:
         raise CheckpointError(f"{ckpt} holds a {state.get('family')!r} model, not {cfg.family!r}")
     model = task.model
+    if cfg.train.init_from:  # a fine-tuned run: the base's weights, then this run's
+        _init_from_base(model, cfg.train, run.path)
     load_module_tensors(
-        model, files["model"], state.get("tied", {}), str(ckpt / "model.safetensors")
-    )
+        model, files["model"], state.get("tied", {}), str(ckpt / "model.safetensors"),
+        optional=frozen_names(model),
+    )  # fmt: skip
     use_ema = ema if ema is not None else cfg.train.ema > 0
     if use_ema and "ema" in files:
         scope = getattr(model, "ema_scope", None)
@@ -253,6 +365,10 @@ def load(
         with torch.no_grad():
             for name, t in files["ema"].items():
                 live[name].copy_(t)
+    if cfg.train.lora_rank:
+        from aigc.models.lora import merge_lora
+
+        merge_lora(model)  # plain weights again: the KV cache, export and serving need them
     model.to(dev).eval()
     generator_class = TextGenerator if cfg.family == "gpt" else ImageGenerator
     return generator_class(run, task, dev, int(state["step"]))

@@ -324,6 +324,42 @@ def eval_(
 
 
 @app.command()
+def finetune(
+    base: Annotated[Path, typer.Argument(help="The pretrained GPT run to start from.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides, e.g. data.path=my_code/ train.max_steps=1000."),
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="full (every weight) or lora (adapters only).")
+    ] = "full",
+    lora_rank: Annotated[int, typer.Option(help="LoRA: rank of the adapters.")] = 8,
+    lora_alpha: Annotated[
+        float, typer.Option(help="LoRA: scale alpha (update * alpha/rank).")
+    ] = 16.0,
+    lora_targets: Annotated[
+        str, typer.Option(help="LoRA: linear layers to adapt, comma-separated.")
+    ] = "c_attn,c_proj,c_fc",
+    run_dir: Annotated[
+        Path | None, typer.Option(help="The new run folder [BASE-METHOD beside BASE].")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a pretrained GPT run into a new run (default data: the standard library's
+    Python sources): the base's weights and tokenizer, full or LoRA."""
+    import aigc
+
+    outcome = aigc.finetune(
+        base, overrides or [], method=method, run_dir=run_dir, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_targets=[t for t in lora_targets.split(",") if t],
+        progress=not quiet,
+    )  # fmt: skip
+    loss = outcome.metrics.get("loss")
+    shown = f", held-out loss {loss:.4f}" if loss is not None else ""
+    typer.echo(f"done: step {outcome.step}{shown}; run folder: {outcome.run_dir}/")
+
+
+@app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="A GPT run folder.")],
     fmt: Annotated[

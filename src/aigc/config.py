@@ -53,6 +53,13 @@ class TrainConfig:
     keep_checkpoints: int = 2  # older checkpoints are deleted
     sample_every: int = 0  # steps between samples in samples/ and TensorBoard (0 = at the end)
     nan_tolerance: int = 5  # stop after this many non-finite steps in a row
+    # fine-tuning (aigc finetune sets these): start from another run's latest weights
+    init_from: str = ""  # the base run folder ("" = random initialisation)
+    init_sha256: str = ""  # sha256 of the base's model.safetensors, checked at start
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank only, the base frozen
+    lora_alpha: float = 16.0  # adapter scale alpha / rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**63:
@@ -60,6 +67,21 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "log_every", "nan_tolerance"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be at least 1")
+        if self.lora_rank < 0:
+            raise ConfigError(f"train.lora_rank={self.lora_rank} must be 0 (off) or more")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("train.lora_rank needs a base model: use aigc finetune BASE_RUN")
+        if self.lora_rank:
+            self.lora().validate()
+
+    def lora(self):
+        """The LoRA settings as an aigc.models.lora.LoRAConfig."""
+        from aigc.models.lora import LoRAConfig
+
+        return LoRAConfig(
+            rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+            targets=list(self.lora_targets),
+        )  # fmt: skip
 
 
 @dataclass

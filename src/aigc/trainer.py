@@ -254,15 +254,20 @@ def module_tensors(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_module_tensors(
-    module: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], where: str
+    module: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    where: str,
+    optional: frozenset[str] = frozenset(),
 ) -> None:
-    """Loads weights saved by :func:`module_tensors`; mismatches raise CheckpointError."""
+    """Loads weights saved by :func:`module_tensors`; mismatches raise CheckpointError.
+    Names in ``optional`` may be absent (frozen weights a fine-tuned run does not store)."""
     state = dict(tensors)
     for alias, target in aliases.items():
         if target in state:
             state[alias] = state[target]
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - optional)
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         raise CheckpointError(
@@ -273,7 +278,13 @@ def load_module_tensors(
             raise CheckpointError(
                 f"{where}: {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
             )
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=False)  # every key was checked above
+
+
+def frozen_names(module: nn.Module) -> frozenset[str]:
+    """Names of parameters that do not train (a fine-tuned run's frozen base)."""
+    return frozenset(n for n, p in module.named_parameters(remove_duplicate=False)
+                     if not p.requires_grad)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -363,6 +374,12 @@ class Trainer:
             )
             for name, spec in specs.items()
         }
+        # frozen weights (LoRA's base) are not checkpointed: they come from the base run
+        self.frozen = frozen_names(self.model)
+        if self.frozen and self.cfg.ema > 0:
+            raise ConfigError(
+                "train.ema with frozen weights (LoRA) is not supported; set train.ema=0"
+            )
         scope = getattr(self.model, "ema_scope", None)
         ema_module = getattr(self.model, scope) if scope else self.model
         self.ema = EMA(ema_module, self.cfg.ema) if self.cfg.ema > 0 else None
@@ -386,6 +403,9 @@ class Trainer:
     # state -----------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         weights, aliases = module_tensors(self.model)
+        if self.frozen:
+            weights = {k: v for k, v in weights.items() if k not in self.frozen}
+            aliases = {k: v for k, v in aliases.items() if v in weights}
         optim_tensors, optim_skeleton = flatten_state(
             {name: g.optimizer.state_dict() for name, g in self.groups.items()}
         )
@@ -429,8 +449,9 @@ class Trainer:
             if needed not in files:
                 raise CheckpointError(f"{path} has no {needed}.safetensors")
         load_module_tensors(
-            self.model, files["model"], state.get("tied", {}), str(path / "model.safetensors")
-        )
+            self.model, files["model"], state.get("tied", {}), str(path / "model.safetensors"),
+            optional=self.frozen,
+        )  # fmt: skip
         optim_state = unflatten_state(state["optim"], files["optim"])
         for name, g in self.groups.items():
             if name not in optim_state:

@@ -46,6 +46,7 @@ from aigc.errors import CheckpointError, ConfigError, DataError
 
 CHUNK_SIZE = 1 << 20  # bytes per read; memory use is a small multiple of this
 EMBEDDED = "pydoc"
+STDLIB = "stdlib"  # the standard library's Python sources (aigc.data.stdlib), for fine-tuning
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FORMATS = ("auto", "text", "jsonl")
 ENCODING_ERRORS = ("strict", "replace")
@@ -90,8 +91,16 @@ class TextSource:
         """True for the Python documentation corpus that ships with every Python."""
         return self.path is None or self.path == EMBEDDED
 
+    @property
+    def is_stdlib(self) -> bool:
+        """True for the standard library's sources of the running interpreter."""
+        return self.path == STDLIB
+
     def describe(self) -> str:
         """A one-line description for logs and corpus.json."""
+        if self.is_stdlib:
+            v = sys.version_info
+            return f"stdlib (Python {v.major}.{v.minor} standard library sources)"
         if self.is_embedded:
             v = sys.version_info
             return f"pydoc (Python {v.major}.{v.minor} documentation topics)"
@@ -343,6 +352,19 @@ def _pydoc_documents(stats: ReadStats) -> Iterator[Document]:
         yield Document(f"pydoc:{key}", partial(read, topics[key]))
 
 
+def _stdlib_documents(stats: ReadStats) -> Iterator[Document]:
+    """The standard library's sources (aigc.data.stdlib), one document per file in
+    sorted path order, so the token stream's last share (validation) is whole files."""
+    from aigc.data.stdlib import read_stdlib
+
+    def read(text: str) -> Iterator[str]:
+        stats.add_bytes(len(text.encode("utf-8")))
+        yield from _single(text)  # read_stdlib already normalised it
+
+    for rel, text in read_stdlib().files:
+        yield Document(f"stdlib:{rel}", partial(read, text))
+
+
 def _is_jsonl(path: Path, fmt: str) -> bool:
     return fmt == "jsonl" or (fmt == "auto" and path.suffix.lower() in JSONL_SUFFIXES)
 
@@ -384,6 +406,9 @@ def iter_documents(
     if src.is_embedded:
         yield from _pydoc_documents(stats)
         return
+    if src.is_stdlib:
+        yield from _stdlib_documents(stats)
+        return
     for path in _list_files(src):
         if _is_jsonl(path, src.format):
             yield from _jsonl_documents(path, src, stats)
@@ -398,6 +423,10 @@ def _source_bytes(src: TextSource) -> int:
         from pydoc_data.topics import topics
 
         return sum(len(t.encode("utf-8")) for t in topics.values())
+    if src.is_stdlib:
+        from aigc.data.stdlib import read_stdlib
+
+        return sum(len(t.encode("utf-8")) for _, t in read_stdlib().files)
     try:
         return sum(p.stat().st_size for p in _list_files(src))
     except (DataError, OSError):
@@ -610,6 +639,23 @@ def _kept_documents(src: TextSource, scan: _Scan, chunk_size: int, bar: tqdm) ->
         raise DataError(f"{src.describe()}: the source changed while the corpus was being built")
 
 
+def _unknown_characters(tok: CharTokenizer, alphabet: np.ndarray) -> dict[int, str]:
+    """Code point -> replacement ("?", else a space, else the first character) for the
+    corpus characters (``alphabet``) that ``tok`` lacks; {} if none."""
+    known = np.zeros(0x110000, dtype=bool)
+    known[code_points("".join(tok.chars))] = True
+    missing = np.flatnonzero(alphabet & ~known)
+    if len(missing) == 0:
+        return {}
+    repl = next((c for c in ("?", " ") if c in tok.chars), tok.chars[0])
+    return {int(c): repl for c in missing}
+
+
+def _translated(doc: Document, table: dict[int, str]) -> Document:
+    """``doc`` with characters replaced one for one (lengths and positions unchanged)."""
+    return Document(doc.origin, lambda: (chunk.translate(table) for chunk in doc.chunks()))
+
+
 def _write_tokens(
     docs: Iterator[Document], tok: CharTokenizer | BPETokenizer, n_docs: int, path: Path
 ) -> tuple[int, int]:
@@ -651,6 +697,7 @@ def _write_tokens(
                     raise DataError(
                         f"{doc.origin}: character {e.char!r} at position {pos + e.position} "
                         f"is not in the tokenizer's vocabulary of {tok.vocab_size} characters"
+                        " (fine-tuning: data.unknown_chars=replace writes such characters as '?')"
                     ) from None
                 pos += len(chunk)
             write(after)
@@ -670,6 +717,7 @@ def build_corpus(
     val_fraction: float = 0.1,
     progress: bool = False,
     chunk_size: int = CHUNK_SIZE,
+    unknown_chars: str = "error",
 ) -> tuple[Tokenizer, TokenCorpus]:
     """Read ``src``, train a tokenizer (unless given) and write a memory-mapped token file.
 
@@ -685,7 +733,12 @@ def build_corpus(
     val_fraction: the last this fraction of the token stream is validation.
     progress: show tqdm bars over bytes read.
     chunk_size: bytes per read.
+    unknown_chars: with a given char tokenizer, characters of the corpus outside its
+        vocabulary are an error ("error", naming them) or written as "?" (or a space,
+        or the vocabulary's first character) and counted ("replace").
     """
+    if unknown_chars not in ("error", "replace"):
+        raise ConfigError(f"data.unknown_chars must be error or replace, got {unknown_chars!r}")
     if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
     if tokenizer is None:
@@ -706,7 +759,9 @@ def build_corpus(
 
     # Pass 1: dedup hashes and, for a new char tokenizer, the alphabet.
     train_char = tokenizer is None and tokenizer_kind == "char"
-    alphabet = np.zeros(0x110000, dtype=bool) if train_char else None
+    # a given char tokenizer that is to replace what it lacks needs the corpus's alphabet
+    given_char = isinstance(tokenizer, CharTokenizer) and unknown_chars == "replace"
+    alphabet = np.zeros(0x110000, dtype=bool) if train_char or given_char else None
     with bar("read") as b:
         scan = _scan(src, chunk_size, alphabet, b)
     if scan.n_kept == 0:
@@ -716,8 +771,11 @@ def build_corpus(
         )
 
     tok: CharTokenizer | BPETokenizer
+    replace: dict[int, str] = {}
     if tokenizer is not None:
         tok = tokenizer  # type: ignore[assignment]
+        if given_char:
+            replace = _unknown_characters(tok, alphabet)
     elif alphabet is not None:
         if scan.n_kept > 1:
             alphabet[ord("\n")] = True  # the separator must be encodable
@@ -734,6 +792,8 @@ def build_corpus(
     try:
         with bar("tokenize") as b:
             docs = _kept_documents(src, scan, chunk_size, b)
+            if replace:
+                docs = (_translated(d, replace) for d in docs)
             n_tokens, n_chars = _write_tokens(docs, tok, scan.n_kept, tmp)
         if n_chars != scan.n_chars:
             raise DataError(
@@ -758,6 +818,12 @@ def build_corpus(
         warnings.append(
             f"{stats.n_replaced} invalid UTF-8 sequence(s) replaced with U+FFFD "
             f"(first: {stats.first_replaced})"
+        )
+    if replace:
+        shown = "".join(sorted(chr(c) for c in replace)[:12])
+        warnings.append(
+            f"{len(replace)} character(s) outside the tokenizer's vocabulary written as "
+            f"{next(iter(replace.values()))!r}: {shown!r}"
         )
     meta = CorpusMeta(
         n_tokens=n_tokens,

@@ -227,3 +227,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
             base.train(m.training)
             _set_module(model, name, base)
     return model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has no adapters, else a copy with them merged (for the
+    KV-cached sampler during training, while the adapters keep training)."""
+    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+        return model
+    import copy
+
+    return merge_lora(copy.deepcopy(model))

@@ -18,6 +18,7 @@ from aigc.data.text import TextSource, TokenCorpus, build_corpus
 from aigc.data.tokenizers import Tokenizer, load_tokenizer
 from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.models.gpt import GPT, GPTConfig
+from aigc.models.lora import merged_copy
 from aigc.runs import RunDir
 from aigc.trainer import mix_seed
 
@@ -35,6 +36,7 @@ class TextDataConfig:
     encoding_errors: Literal["strict", "replace"] = "strict"  # replace: bad bytes -> U+FFFD
     dedup: bool = True  # drop exact duplicate documents
     tokenizer: Literal["char", "bpe"] = "char"
+    unknown_chars: Literal["error", "replace"] = "error"  # fine-tuning: text the base can't encode
     vocab_size: int = 4096  # BPE only
     val_fraction: float = 0.1  # the last share of the token stream is held out
     eval_batch_size: int = 64  # windows per forward pass during validation
@@ -82,13 +84,18 @@ class LMTask:
     def prepare_data(config: Config, data_dir: Path, progress: bool = True) -> Tokenizer:
         """Reads the corpus, trains the tokenizer and writes memory-mapped tokens."""
         d: TextDataConfig = config.data
+        base = None
+        if config.train.init_from:  # fine-tuning keeps the base run's tokenizer
+            base = load_tokenizer(Path(config.train.init_from) / "tokenizer.json")
         tokenizer, corpus = build_corpus(
             d.source(),
             data_dir,
+            tokenizer=base,
             tokenizer_kind=d.tokenizer,
             vocab_size=d.vocab_size,
             val_fraction=d.val_fraction,
             progress=progress,
+            unknown_chars=d.unknown_chars,
         )
         LMTask._check_sizes(config, corpus, data_dir)
         return tokenizer
@@ -206,6 +213,7 @@ class LMTask:
         from aigc.sampling import SamplingParams, generate
 
         d = self.config.data
+        model = merged_copy(model)  # LoRA adapters: merged, for the KV-cached sampler
         prompt = self.sample_prompts()[-1]  # empty where the vocabulary allows
         texts = [
             generate(model, self.tokenizer, prompt, SamplingParams(
@@ -272,7 +280,7 @@ class LMTask:
 
         params = SamplingParams(max_new_tokens=300, temperature=0.8, seed=self.config.train.seed)
         prompts = self.sample_prompts()
-        outs = generate(model, self.tokenizer, prompts, params)
+        outs = generate(merged_copy(model), self.tokenizer, prompts, params)
         return {
             f"prompt {i}: {p!r}": p + o for i, (p, o) in enumerate(zip(prompts, outs, strict=True))
         }
