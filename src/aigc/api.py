@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from aigc.config import Config, load_config
 from aigc.errors import AigcError, CheckpointError, ConfigError
-from aigc.runs import MetricsLog, RunDir, atomic_write_text
+from aigc.runs import MetricsLog, RunDir, atomic_write_text, file_sha256
 from aigc.tasks import get_task
 from aigc.trainer import (
     DistInfo,
@@ -217,7 +217,6 @@ def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tupl
     """Fine-tuning: the base run's latest weights (its EMA weights where it kept an EMA)
     into ``model``, checked against train.init_sha256; then LoRA adapters when
     train.lora_rank > 0. Returns (trainable, total) parameter counts."""
-    from aigc.metrics.features import file_sha256
     from aigc.models.lora import apply_lora, trainable_share
 
     base = RunDir(train_cfg.init_from)
@@ -274,8 +273,6 @@ def finetune(
     ckpt = base.latest_checkpoint()
     if ckpt is None:
         raise CheckpointError(f"the base run {base.path} has no checkpoint; train it first")
-    from aigc.metrics.features import file_sha256
-
     lora = method == "lora"
     if lora and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ConfigError(f"--lora-rank {lora_rank!r} must be an integer of at least 1")

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from aigc.errors import CheckpointError, DataError
 from aigc.metrics.classifier import TrainedClassifier, _cache_path
+from aigc.runs import file_sha256
 
 # The published weights: the TF graph's variables, ported by pytorch-fid. torch.hub
 # file names carry the first 8 hex digits of the file's SHA-256; the full digest is
@@ -359,12 +360,6 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
     if not path:
         raise CheckpointError(f"no Inception weights given: {_GET_WEIGHTS}")
     return Path(path).expanduser()
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tensors_sha256(state: dict[str, Tensor]) -> str:
