@@ -117,3 +117,25 @@ def test_finetune_bad_input_is_refused_before_training(base_run, code_dir, tmp_p
                                 "data.eval_metrics=[]"], run_dir=gan, progress=False)  # fmt: skip
     r = run_cli("finetune", str(gan), "--run-dir", str(tmp_path / "d"))
     assert r.returncode == 2 and "needs a GPT run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_merge_writes_a_plain_run_with_equal_outputs(base_run, code_dir, tmp_path):
+    out = aigc.finetune(base_run, [f"data.path={code_dir}", *FT], method="lora",
+                        run_dir=tmp_path / "lora", lora_rank=2, progress=False)  # fmt: skip
+    merged_dir = tmp_path / "merged"
+    r = run_cli("export", str(out.run_dir), "--merge", "--out", str(merged_dir))
+    assert r.returncode == 0, r.stderr
+    cfg = aigc.load_config(merged_dir / "config.yaml")
+    assert cfg.train.lora_rank == 0 and cfg.train.init_from == ""
+    plain, lora = aigc.load(merged_dir), aigc.load(out.run_dir)
+    ids = torch.randint(0, plain.model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(plain.model(ids)[0], lora.model(ids)[0], atol=1e-5)
+    assert plain.generate("def ", max_new_tokens=12, seed=3) == lora.generate(
+        "def ", max_new_tokens=12, seed=3
+    )
+    # a plain run has nothing to merge; an existing folder is never overwritten
+    r = run_cli("export", str(base_run), "--merge", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "no LoRA adapters" in r.stderr, r.stderr
+    r = run_cli("export", str(out.run_dir), "--merge", "--out", str(merged_dir))
+    assert r.returncode == 2 and "not empty" in r.stderr, r.stderr

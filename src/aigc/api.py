@@ -310,6 +310,32 @@ def finetune(
     return train(cfg, [], run_dir=run_dir, progress=progress)
 
 
+def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Writes a LoRA run as a plain run: the base's weights with the adapters merged
+    (outputs equal to the unmerged model's to float rounding), its tokenizer, data and
+    config without the base reference. It samples, evaluates, serves, exports and can be
+    fine-tuned again; it holds no optimizer state, so it is not continued as it is."""
+    from aigc.errors import RequestError
+    from aigc.trainer import module_tensors
+
+    src = RunDir(run_dir)
+    cfg = load_config(src.config_path)
+    if not cfg.train.lora_rank:
+        raise RequestError(f"{src.path} has no LoRA adapters to merge (it is a plain run)")
+    out = RunDir(out_dir)
+    if out.path.exists() and any(out.path.iterdir()):
+        raise RequestError(f"{out.path} exists and is not empty; choose another --out")
+    gen = load(src.path, device="cpu", ema=False)  # base + adapters, merged
+    cfg.train.init_from, cfg.train.init_sha256, cfg.train.lora_rank = "", "", 0
+    out.create(cfg.family, cfg.to_yaml())
+    shutil.copy2(src.tokenizer_path, out.tokenizer_path)
+    shutil.copytree(src.data_dir, out.data_dir)
+    weights, aliases = module_tensors(gen.model)
+    state = {"family": cfg.family, "tied": aliases, "merged_from": str(src.path.resolve())}
+    out.save_checkpoint(gen.step, {"model": weights}, state)
+    return out.path
+
+
 def _set_global_modes(cfg: Config) -> None:
     # Activations that drift towards tiny values hit denormal floats, which
     # are many times slower on x86 CPUs; flush them to zero.

@@ -363,8 +363,14 @@ def finetune(
 def export(
     run: Annotated[Path, typer.Argument(help="A GPT run folder.")],
     fmt: Annotated[
-        str, typer.Option("--format", help="hf (transformers folder) or onnx (one .onnx file).")
+        str,
+        typer.Option(
+            "--format", help="hf (transformers folder), onnx (one .onnx file) or run (aigc run)."
+        ),
     ] = "hf",
+    merge: Annotated[
+        bool, typer.Option(help="LoRA runs: write a plain aigc run with the adapters merged.")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option(help="Where to write [RUN/export-hf or RUN/model.onnx].")
     ] = None,
@@ -375,6 +381,12 @@ def export(
     from aigc.errors import RequestError
     from aigc.export import export_hf, export_onnx
 
+    if merge or fmt == "run":
+        from aigc.api import export_merged
+
+        path = export_merged(run, out or run.parent / f"{run.name}-merged")
+        typer.echo(f"wrote {path}/ (a plain run: the adapters merged into the base's weights)")
+        return
     if fmt == "hf":
         path = export_hf(run, out or run / "export-hf", overwrite=overwrite)
         typer.echo(f"wrote {path}/ (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
