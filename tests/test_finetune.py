@@ -139,3 +139,23 @@ def test_export_merge_writes_a_plain_run_with_equal_outputs(base_run, code_dir, 
     assert r.returncode == 2 and "no LoRA adapters" in r.stderr, r.stderr
     r = run_cli("export", str(out.run_dir), "--merge", "--out", str(merged_dir))
     assert r.returncode == 2 and "not empty" in r.stderr, r.stderr
+
+
+def test_a_full_finetune_no_longer_needs_its_base(base_run, code_dir, tmp_path):
+    """A full fine-tune holds all its weights: it loads and continues after its base has
+    moved on (a LoRA run would refuse: its frozen weights come from the base)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(base_run, base)
+    out = aigc.finetune(base, [f"data.path={code_dir}", *FT], run_dir=tmp_path / "full",
+                        progress=False)  # fmt: skip
+    lora = aigc.finetune(base, [f"data.path={code_dir}", *FT], method="lora", lora_rank=2,
+                         run_dir=tmp_path / "lora", progress=False)  # fmt: skip
+    aigc.train(None, ["train.max_steps=45"], run_dir=base, progress=False)  # the base moves on
+    assert aigc.load(out.run_dir).generate("def ", max_new_tokens=5, seed=0)
+    assert aigc.train(None, ["train.max_steps=14"], run_dir=out.run_dir, progress=False).step == 14
+    from aigc.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="changed since"):
+        aigc.load(lora.run_dir)

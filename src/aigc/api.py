@@ -194,9 +194,11 @@ def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> 
     task_cls = get_task(cfg.family)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     task = task_cls.open(cfg, run)
-    if cfg.train.init_from:
+    fresh = run.latest_checkpoint() is None
+    # a full fine-tune needs its base only to start; a LoRA run always (its frozen weights)
+    if cfg.train.init_from and (fresh or cfg.train.lora_rank):
         trainable, total = _init_from_base(task.model, cfg.train, run.path)
-        if dist_info.is_main and not run.latest_checkpoint():
+        if dist_info.is_main and fresh:
             print(f"fine-tuning from {cfg.train.init_from}: {trainable:,} of {total:,} "
                   f"parameters train ({100 * trainable / total:.2f}%)", flush=True)  # fmt: skip
             log = MetricsLog(run.metrics_path)
@@ -374,7 +376,7 @@ def load(
     if state.get("family") != cfg.family:
         raise CheckpointError(f"{ckpt} holds a {state.get('family')!r} model, not {cfg.family!r}")
     model = task.model
-    if cfg.train.init_from:  # a fine-tuned run: the base's weights, then this run's
+    if cfg.train.lora_rank:  # LoRA: the base's frozen weights, then this run's adapters
         _init_from_base(model, cfg.train, run.path)
     load_module_tensors(
         model, files["model"], state.get("tied", {}), str(ckpt / "model.safetensors"),
