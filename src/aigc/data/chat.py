@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aigc.data.text import normalize_text
+from aigc.data.text import json_record, normalize_text
 from aigc.data.tokenizers import EOS_TOKEN
 from aigc.errors import ConfigError, DataError
 
@@ -111,15 +111,7 @@ def _content_problem(index: int, role: object, content: object) -> str | None:
 
 
 def _parse_line(line: str, where: str) -> Conversation:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" not in record:
-        keys = ", ".join(map(repr, list(record)[:10])) or "none"
-        raise DataError(f"{where}: no field 'messages' (fields: {keys})")
+    record = json_record(line, where, "messages")
     messages = record["messages"]
     if not isinstance(messages, list):
         raise DataError(

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -309,17 +310,7 @@ def _jsonl_documents(path: Path, src: TextSource, stats: ReadStats) -> Iterator[
                 line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if field_name not in record:
-                keys = ", ".join(map(repr, list(record)[:10])) or "none"
-                raise DataError(
-                    f"{where}: no field {field_name!r} (fields: {keys}); set data.jsonl_field"
-                )
+            record = json_record(line, where, field_name, hint="; set data.jsonl_field")
             value = record[field_name]
             if not isinstance(value, str):
                 raise DataError(
@@ -338,6 +329,21 @@ def _jsonl_documents(path: Path, src: TextSource, stats: ReadStats) -> Iterator[
                     stats.first_replaced = where
                 stats.n_replaced += n
             yield Document(where, partial(_single, normalize_text(value)))
+
+
+def json_record(line: str, where: str, field_name: str, hint: str = "") -> dict[str, Any]:
+    """One JSON Lines record: a JSON object holding ``field_name``; DataError naming
+    ``where`` (file:line) otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if field_name not in record:
+        keys = ", ".join(map(repr, list(record)[:10])) or "none"
+        raise DataError(f"{where}: no field {field_name!r} (fields: {keys}){hint}")
+    return record
 
 
 def _pydoc_documents(stats: ReadStats) -> Iterator[Document]:

@@ -49,7 +49,15 @@ from torch import Tensor
 from torch.nn.utils.parametrizations import spectral_norm
 
 from aigc.errors import ConfigError
-from aigc.models.layers import LabelEmbedding, LatentSampling, check_int, check_lists, slerp
+from aigc.models.layers import (
+    LabelEmbedding,
+    LatentSampling,
+    check_choices,
+    check_int,
+    check_lists,
+    check_pow2_size,
+    slerp,
+)
 
 ARCHS = ("mlp", "dcgan")
 LOSSES = ("bce", "hinge", "wgan-gp")
@@ -78,12 +86,7 @@ class GANConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
-        for key, allowed in (("arch", ARCHS), ("loss", LOSSES), ("cond_d", COND_D)):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(
-                    f"model.{key}={getattr(self, key)!r} is not allowed; expected one of "
-                    + ", ".join(allowed)
-                )
+        check_choices(self, {"arch": ARCHS, "loss": LOSSES, "cond_d": COND_D})
         for key, low in (
             ("z_dim", 1),
             ("image_size", 0),
@@ -94,12 +97,8 @@ class GANConfig:
             ("d_width", 1),
         ):
             check_int(f"model.{key}", getattr(self, key), low)
-        size = self.image_size
-        if self.arch == "dcgan" and size and (size < 16 or size & (size - 1)):
-            raise ConfigError(
-                f"model.image_size={size} does not fit arch=dcgan, which doubles a 4x4 map: "
-                f"use a power of two >= 16 (e.g. 32 or 64) or arch=mlp"
-            )
+        if self.arch == "dcgan":
+            check_pow2_size(self.image_size, "dcgan", "doubles a 4x4 map")
         check_lists(self)
         for key in ("conditional", "spectral_norm"):
             if not isinstance(getattr(self, key), bool):

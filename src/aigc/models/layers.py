@@ -24,6 +24,26 @@ def check_int(key: str, value: Any, low: int) -> None:
         raise ConfigError(f"{key}={value} must be at least {low}")
 
 
+def check_choices(cfg: Any, choices: dict[str, tuple[str, ...]]) -> None:
+    """Raise ConfigError unless each model.<key> is one of its allowed values."""
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(
+                f"model.{key}={getattr(cfg, key)!r} is not allowed; expected one of "
+                + ", ".join(allowed)
+            )
+
+
+def check_pow2_size(size: int, arch: str, why: str) -> None:
+    """A convolutional stack that halves/doubles between 4x4 and the image needs a power
+    of two >= 16 (0 = set later from the data)."""
+    if size and (size < 16 or size & (size - 1)):
+        raise ConfigError(
+            f"model.image_size={size} does not fit arch={arch}, which {why}: use a power of "
+            f"two >= 16 (e.g. 32 or 64) or arch=mlp"
+        )
+
+
 def check_lists(cfg: Any) -> None:
     """``hidden`` widths >= 1 and ``num_classes`` entries >= 2 (one class is no condition)."""
     for key in ("hidden", "num_classes"):

@@ -50,7 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aigc.errors import ConfigError
-from aigc.models.layers import LabelEmbedding, LatentSampling, check_int, check_lists, slerp
+from aigc.models.layers import (
+    LabelEmbedding,
+    LatentSampling,
+    check_choices,
+    check_int,
+    check_lists,
+    check_pow2_size,
+    slerp,
+)
 
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
@@ -77,12 +85,7 @@ class VAEConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
-        for key, allowed in (("arch", ARCHS), ("likelihood", LIKELIHOODS)):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(
-                    f"model.{key}={getattr(self, key)!r} is not allowed; expected one of "
-                    + ", ".join(allowed)
-                )
+        check_choices(self, {"arch": ARCHS, "likelihood": LIKELIHOODS})
         for key, low in (
             ("z_dim", 1),
             ("image_size", 0),
@@ -92,12 +95,8 @@ class VAEConfig:
             ("kl_warmup_steps", 0),
         ):
             check_int(f"model.{key}", getattr(self, key), low)
-        size = self.image_size
-        if self.arch == "conv" and size and (size < 16 or size & (size - 1)):
-            raise ConfigError(
-                f"model.image_size={size} does not fit arch=conv, which halves the image to "
-                f"4x4: use a power of two >= 16 (e.g. 32 or 64) or arch=mlp"
-            )
+        if self.arch == "conv":
+            check_pow2_size(self.image_size, "conv", "halves the image to 4x4")
         check_lists(self)
         if not isinstance(self.conditional, bool):
             raise ConfigError(f"model.conditional={self.conditional!r} must be true or false")
