@@ -44,6 +44,19 @@ def check_pow2_size(size: int, arch: str, why: str) -> None:
         )
 
 
+def check_image_ready(cfg: Any) -> None:
+    """Raise ConfigError if an image model's size, channels or (conditional) class counts,
+    which the caller sets from the data, are still unset."""
+    for key in ("image_size", "channels"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key}=0: set it from the data before building")
+    if cfg.conditional and not cfg.num_classes:
+        raise ConfigError(
+            "model.conditional=true but model.num_classes is empty: set it from the "
+            "data's labels (one class count per attribute) before building"
+        )
+
+
 def check_lists(cfg: Any) -> None:
     """``hidden`` widths >= 1 and ``num_classes`` entries >= 2 (one class is no condition)."""
     for key in ("hidden", "num_classes"):

@@ -54,6 +54,7 @@ from aigc.models.layers import (
     LabelEmbedding,
     LatentSampling,
     check_choices,
+    check_image_ready,
     check_int,
     check_lists,
     check_pow2_size,
@@ -114,14 +115,7 @@ class VAEConfig:
 
     def check_ready(self) -> None:
         """Raise ConfigError if a value the caller sets from the data is still unset."""
-        for key in ("image_size", "channels"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}=0: set it from the data before building")
-        if self.conditional and not self.num_classes:
-            raise ConfigError(
-                "model.conditional=true but model.num_classes is empty: set it from the "
-                "data's labels (one class count per attribute) before building"
-            )
+        check_image_ready(self)
 
 
 # ---------------------------------------------------------------------------
