@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from aigc.config import Config, load_config
-from aigc.errors import AigcError, CheckpointError, ConfigError
+from aigc.errors import AigcError, CheckpointError, ConfigError, RequestError
 from aigc.runs import MetricsLog, RunDir, atomic_write_text, file_sha256
 from aigc.tasks import get_task
 from aigc.trainer import (
@@ -218,7 +218,11 @@ def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> 
 def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tuple[int, int]:
     """Fine-tuning: the base run's latest weights (its EMA weights where it kept an EMA)
     into ``model``, checked against train.init_sha256; then LoRA adapters when
-    train.lora_rank > 0. Returns (trainable, total) parameter counts."""
+    train.lora_rank > 0. A token embedding with more rows than the base's (a chat run's
+    template tokens) keeps the base's rows and starts the new ones at their mean; modules
+    the base lacks (``model.fresh_modules``, e.g. a classification head) keep their
+    initialisation and always train. Returns (trainable, total) parameter counts."""
+    from aigc.models.gpt import grow_vocab
     from aigc.models.lora import apply_lora, trainable_share
 
     base = RunDir(train_cfg.init_from)
@@ -232,17 +236,42 @@ def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tupl
             f"(model.safetensors sha256 {digest[:12]}, recorded {train_cfg.init_sha256[:12]})"
         )
     files, state = base.load_checkpoint(ckpt)
+    expected = model.state_dict()
+    fresh = tuple(getattr(model, "fresh_modules", ()))
+    new_names = frozenset(k for k in expected if k.split(".")[0] in fresh)
+
+    def fit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in tensors.items():
+            want = expected.get(name)
+            if (
+                name.endswith(("wte.weight", "lm_head.weight"))
+                and want is not None
+                and t.ndim == 2
+                and t.shape[1] == want.shape[1]
+                and t.shape[0] < want.shape[0]
+            ):
+                t = grow_vocab(t, want.shape[0])  # fmt: skip
+            out[name] = t
+        return out
+
     load_module_tensors(
-        model, files["model"], state.get("tied", {}), str(ckpt / "model.safetensors")
-    )
+        model, fit(files["model"]), state.get("tied", {}), str(ckpt / "model.safetensors"),
+        optional=new_names,
+    )  # fmt: skip
     if "ema" in files and load_config(base.config_path).train.ema > 0:
         live = model.state_dict(keep_vars=True)
         with torch.no_grad():
-            for name, t in files["ema"].items():
+            for name, t in fit(files["ema"]).items():
                 live[name].copy_(t)
     if train_cfg.lora_rank:
         apply_lora(model, train_cfg.lora())
+        for name in fresh:  # a new head trains fully (PEFT's modules_to_save)
+            getattr(model, name).requires_grad_(True)
     return trainable_share(model)
+
+
+FINETUNE_TASKS = {"lm": "gpt", "classify": "classifier", "chat": "chat"}
 
 
 def finetune(
@@ -253,20 +282,30 @@ def finetune(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     lora_targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"),
+    task: str = "lm",
     progress: bool = True,
 ) -> TrainOutcome:
     """Fine-tunes a GPT run into a new run that starts from its latest weights and keeps
     its tokenizer and architecture; records the base (path, sha256 of its weights).
 
+    ``task`` is "lm" (more language modelling; the data default to the standard
+    library's sources, ``data.path=stdlib``), "classify" (a classification head on the
+    pooled hidden state; the data default to the standard library's docstrings labelled
+    by package) or "chat" (conversations in the chat template, loss on the assistant's
+    tokens; the data default to the Python documentation demonstrations). Characters
+    the base's vocabulary lacks are written as "?".
     ``method`` is "full" (every weight trains) or "lora" (only rank-``lora_rank``
-    adapters on ``lora_targets`` train; the run stores only them). The data default to
-    the standard library's sources (``data.path=stdlib``), with characters the base's
-    vocabulary lacks written as "?"; ``overrides`` change data and training keys.
+    adapters on ``lora_targets`` train, plus a classification head; the run stores only
+    them). ``overrides`` change data, model (pooling) and training keys.
     """
     base = RunDir(base_run)
     family = base.info()["family"]
-    if family != "gpt":
-        raise ConfigError(f"{base.path} is a {family!r} run; fine-tuning needs a GPT run")
+    if family not in ("gpt", "chat"):
+        raise ConfigError(
+            f"{base.path} is a {family!r} run; fine-tuning needs a GPT language model run"
+        )
+    if task not in FINETUNE_TASKS:
+        raise ConfigError(f"--task {task!r}: choose {', '.join(FINETUNE_TASKS)}")
     if method not in ("full", "lora"):
         raise ConfigError(f"--method {method!r}: choose full or lora")
     base_cfg = load_config(base.config_path)
@@ -279,16 +318,28 @@ def finetune(
     if lora and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ConfigError(f"--lora-rank {lora_rank!r} must be an integer of at least 1")
     defaults = [
-        "data.path=stdlib", "data.unknown_chars=replace", "train.max_steps=500",
-        "train.max_time=0", "train.warmup_steps=20", "train.eval_every=0", "train.ema=0",
+        "train.max_steps=500", "train.max_time=0", "train.warmup_steps=20",
+        "train.eval_every=0", "train.ema=0",
         f"train.lr={3e-3 if lora else 1e-3}", f"train.min_lr={3e-4 if lora else 1e-4}",
         "train.weight_decay=0.0" if lora else "train.weight_decay=0.1",
     ]  # fmt: skip
-    cfg = load_config(base_cfg.to_dict(), [*defaults, *overrides])
-    if cfg.model != base_cfg.model:
-        changed = [
-            k for k in vars(cfg.model) if getattr(cfg.model, k) != getattr(base_cfg.model, k)
-        ]
+    data = base_cfg.to_dict()
+    data["family"] = FINETUNE_TASKS[task]
+    if task == "lm":
+        data["family"] = "gpt"
+        defaults = ["data.path=stdlib", "data.unknown_chars=replace", *defaults]
+        if family == "chat":
+            data["data"] = {}
+    else:
+        data["data"] = {}  # the task's own data section and its defaults
+    if task == "chat" or family == "chat":
+        data["model"]["vocab_size"] = 0  # follows the tokenizer (the chat markers added)
+    cfg = load_config(data, [*defaults, *overrides])
+    arch = ("block_size", "n_layer", "n_head", "n_embd", "bias")
+    changed = [k for k in arch if getattr(cfg.model, k) != getattr(base_cfg.model, k)]
+    if task == "lm" and family == "gpt" and cfg.model.vocab_size != base_cfg.model.vocab_size:
+        changed.append("vocab_size")
+    if changed:
         raise ConfigError(
             f"model.{changed[0]} cannot change when fine-tuning: the weights of "
             f"{base.path} fit its architecture"
@@ -305,10 +356,11 @@ def finetune(
         from aigc.models.lora import apply_lora
 
         with torch.device("meta"):
-            apply_lora(GPT(cfg.model), cfg.train.lora())
+            apply_lora(GPT(base_cfg.model), cfg.train.lora())
     _resolve_paths(cfg)
     if run_dir is None:
-        run_dir = base.path.parent / f"{base.path.name}-{method}"
+        name = base.path.name + ("" if task == "lm" else f"-{task}") + f"-{method}"
+        run_dir = base.path.parent / name
     return train(cfg, [], run_dir=run_dir, progress=progress)
 
 
@@ -317,7 +369,6 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     (outputs equal to the unmerged model's to float rounding), its tokenizer, data and
     config without the base reference. It samples, evaluates, serves, exports and can be
     fine-tuned again; it holds no optimizer state, so it is not continued as it is."""
-    from aigc.errors import RequestError
     from aigc.trainer import module_tensors
 
     src = RunDir(run_dir)
@@ -356,9 +407,10 @@ def _set_global_modes(cfg: Config) -> None:
 
 def load(
     run_dir: str | Path, device: str = "auto", ema: bool | None = None
-) -> TextGenerator | ImageGenerator:
-    """Loads a trained run for generation: a TextGenerator for a language model, an
-    ImageGenerator for an image model (latest checkpoint; EMA weights when trained with EMA)."""
+) -> TextGenerator | TextClassifier | ImageGenerator:
+    """Loads a trained run: a TextGenerator for a language model (chat runs too), a
+    TextClassifier for a classifier, an ImageGenerator for an image model (latest
+    checkpoint; EMA weights when trained with EMA)."""
     run = RunDir(run_dir)
     info = run.info()
     cfg = load_config(run.config_path)
@@ -395,8 +447,8 @@ def load(
 
         merge_lora(model)  # plain weights again: the KV cache, export and serving need them
     model.to(dev).eval()
-    generator_class = TextGenerator if cfg.family == "gpt" else ImageGenerator
-    return generator_class(run, task, dev, int(state["step"]))
+    generator_class = {"gpt": TextGenerator, "chat": TextGenerator, "classifier": TextClassifier}
+    return generator_class.get(cfg.family, ImageGenerator)(run, task, dev, int(state["step"]))
 
 
 class TextGenerator:
@@ -410,6 +462,7 @@ class TextGenerator:
         self.config: Config = task.config
         self.device = device
         self.step = step
+        self.is_chat = self.config.family == "chat"  # trained on the chat template
 
     def _params(self, **kw: Any):
         from aigc.sampling import SamplingParams
@@ -467,6 +520,46 @@ class TextGenerator:
         )  # fmt: skip
         return stream(self.model, self.tokenizer, prompt, params)
 
+    def chat_prompt(self, messages: Sequence[Any]) -> str:
+        """The conversation so far (dicts with "role" and "content", or Messages) in the
+        chat template, ending where the assistant's answer starts. Chat runs only."""
+        from aigc.tasks.chat import as_messages, chat_prompt
+
+        if not self.is_chat:
+            raise RequestError(
+                f"{self.run.path.name} is not a chat model (family {self.config.family!r}); "
+                "fine-tune it with --task chat, or complete a prompt instead"
+            )
+        return chat_prompt(self.tokenizer, as_messages(messages))
+
+    def chat(
+        self, messages: Sequence[Any], max_new_tokens: int = 256, temperature: float = 0.8,
+        top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+        stop: str | Iterable[str] = (), seed: int | None = None,
+    ) -> str:  # fmt: skip
+        """The assistant's next answer to ``messages``; it ends at the end marker."""
+        from aigc.tasks.chat import stop_strings
+
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        return self.generate(
+            self.chat_prompt(messages), max_new_tokens, temperature, top_k, top_p,
+            repetition_penalty, (*stop, *stop_strings()), seed,
+        )  # fmt: skip
+
+    def chat_stream(
+        self, messages: Sequence[Any], max_new_tokens: int = 256, temperature: float = 0.8,
+        top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+        stop: str | Iterable[str] = (), seed: int | None = None,
+    ) -> Iterator[str]:  # fmt: skip
+        """:meth:`chat`, piece by piece as tokens are sampled."""
+        from aigc.tasks.chat import stop_strings
+
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        return self.stream(
+            self.chat_prompt(messages), max_new_tokens, temperature, top_k, top_p,
+            repetition_penalty, (*stop, *stop_strings()), seed,
+        )  # fmt: skip
+
     def evaluate(self, n: int | None = None, save: bool = True) -> dict[str, Any]:
         """Validation loss, perplexity and bits per character and per byte over the whole
         held-out split; and n generated texts (default data.eval_samples) judged for
@@ -474,6 +567,8 @@ class TextGenerator:
         windows found verbatim in the training text. Saved to eval.json and metrics.jsonl."""
         from aigc.data.text import TokenCorpus
 
+        if self.is_chat:  # loss and perplexity on the held-out assistant tokens
+            return _evaluate_split(self, save)
         if n is not None:
             _check_count(n, limit=10_000)
             self.config.data.eval_samples = n
@@ -494,6 +589,73 @@ class TextGenerator:
         if save:
             _save_eval(self.run, result)
         return result
+
+
+def _evaluate_split(gen: Any, save: bool) -> dict[str, Any]:
+    """A chat or classifier run's held-out metrics (the task's own eval_sums/eval_metrics)."""
+    if not gen.task.splits:
+        gen.task.splits = {s: gen.task._load_split(s) for s in ("train", "val")}
+    with torch.inference_mode():
+        sums = gen.task.eval_sums(gen.model, 0, 1, gen.device)
+    result = {"step": gen.step, "split": "validation", "count": int(sums["count"]),
+              **gen.task.eval_metrics(sums)}  # fmt: skip
+    if save:
+        _save_eval(gen.run, result)
+    return result
+
+
+class TextClassifier:
+    """A trained sequence classifier with its tokenizer: classify texts, evaluate."""
+
+    def __init__(self, run: RunDir, task: Any, device: torch.device, step: int):
+        self.run = run
+        self.task = task
+        self.model = task.model
+        self.tokenizer = task.tokenizer
+        self.config: Config = task.config
+        self.classes: list[str] = list(task.classes)
+        self.device = device
+        self.step = step
+
+    def classify(
+        self, texts: str | Sequence[str], batch_size: int = 64
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """The label and the probability of every class for one text (a dict) or a list of
+        texts (a list): ``{"label": NAME, "probs": {NAME: p, ...}}``. A text is cut to its
+        first model.block_size tokens, as in training; characters the vocabulary lacks
+        are read as "?"."""
+        from aigc.data.tokenizers import encode_replacing
+
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        if not items:
+            raise RequestError("give at least one text to classify")
+        block = self.config.model.block_size
+        rows = []
+        for i, t in enumerate(items):
+            if not isinstance(t, str) or not t:
+                raise RequestError(f"text {i} must be a non-empty string, got {t!r}")
+            rows.append(encode_replacing(self.tokenizer, t)[0][:block])
+        out = []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            lengths = torch.tensor([len(r) for r in chunk])
+            idx = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+            for j, r in enumerate(chunk):
+                idx[j, : len(r)] = torch.from_numpy(r)
+            with torch.inference_mode():
+                logits = self.model.classify(idx.to(self.device), lengths.to(self.device))
+            for p in logits.float().softmax(-1).cpu().tolist():
+                k = max(range(len(p)), key=p.__getitem__)
+                out.append(
+                    {"label": self.classes[k], "probs": dict(zip(self.classes, p, strict=True))}
+                )
+        return out[0] if single else out
+
+    def evaluate(self, save: bool = True) -> dict[str, Any]:
+        """Loss, accuracy and macro-F1 over the held-out split; saved to eval.json and
+        metrics.jsonl."""
+        return _evaluate_split(self, save)
 
 
 class ImageGenerator:
@@ -525,7 +687,6 @@ class ImageGenerator:
     def labels_for(self, n: int, labels: Any = None) -> torch.Tensor | None:
         """The (n, A) label tensor for a label request (see the class docstring); -1 marks
         an attribute left to chance. None when nothing is asked."""
-        from aigc.errors import RequestError
 
         if labels is None or (isinstance(labels, dict | list | tuple) and not labels):
             return None
@@ -597,7 +758,6 @@ class ImageGenerator:
     ) -> Any:
         """``rows`` strips of ``steps`` images walking (spherically) between two random
         latent points; the labels stay fixed along a strip. Shape (rows * steps, ...)."""
-        from aigc.errors import RequestError
 
         if not isinstance(steps, int) or not 2 <= steps <= 64:
             raise RequestError(f"interpolate={steps!r} must be an integer in [2, 64]")
@@ -623,7 +783,6 @@ class ImageGenerator:
         return random if lab is None else torch.where(lab < 0, random, lab)
 
     def _vae_only(self, what: str) -> None:
-        from aigc.errors import RequestError
 
         if not hasattr(self.model, "reconstruct"):
             raise RequestError(f"{self.run.path} is a {self.config.family} run; only VAEs {what}")
@@ -633,7 +792,6 @@ class ImageGenerator:
         of 8 that alternate: originals, then theirs. ``source`` None takes the run's held-out
         images; else a data source as in ``data.source`` (a folder, IDX or CIFAR file,
         digits, shapes), prepared like the run's own. VAE runs only."""
-        from aigc.errors import RequestError
         from aigc.tasks.images import to_model_batch
 
         self._vae_only("reconstruct")
@@ -671,7 +829,6 @@ class ImageGenerator:
         """One row per latent dimension (default: all): that unit swept over ``steps``
         values in [-span, span] around a latent drawn from the seed, the others held.
         VAE runs only."""
-        from aigc.errors import RequestError
 
         self._vae_only("traverse their latents")
         z_dim = self.model.cfg.z_dim
@@ -691,7 +848,6 @@ class ImageGenerator:
     def save(self, images: torch.Tensor, out: str | Path, nrow: int | None = None) -> list[Path]:
         """Writes a grid PNG (``out`` ends in .png) or one PNG per image into folder ``out``."""
         from aigc.data.images import image_grid, save_png, to_uint8
-        from aigc.errors import RequestError
 
         out = Path(out)
         if out.suffix and out.suffix.lower() != ".png":
@@ -733,7 +889,6 @@ class ImageGenerator:
         per image (default 1000), in nats per image and bits per dimension, the KL per
         latent unit and active units.
         """
-        from aigc.errors import RequestError
         from aigc.tasks.images import check_metric_names
 
         if n is not None:
@@ -803,14 +958,12 @@ def _save_eval(run: RunDir, result: dict[str, Any]) -> None:
 
 
 def _check_count(n: Any, limit: int = 10_000, what: str = "n") -> None:
-    from aigc.errors import RequestError
 
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limit:
         raise RequestError(f"{what}={n!r} must be an integer in [1, {limit}]")
 
 
 def _image_output(images: torch.Tensor, output: str) -> Any:
-    from aigc.errors import RequestError
 
     if output == "tensor":
         return images

@@ -233,6 +233,8 @@ def sample(
     from aigc.api import ImageGenerator
 
     gen = aigc.load(run, device=device)
+    if not isinstance(gen, ImageGenerator) and not hasattr(gen, "stream"):
+        _fail(f"{run} is a classifier; use: aigc classify {run} --text '...'")
     if isinstance(gen, ImageGenerator):
         if prompt:
             _fail(f"{run} is an image model; --prompt is for text models")
@@ -316,6 +318,19 @@ def eval_(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
+    if "accuracy" in result:  # a classifier
+        typer.echo(
+            f"{run} at step {result['step']}: {result['count']:,} held-out texts\n"
+            f"  accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
+            f"loss {result['loss']:.4f} nats/text"
+        )
+        return
+    if "bpc" not in result:  # a chat run: the assistant's tokens only
+        typer.echo(
+            f"{run} at step {result['step']}: {result['count']:,} held-out assistant tokens\n"
+            f"  loss {result['loss']:.4f} nats/token   perplexity {result['ppl']:.3f}"
+        )
+        return
     typer.echo(
         f"{run} at step {result['step']}: held-out {result['tokens']:,} tokens\n"
         f"  loss {result['loss']:.4f} nats/token   perplexity {result['ppl']:.3f}   "
@@ -340,23 +355,139 @@ def finetune(
     lora_targets: Annotated[
         str, typer.Option(help="LoRA: linear layers to adapt, comma-separated.")
     ] = "c_attn,c_proj,c_fc",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="lm (more language modelling), classify (a classification head) or chat "
+            "(conversations in the chat template)."
+        ),
+    ] = "lm",
     run_dir: Annotated[
-        Path | None, typer.Option(help="The new run folder [BASE-METHOD beside BASE].")
+        Path | None, typer.Option(help="The new run folder [BASE-TASK-METHOD beside BASE].")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Fine-tune a pretrained GPT run into a new run (default data: the standard library's
-    Python sources): the base's weights and tokenizer, full or LoRA."""
+    """Fine-tune a pretrained GPT run into a new run: the base's weights and tokenizer, full
+    or LoRA. Default data: the standard library's Python sources (lm), its docstrings
+    labelled by package (classify), Q&A from the Python docs (chat)."""
     import aigc
 
     outcome = aigc.finetune(
         base, overrides or [], method=method, run_dir=run_dir, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_targets=[t for t in lora_targets.split(",") if t],
-        progress=not quiet,
+        task=task, progress=not quiet,
     )  # fmt: skip
-    loss = outcome.metrics.get("loss")
-    shown = f", held-out loss {loss:.4f}" if loss is not None else ""
-    typer.echo(f"done: step {outcome.step}{shown}; run folder: {outcome.run_dir}/")
+    m = outcome.metrics
+    shown = f", held-out loss {m['loss']:.4f}" if "loss" in m else ""
+    if "accuracy" in m:
+        shown += f", accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+    nxt = {"classify": f"aigc classify {outcome.run_dir} --text '...'",
+           "chat": f"aigc chat {outcome.run_dir}"}.get(task, f"aigc sample {outcome.run_dir}")  # fmt: skip
+    typer.echo(f"done: step {outcome.step}{shown}; run folder: {outcome.run_dir}/   next: {nxt}")
+
+
+@app.command()
+def classify(
+    run: Annotated[Path, typer.Argument(help="A classifier run folder.")],
+    text: Annotated[
+        list[str] | None,
+        typer.Option("--text", "-t", help="A text to classify; repeatable. '-' reads stdin."),
+    ] = None,
+    top: Annotated[int, typer.Option(help="Show this many most likely classes.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Classify texts with a classifier run: the label and the class probabilities."""
+    import aigc
+    from aigc.api import TextClassifier
+    from aigc.errors import RequestError
+
+    texts = [sys.stdin.read() if t == "-" else t for t in (text or [])]
+    if not texts:
+        raise RequestError("give a text with --text '...' (repeatable, '-' for stdin)")
+    if top < 1:
+        raise RequestError(f"--top {top} must be at least 1")
+    clf = aigc.load(run, device=device)
+    if not isinstance(clf, TextClassifier):
+        raise RequestError(f"{run} is not a classifier run; aigc finetune BASE --task classify")
+    results = clf.classify(texts)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for t, r in zip(texts, results, strict=True):
+        shown = t if len(t) <= 70 else t[:67] + "..."
+        typer.echo(f"{shown!r}\n  label: {r['label']}")
+        for name, p in sorted(r["probs"].items(), key=lambda kv: -kv[1])[:top]:
+            typer.echo(f"  {p:7.2%}  {name}")
+
+
+@app.command()
+def chat(
+    run: Annotated[Path, typer.Argument(help="A chat run folder.")],
+    system: Annotated[str | None, typer.Option(help="A system message opening the chat.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.7,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Fixes the answers' sampling.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Chat with a chat run in the terminal. Lines starting with / are commands:
+    /reset forgets the conversation, /exit (or Ctrl-D) ends it."""
+    import aigc
+    from aigc.errors import RequestError
+
+    gen = aigc.load(run, device=device)
+    if not getattr(gen, "is_chat", False):
+        raise RequestError(f"{run} is not a chat run; make one with aigc finetune BASE --task chat")
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    typer.echo(f"chatting with {run} (step {gen.step}); /reset, /exit")
+    turn = 0
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            typer.echo("(conversation forgotten)")
+            continue
+        history.append({"role": "user", "content": line})
+        typer.echo("assistant> ", nl=False)
+        answer = []
+        try:
+            for piece in gen.chat_stream(
+                _fit_history(gen, history), max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p,
+                seed=None if seed is None else seed + turn,
+            ):  # fmt: skip
+                answer.append(piece)
+                typer.echo(piece, nl=False)
+        except RequestError as e:
+            typer.echo(f"\n(error: {e})")
+            history.pop()
+            continue
+        typer.echo()
+        history.append({"role": "assistant", "content": "".join(answer).strip() or "..."})
+        turn += 1
+
+
+def _fit_history(gen: object, history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The latest turns that fit the model's context (the system message kept), so the
+    oldest turns are forgotten first instead of being cut mid-sentence."""
+    block = gen.config.model.block_size
+    head = history[:1] if history and history[0]["role"] == "system" else []
+    turns = history[len(head) :]
+    while len(turns) > 1:
+        if len(gen.tokenizer.encode(gen.chat_prompt(head + turns))) <= block:
+            break
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+    return head + turns
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -92,12 +93,15 @@ class CharTokenizer:
     """One token per Unicode character; ids follow sorted code points.
 
     ``CharTokenizer("hello")`` builds the vocabulary ``['e', 'h', 'l', 'o']``.
+    ``specials`` are strings of two or more characters (a chat template's
+    ``<|user|>``) that each get one id after the characters' ids; where one
+    occurs in a text it is that id, never its characters.
     """
 
     kind = "char"
     eos_id: int | None = None  # documents are joined with "\n\n" text instead
 
-    def __init__(self, chars: str | Iterable[str]):
+    def __init__(self, chars: str | Iterable[str], specials: Sequence[str] = ()):
         chars = sorted(set(chars))
         for c in chars:
             if not isinstance(c, str) or len(c) != 1:
@@ -106,8 +110,17 @@ class CharTokenizer:
                 raise ValueError(f"CharTokenizer cannot hold a lone surrogate {c!r}")
         if not chars:
             raise ValueError("CharTokenizer needs at least one character")
+        specials = list(specials)
+        for t in specials:
+            if not isinstance(t, str) or len(t) < 2 or specials.count(t) > 1:
+                raise ValueError(f"special tokens must be distinct strings of 2+ characters: {t!r}")
         self.chars: list[str] = chars
-        self.vocab_size = len(chars)
+        self.specials: list[str] = specials
+        self.n_chars = len(chars)
+        self.vocab_size = len(chars) + len(specials)
+        # longest first, so a special that contains another wins
+        ordered = sorted(specials, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, ordered))) if specials else None
         self._cps = np.array([ord(c) for c in chars], dtype=np.uint32)
         # Direct lookup table code point -> id (-1 = unknown). Its last slot is a
         # sentinel that every larger code point is clipped to, so one gather
@@ -116,7 +129,16 @@ class CharTokenizer:
         self._lut[self._cps] = np.arange(len(chars), dtype=np.int32)
 
     def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
+        extra = f", specials={self.specials}" if self.specials else ""
+        return f"CharTokenizer(vocab_size={self.vocab_size}{extra})"
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a character or special token, or None."""
+        if token in self.specials:
+            return self.n_chars + self.specials.index(token)
+        if len(token) == 1 and ord(token) < len(self._lut) - 1 and self._lut[ord(token)] >= 0:
+            return int(self._lut[ord(token)])
+        return None
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``; raises UnknownCharacterError (a DataError) naming the character."""
@@ -124,29 +146,54 @@ class CharTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         """Ids of ``text`` as int64, vectorised (tens of MB/s and more)."""
+        if self._special_re is None or self._special_re.search(text) is None:
+            return self._encode_chars(text, 0)
+        parts, pos = [], 0
+        for m in self._special_re.finditer(text):
+            parts.append(self._encode_chars(text[pos : m.start()], pos))
+            parts.append(np.array([self.n_chars + self.specials.index(m.group())], np.int64))
+            pos = m.end()
+        parts.append(self._encode_chars(text[pos:], pos))
+        return np.concatenate(parts)
+
+    def _encode_chars(self, text: str, offset: int) -> np.ndarray:
         cps = code_points(text)
         top = len(self._lut) - 1
         ids = self._lut[cps if top > 127 and cps.dtype == np.uint8 else np.minimum(cps, top)]
         if len(ids) and ids.min() < 0:
             pos = int(np.argmax(ids < 0))
-            raise UnknownCharacterError(text[pos], pos, self.vocab_size)
+            raise UnknownCharacterError(text[pos], offset + pos, self.vocab_size)
         return ids.astype(np.int64)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Text of ``ids``; every id must be below ``vocab_size``."""
+        """Text of ``ids``; every id must be below ``vocab_size``. Special tokens are
+        written out, so decode(encode(x)) == x."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary of {self.vocab_size}")
-        return self._cps[ids].astype("<u4").tobytes().decode("utf-32-le")
+        special = ids >= self.n_chars
+        if not special.any():
+            return self._cps[ids].astype("<u4").tobytes().decode("utf-32-le")
+        out, pos = [], 0
+        for i in np.flatnonzero(special).tolist():
+            out.append(self._cps[ids[pos:i]].astype("<u4").tobytes().decode("utf-32-le"))
+            out.append(self.specials[int(ids[i]) - self.n_chars])
+            pos = i + 1
+        out.append(self._cps[ids[pos:]].astype("<u4").tobytes().decode("utf-32-le"))
+        return "".join(out)
 
     def utf8_lengths(self) -> np.ndarray:
-        """Bytes of UTF-8 per id, shape (vocab_size,); used to count text bytes."""
-        return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
+        """Bytes of UTF-8 per id, shape (vocab_size,); used to count text bytes. Special
+        tokens count 0: they are markup, not text (as in BPETokenizer.token_bytes)."""
+        lengths = [len(c.encode("utf-8")) for c in self.chars] + [0] * len(self.specials)
+        return np.array(lengths, dtype=np.int64)
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary as JSON to ``path`` (a file, or a folder to hold tokenizer.json)."""
         doc = {"aigc_tokenizer": "char", "version": _CHAR_FORMAT_VERSION, "chars": self.chars}
+        if self.specials:
+            doc["specials"] = self.specials
         _write_atomic(_tokenizer_file(path), json.dumps(doc, ensure_ascii=True) + "\n")
 
 
@@ -175,6 +222,10 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token (a special token's string, or a byte-level token), or None."""
+        return self.hf.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``; a literal ``<|endoftext|>`` in it becomes the eos id."""
@@ -272,6 +323,53 @@ def train_bpe_tokenizer(
     return BPETokenizer(hf)
 
 
+def encode_replacing(tokenizer: CharTokenizer | BPETokenizer, text: str) -> tuple[np.ndarray, int]:
+    """Ids of ``text`` (int64) and how many characters were replaced: characters a char
+    vocabulary lacks become "?" (else a space, else its first character), as fine-tuning
+    data does with data.unknown_chars=replace. Byte-level BPE encodes everything."""
+    try:
+        return tokenizer.encode_array(text), 0
+    except UnknownCharacterError:
+        pass
+    repl = next((c for c in ("?", " ") if c in tokenizer.chars), tokenizer.chars[0])
+    unknown = {c for c in set(text) if tokenizer.token_to_id(c) is None}
+    marked = text  # special tokens are whole ids, so their characters stay as they are
+    for t in tokenizer.specials:
+        marked = marked.replace(t, "\0" * len(t))
+    unknown &= set(marked)
+    table = str.maketrans({c: repl for c in unknown})
+    if tokenizer.specials:
+        pieces = tokenizer._special_re.split(text)
+        found = tokenizer._special_re.findall(text)
+        text = "".join(p.translate(table) + (found[i] if i < len(found) else "")
+                       for i, p in enumerate(pieces))  # fmt: skip
+    else:
+        text = text.translate(table)
+    n = sum(marked.count(c) for c in unknown)
+    return tokenizer.encode_array(text), n
+
+
+def add_special_tokens(
+    tokenizer: CharTokenizer | BPETokenizer, tokens: Sequence[str]
+) -> CharTokenizer | BPETokenizer:
+    """A copy of ``tokenizer`` with ``tokens`` as special tokens; existing ids keep their
+    meaning and new ones follow them (so a model's embedding only grows at the end).
+    Tokens it already has as special tokens are kept as they are."""
+    if isinstance(tokenizer, CharTokenizer):
+        new = [t for t in tokens if t not in tokenizer.specials]
+        return CharTokenizer(tokenizer.chars, [*tokenizer.specials, *new])
+    if not isinstance(tokenizer, BPETokenizer):
+        raise TypeError(f"need a CharTokenizer or BPETokenizer, got {type(tokenizer).__name__}")
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+    have = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+    hf.add_special_tokens([t for t in tokens if t not in have])
+    out = BPETokenizer(hf)
+    for t in tokens:  # the new ids must follow the old ones
+        if t not in have and out.token_to_id(t) < tokenizer.vocab_size:
+            raise DataError(f"{t!r} is already an ordinary token of this tokenizer")
+    return out
+
+
 def load_tokenizer(path: str | Path) -> CharTokenizer | BPETokenizer:
     """Read a tokenizer.json of either kind (``path`` is the file or its folder)."""
     file = _tokenizer_file(path)
@@ -301,8 +399,11 @@ def load_tokenizer(path: str | Path) -> CharTokenizer | BPETokenizer:
             or chars != sorted(chars)
         ):
             raise CheckpointError(f"{file}: 'chars' must be a sorted list of distinct characters")
+        specials = doc.get("specials", [])
+        if not isinstance(specials, list):
+            raise CheckpointError(f"{file}: 'specials' must be a list of strings")
         try:
-            return CharTokenizer(chars)
+            return CharTokenizer(chars, specials)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{file}: {e}") from None
 

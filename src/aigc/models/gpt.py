@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -356,3 +356,85 @@ class GPT(nn.Module):
         12 * n_layer * n_embd * T for attention scores (PaLM, appendix B)."""
         T = self.cfg.block_size if seq_len is None else seq_len
         return 6 * self.num_params() + 12 * self.cfg.n_layer * self.cfg.n_embd * T
+
+
+def grow_vocab(weight: Tensor, vocab_size: int) -> Tensor:
+    """A token embedding of ``vocab_size`` rows from a smaller one: the old rows kept,
+    each new row the mean of the old ones (Hewitt 2021), so new tokens such as a chat
+    template's markers start as an average token instead of noise that the tied LM head
+    would score arbitrarily. (V, C) -> (vocab_size, C)."""
+    old = weight.shape[0]
+    if vocab_size < old:
+        raise ValueError(f"cannot shrink a vocabulary of {old} to {vocab_size}")
+    extra = weight.mean(0, keepdim=True).expand(vocab_size - old, -1)
+    return torch.cat([weight, extra.to(weight.dtype)])
+
+
+# ---------------------------------------------------------------------------
+# Sequence classification: the same network with a head on a pooled hidden state
+
+
+@dataclass
+class GPTClassifierConfig(GPTConfig):
+    n_classes: int = 0  # 0 = set from the data's labels by the caller before building
+    pooling: Literal["last", "mean"] = (
+        "last"  # last: the last real token's state (it has seen all); mean: average
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pooling not in POOLINGS:
+            raise ConfigError(
+                f"model.pooling={self.pooling!r}: choose one of {', '.join(POOLINGS)}"
+            )
+        if isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int):
+            raise ConfigError(f"model.n_classes={self.n_classes!r} must be an integer")
+        if self.n_classes < 0 or self.n_classes == 1:
+            raise ConfigError(f"model.n_classes={self.n_classes} must be 0 (from the data) or 2+")
+
+
+POOLINGS = ("last", "mean")
+
+
+class GPTClassifier(GPT):
+    """A GPT whose final hidden states are pooled into one vector per text and scored by a
+    linear head (Radford et al. 2018 classify from the last token). Keeps GPT's module
+    names, so a pretrained GPT's weights load into it as they are and only ``score`` is
+    new. The LM head stays (it is the token embedding, tied) but is not used."""
+
+    fresh_modules = ("score",)  # what a pretrained GPT lacks: initialised here, always trained
+
+    def __init__(self, cfg: GPTClassifierConfig) -> None:
+        super().__init__(cfg)
+        if cfg.n_classes < 2:
+            raise ConfigError("model.n_classes must be set from the data (2 or more) first")
+        self.score = nn.Linear(cfg.n_embd, cfg.n_classes)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.score.bias)
+
+    def classify(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """idx (B, T) token ids, right-padded; lengths (B,) real tokens per row (>= 1).
+        Returns class logits (B, n_classes). Padding never reaches a real token: attention
+        is causal and pads come after."""
+        T = idx.size(1)
+        if self.cfg.block_size < T:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe.weight[:T])
+        for block in self.transformer.h:
+            x = block(x)
+        h = self.transformer.ln_f(x)  # (B, T, C)
+        if self.cfg.pooling == "last":
+            pooled = h[torch.arange(h.size(0), device=h.device), lengths - 1]  # (B, C)
+        else:
+            real = torch.arange(T, device=h.device)[None, :] < lengths[:, None]  # (B, T)
+            pooled = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+        return self.score(pooled)
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], step: Any) -> dict[str, Tensor]:
+        """Cross-entropy of (ids, lengths, labels); also logs the batch accuracy."""
+        idx, lengths, labels = batch
+        logits = self.classify(idx, lengths)
+        loss = F.cross_entropy(logits.float(), labels)
+        step.update("model", loss)
+        acc = (logits.argmax(-1) == labels).float().mean()
+        return {"loss": loss.detach(), "acc": acc.detach()}

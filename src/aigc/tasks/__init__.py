@@ -19,6 +19,8 @@ TASKS: dict[str, str] = {
     "gpt": "aigc.tasks.lm:LMTask",
     "gan": "aigc.tasks.gan:GANTask",
     "vae": "aigc.tasks.vae:VAETask",
+    "chat": "aigc.tasks.chat:ChatTask",
+    "classifier": "aigc.tasks.classify:ClassifyTask",
 }
 
 
