@@ -54,9 +54,10 @@ def corpus_file(tmp_path_factory) -> Path:
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 300
+    *args: str, cwd: Path | None = None, timeout: float = 300, input_text: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Runs `python -m aigc ARGS` in a subprocess, as a user would."""
+    """Runs `python -m aigc ARGS` in a subprocess, as a user would (``input_text`` is
+    its standard input; none by default)."""
     env = {**os.environ, "AIGC_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "aigc", *args],
@@ -65,4 +66,6 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input_text,
+        stdin=None if input_text is not None else subprocess.DEVNULL,
     )

@@ -191,7 +191,11 @@ class ChatTask:
                 stats["replaced"] += n
                 ids.append(row)
                 masks.append(mask)
-                wins += [(at + s, at + e, k) for s, e, k in windows(len(row), block)]
+                wins += [
+                    (at + s, at + e, k)
+                    for s, e, k in windows(len(row), block)
+                    if mask[s + 1 + k : e].any()
+                ]  # a window of user text only: no loss
                 at += len(row)
             all_ids = np.concatenate(ids)
             all_mask = np.concatenate(masks)
