@@ -119,7 +119,7 @@ def test_chat_finetune_grows_the_embedding_and_masks_the_loss(base_run, tmp_path
     task = chat.task
     task.splits = {s: task._load_split(s) for s in ("train", "val")}
     meta = json.loads((Path(out.run_dir) / "data" / "meta.json").read_text())
-    x, y = task._batch("val", np.arange(len(task.splits["val"][2])))
+    _, y = task._batch("val", np.arange(len(task.splits["val"][2])))
     kept = y[y >= 0]
     assert len(kept) == meta["val_assistant_tokens"] == int(task.splits["val"][1].sum())
     markers = [chat.tokenizer.token_to_id(t) for t in ("<|user|>", "<|assistant|>", "<|system|>")]
