@@ -183,3 +183,27 @@ def test_a_gpt_with_a_grown_vocab_is_the_same_model_on_old_tokens():
     big.load_state_dict(state)
     idx = torch.randint(0, 10, (2, 8))
     torch.testing.assert_close(big(idx)[0][..., :10], small(idx)[0])
+
+
+def test_a_chat_run_exports_to_transformers_with_its_template(base_run, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aigc.export import export_hf
+
+    out = aigc.finetune(base_run, ["train.max_steps=2", "train.batch_size=4"], task="chat",
+                        run_dir=tmp_path / "c", progress=False)  # fmt: skip
+    folder = export_hf(out.run_dir, tmp_path / "hf")
+    ours = aigc.load(out.run_dir)
+    tok = AutoTokenizer.from_pretrained(folder)
+    known = "".join(c for c in "What is a list?" if ours.tokenizer.token_to_id(c) is not None)
+    messages = [{"role": "user", "content": known}]
+    prompt = ours.chat_prompt(messages)
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == prompt
+    assert tok(text)["input_ids"] == ours.tokenizer.encode(prompt)
+    assert tok.eos_token == "<|end|>" and tok.eos_token_id == ours.tokenizer.token_to_id("<|end|>")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    x = torch.tensor([ours.tokenizer.encode(prompt)[-ours.model.cfg.block_size :]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ours.model(x)[0], atol=1e-4, rtol=0)

@@ -138,20 +138,33 @@ def char_tokenizer_to_hf(tokenizer: CharTokenizer) -> HFTokenizer:
     hf = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))  # [UNK] not in vocab: errors
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     hf.decoder = decoders.Fuse()
+    if tokenizer.specials:  # a chat run's markers: ids after the characters, in order
+        hf.add_special_tokens(list(tokenizer.specials))
     return hf
+
+
+# The chat template of aigc.data.chat.render, in the Jinja form transformers'
+# apply_chat_template reads.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def hf_tokenizer(tokenizer: CharTokenizer | BPETokenizer, block_size: int) -> Any:
     """Our tokenizer as a transformers PreTrainedTokenizerFast (needs transformers)."""
     transformers = _require("transformers")
-    special: dict[str, str] = {}
+    special: dict[str, Any] = {}
+    if tokenizer.token_to_id("<|end|>") is not None:  # a chat run: its template, its stop
+        special = dict(chat_template=CHAT_TEMPLATE, eos_token="<|end|>")
     if isinstance(tokenizer, CharTokenizer):
         backend = char_tokenizer_to_hf(tokenizer)
     else:
         backend = HFTokenizer.from_str(tokenizer.hf.to_str())
         if tokenizer.eos_id is not None:
             # GPT-2's convention: one token ends a text, starts an empty one and pads
-            special = dict(bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+            gpt2 = dict(bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+            special = {**gpt2, **special}  # a chat run's turn ends at <|end|>
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         model_max_length=block_size,
@@ -169,10 +182,10 @@ def _gpt_run(run_dir: str | Path) -> RunDir:
     """The run folder; CheckpointError naming it and its family unless it is a GPT run."""
     run = RunDir(run_dir)
     family = run.info()["family"]
-    if family != "gpt":
+    if family not in ("gpt", "chat"):
         raise CheckpointError(
-            f"{run.path} is a {family!r} run; only GPT language-model runs (family 'gpt') "
-            "can be exported"
+            f"{run.path} is a {family!r} run; only GPT language-model runs (families 'gpt' "
+            "and 'chat') can be exported"
         )
     return run
 
@@ -214,6 +227,8 @@ def export_hf(
     gen = load(run.path, device="cpu", ema=ema)
     model: GPT = gen.model
     eos_id = gen.tokenizer.eos_id
+    if gen.is_chat:  # generation stops at the end of the assistant's turn
+        eos_id = gen.tokenizer.token_to_id("<|end|>")
 
     config = transformers.GPT2Config(**gpt2_config_kwargs(model, eos_id))
     hf_model = transformers.GPT2LMHeadModel(config).to(model.lm_head.weight.dtype)
