@@ -69,19 +69,51 @@ def classification(base: Path, runs: Path, steps: int, rank: int) -> None:
     print(f"pretraining adds {100 * gain:+.1f} accuracy points over the best random start")
 
 
+def _held_out_questions(gen) -> list[tuple[list[dict], str]]:
+    """(messages up to the last answer, that answer) of each held-out conversation."""
+    import numpy as np
+
+    from aigc.tasks.chat import read_chat_data
+
+    d = gen.config.data
+    conversations, _ = read_chat_data(d)
+    order = np.random.default_rng(d.split_seed).permutation(len(conversations))
+    n_val = max(1, round(len(conversations) * d.val_fraction))
+    out = []
+    for i in sorted(order[:n_val].tolist()):
+        conv = conversations[i]
+        last = max(j for j, m in enumerate(conv) if m.role == "assistant")
+        out.append(([m.to_dict() for m in conv[:last]], conv[last].content))
+    return out
+
+
+def _stop_rate(gen, limit: int = 400) -> float:
+    """Share of held-out questions whose greedy answer ends with <|end|> within ``limit``
+    tokens (the format the template teaches), judged from the raw completion."""
+    stopped = 0
+    questions = _held_out_questions(gen)
+    for messages, _ in questions:
+        raw = gen.generate(gen.chat_prompt(messages), max_new_tokens=limit, temperature=0,
+                           stop=["<|end|>"])  # fmt: skip
+        n = len(gen.tokenizer.encode(raw)) if raw else 0
+        stopped += n < limit - 1
+    return stopped / len(questions)
+
+
 def chat(base: Path, runs: Path, steps: int, rank: int) -> None:
-    print(f"\n== chat: Python documentation demonstrations, {steps} steps ==")
+    print("\n== chat: Python documentation demonstrations ==")
     still = ["train.lr=0", "train.min_lr=0", "train.warmup_steps=1"]
-    before, _, _ = _finetune(base, runs, "chat-before", "chat", "full", 1, still, rank)
-    print(f"before (base weights): held-out assistant loss {before['loss']:.4f} nats/token")
-    for method in ("full", "lora"):
-        res, secs, gen = _finetune(base, runs, f"chat-{method}", "chat", method, steps, [], rank)
-        print(
-            f"after {method:4s}: {res['loss']:.4f} nats/token (ppl {res['ppl']:.2f}), {secs:.0f} s"
-        )
-    question = 'Can you explain the "while" keyword in Python?'
-    answer = gen.chat([{"role": "user", "content": question}], max_new_tokens=200, temperature=0)
-    print(f"user> {question}\nassistant (lora, greedy)> {answer}")
+    res, _, gen = _finetune(base, runs, "chat-before", "chat", "full", 1, still, rank)
+    print(f"{'weights':28s} {'assistant loss':>14s} {'stops':>6s} {'time':>6s}")
+    print(f"{'base (markers at mean)':28s} {res['loss']:14.4f} {_stop_rate(gen):6.0%} {'-':>6s}")
+    for method, n in (("full", steps // 5), ("full", steps), ("lora", steps)):
+        res, secs, gen = _finetune(base, runs, f"chat-{method}-{n}", "chat", method, n, [], rank)
+        name = f"{method}, {n} steps"
+        print(f"{name:28s} {res['loss']:14.4f} {_stop_rate(gen):6.0%} {secs:5.0f}s")
+    messages, reference = _held_out_questions(gen)[0]
+    answer = gen.chat(messages, max_new_tokens=200, temperature=0)
+    print(f"user> {messages[-1]['content']}\nassistant (last run, greedy)> {answer}\n"
+          f"reference> {reference[:300]}")  # fmt: skip
 
 
 def main() -> None:

@@ -207,3 +207,13 @@ def test_a_chat_run_exports_to_transformers_with_its_template(base_run, tmp_path
     x = torch.tensor([ours.tokenizer.encode(prompt)[-ours.model.cfg.block_size :]])
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ours.model(x)[0], atol=1e-4, rtol=0)
+
+
+def test_lora_chat_trains_the_new_token_rows_only(base_run, tmp_path):
+    out = aigc.finetune(base_run, ["train.max_steps=5", "train.batch_size=4"], task="chat",
+                        method="lora", lora_rank=2, run_dir=tmp_path / "l", progress=False)  # fmt: skip
+    chat, base = aigc.load(out.run_dir), aigc.load(base_run)
+    V = base.model.cfg.vocab_size
+    wte, old = chat.model.transformer.wte.weight, base.model.transformer.wte.weight
+    assert torch.equal(wte[:V], old)  # the base's rows untouched
+    assert not torch.allclose(wte[V:], old.mean(0).expand(4, -1))  # the markers' rows learnt

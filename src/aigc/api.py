@@ -221,7 +221,10 @@ def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tupl
     train.lora_rank > 0. A token embedding with more rows than the base's (a chat run's
     template tokens) keeps the base's rows and starts the new ones at their mean; modules
     the base lacks (``model.fresh_modules``, e.g. a classification head) keep their
-    initialisation and always train. Returns (trainable, total) parameter counts."""
+    initialisation and always train. With LoRA, a grown embedding trains its new rows
+    only (PEFT's trainable_token_indices: the old rows get zero gradient, and LoRA's
+    default weight decay is 0, so they stay the base's); the run stores the whole
+    embedding. Returns (trainable, total) parameter counts."""
     from aigc.models.gpt import grow_vocab
     from aigc.models.lora import apply_lora, trainable_share
 
@@ -240,6 +243,8 @@ def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tupl
     fresh = tuple(getattr(model, "fresh_modules", ()))
     new_names = frozenset(k for k in expected if k.split(".")[0] in fresh)
 
+    base_rows = []  # the base's vocabulary size, where the model's is larger
+
     def fit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in tensors.items():
@@ -251,6 +256,7 @@ def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tupl
                 and t.shape[1] == want.shape[1]
                 and t.shape[0] < want.shape[0]
             ):
+                base_rows.append(t.shape[0])
                 t = grow_vocab(t, want.shape[0])  # fmt: skip
             out[name] = t
         return out
@@ -264,11 +270,19 @@ def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tupl
         with torch.no_grad():
             for name, t in fit(files["ema"]).items():
                 live[name].copy_(t)
-    if train_cfg.lora_rank:
-        apply_lora(model, train_cfg.lora())
-        for name in fresh:  # a new head trains fully (PEFT's modules_to_save)
-            getattr(model, name).requires_grad_(True)
-    return trainable_share(model)
+    if not train_cfg.lora_rank:
+        return trainable_share(model)
+    apply_lora(model, train_cfg.lora())
+    for name in fresh:  # a new head trains fully (PEFT's modules_to_save)
+        getattr(model, name).requires_grad_(True)
+    trainable, total = trainable_share(model)
+    if base_rows:  # new tokens (chat markers) train their embedding rows; the old rows stay
+        wte = model.transformer.wte.weight
+        keep = base_rows[0]
+        wte.requires_grad_(True)
+        wte.register_hook(lambda g: torch.cat([torch.zeros_like(g[:keep]), g[keep:]]))
+        trainable += (wte.shape[0] - keep) * wte.shape[1]
+    return trainable, total
 
 
 FINETUNE_TASKS = {"lm": "gpt", "classify": "classifier", "chat": "chat"}
