@@ -157,3 +157,20 @@ def test_random_init_classifier_learns_an_easy_task_end_to_end(tmp_path):
     assert json.loads(r.stdout)[0]["label"] == "fish"
     r = run_cli("classify", str(out.run_dir))
     assert r.returncode == 2 and "--text" in r.stderr
+
+
+@pytest.mark.parametrize(("task", "method"), [("classify", "lora"), ("chat", "lora")])
+def test_a_resumed_finetune_equals_an_uninterrupted_one(base_run, tmp_path, task, method):
+    args = dict(task=task, method=method, lora_rank=2, progress=False)
+    common = ["train.batch_size=4", "train.checkpoint_every=3", "data.val_fraction=0.5"]
+    whole = aigc.finetune(base_run, [*common, "train.max_steps=6"], run_dir=tmp_path / "a",
+                          **args)  # fmt: skip
+    # stopped by its time budget after the first step, then continued without one
+    cut = aigc.finetune(base_run, [*common, "train.max_steps=6", "train.max_time=1e-9"],
+                        run_dir=tmp_path / "c", **args)  # fmt: skip
+    assert cut.step < 6
+    resumed = aigc.train(None, ["train.max_time=0"], run_dir=tmp_path / "c", progress=False)
+    assert resumed.step == 6 and resumed.resumed_from == cut.step
+    a = load_file(RunDir(whole.run_dir).latest_checkpoint() / "model.safetensors")
+    c = load_file(RunDir(resumed.run_dir).latest_checkpoint() / "model.safetensors")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
