@@ -9,6 +9,7 @@ from aigc.data.tokenizers import CharTokenizer, train_bpe_tokenizer
 from aigc.errors import RequestError
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.sampling import (
+    BatchDecoder,
     SamplingParams,
     _Row,
     apply_repetition_penalty,
@@ -274,3 +275,65 @@ def test_bad_prompts_raise_request_error(model, tok):
         generate(model, tok, "UPPER", GREEDY)  # not in the vocabulary
     with pytest.raises(RequestError, match="string"):
         generate(model, tok, [3], GREEDY)
+
+
+def test_a_row_in_a_mixed_continuous_batch_gives_its_text_alone(model, tok):
+    """Rows with their own parameters, joining a running batch at different steps and
+    leaving it as they end (stop string, end token, max_new_tokens, cancel), each give
+    exactly the text `generate` gives them alone; past block_size too (re-cropping)."""
+    P = SamplingParams
+    rows = [
+        ("a longer prompt", P(max_new_tokens=40, temperature=0)),  # 15 + 40 > block 32
+        ("hi", P(max_new_tokens=16, temperature=0.8, top_k=10, top_p=0.9, seed=4)),
+        ("", P(max_new_tokens=30, temperature=1.3, seed=7, repetition_penalty=1.5)),
+        ("mid len", P(max_new_tokens=60, temperature=1.0, seed=1)),
+        ("the cat sat on the mat and it was a very long prompt indeed", P(max_new_tokens=50, seed=9)),
+        ("x", P(max_new_tokens=0)),
+        ("q", P(max_new_tokens=70, temperature=0, repetition_penalty=2.0)),
+        ("go", P(max_new_tokens=60, seed=3)),
+    ]  # fmt: skip
+    (full,) = generate(model, tok, "go", rows[7][1])
+    rows[7][1].stop = (full[10:13],)  # ends early, in the middle of the others
+    alone = [generate(model, tok, p, params)[0] for p, params in rows]
+    assert len(alone[7]) < 13
+    decoder = BatchDecoder(model, tok)
+    join_at = {0: [0, 1], 2: [2, 3, 7], 5: [4, 5], 9: [6], 12: [99]}
+    texts, ends, sizes, step = {}, {}, [], 0
+    while decoder or step <= max(join_at):
+        for i in join_at.get(step, []):
+            prompt, params = rows[i % len(rows)]
+            decoder.add(i, tok.encode(prompt), params, stream=i % 2 == 0)
+        if step == 20:
+            assert decoder.cancel(99) and not decoder.cancel(99)  # row 99 leaves mid-way
+        for event in decoder.step():
+            texts[event.key] = texts.get(event.key, "") + event.text
+            if event.finish_reason:
+                ends[event.key] = (event.finish_reason, event.tokens)
+        sizes.append(decoder.last_step_rows)
+        step += 1
+    assert [texts.get(i, "") for i in range(len(rows))] == alone
+    assert max(sizes) >= 6  # they really ran together
+    assert ends[0] == ("length", 40) and ends[5] == ("length", 0) and ends[7][0] == "stop"
+    assert 99 not in ends  # cancelled rows end silently
+
+
+def test_an_end_token_ends_a_row_of_a_mixed_batch(model, tok):
+    eos_tok = EosChars(CHARS, generate(model, tok, "x", GREEDY)[0][2])
+    decoder = BatchDecoder(model, eos_tok)
+    decoder.add("a", eos_tok.encode("x"), GREEDY)
+    decoder.add("b", eos_tok.encode("yy"), SamplingParams(max_new_tokens=24, seed=2))
+    texts, ends = {"a": "", "b": ""}, {}
+    while decoder:
+        for event in decoder.step():
+            texts[event.key] += event.text
+            if event.finish_reason:
+                ends[event.key] = (event.finish_reason, event.tokens)
+    assert texts["a"] == generate(model, eos_tok, "x", GREEDY)[0] and len(texts["a"]) <= 2
+    assert ends["a"] == ("stop", len(texts["a"]) + 1)  # its characters, then the end token
+    assert (
+        texts["b"] == generate(model, eos_tok, "yy", SamplingParams(max_new_tokens=24, seed=2))[0]
+    )
+    with pytest.raises(RequestError, match="vocabulary"):
+        decoder.add("c", [tok.vocab_size], GREEDY)
+    with pytest.raises(RequestError, match="temperature"):
+        decoder.add("c", [1], SamplingParams(temperature=-1))

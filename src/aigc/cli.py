@@ -607,3 +607,10 @@ def main() -> None:
             err=True,
         )
         sys.exit(130)
+
+
+# `aigc serve`: its flags, help and logic live in aigc.serve.cli, which imports neither
+# FastAPI nor torch until the command runs.
+from aigc.serve.cli import serve_command  # noqa: E402
+
+app.command("serve")(serve_command)

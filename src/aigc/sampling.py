@@ -1,8 +1,10 @@
 """Text decoding strategies, shared by the CLI, the Python API and the server.
 
 `generate` returns whole completions, `stream` and `stream_batch` yield text as it
-is produced. All three run one loop: prefill the KV cache with the (left-padded)
-prompts, then pick a token per row and feed it back, one step at a time.
+is produced. All three run `BatchDecoder`: prefill the KV cache with the (left-padded)
+prompts, then pick a token per row and feed it back, one step at a time. The decoder
+also takes rows with parameters of their own that join and leave a running batch
+between steps (continuous batching, as the HTTP server uses it).
 
 Per step the next-token scores go through, in this order (as in Hugging Face
 transformers): repetition penalty, temperature, top-k, top-p, then a draw from
@@ -16,7 +18,7 @@ character, and the tail that could still grow into a stop string.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -90,8 +92,8 @@ def generate(
     """Complete each prompt; returns the completions only (no prompt), stop strings cut.
 
     A single string counts as a batch of one. Prompts of different lengths run
-    together, left-padded, with the same results as one by one (up to the point
-    where a long generation re-crops its context, which happens per batch).
+    together, left-padded, with the same results as one by one (each row re-crops
+    its context when it alone would).
     """
     prompts = [prompts] if isinstance(prompts, str) else prompts
     texts = [""] * len(prompts)
@@ -129,7 +131,7 @@ def _start(
     params.validate()
     if not isinstance(prompts, list | tuple):
         raise RequestError(f"prompts must be a string or a list of strings, got {prompts!r}")
-    prompt_ids = [_encode_prompt(tokenizer, p, model.cfg.vocab_size) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p, model.cfg.vocab_size) for p in prompts]
     return _decode(model, tokenizer, prompt_ids, params, stream)
 
 
@@ -168,12 +170,13 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 def choose_next(
     logits: Tensor,
     params: SamplingParams,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
     seen: Tensor | None = None,
 ) -> Tensor:
     """Next token per row (B,) from scores (B, V).
 
-    generators: one per row (seeded sampling), or None for torch's global generator.
+    generators: one per row (seeded sampling; a None entry draws that row from torch's
+    global generator), or None for torch's global generator for the whole batch.
     seen: (B, V) bool, tokens already in prompt + output (repetition penalty).
     """
     if seen is not None:
@@ -292,7 +295,9 @@ class _Row:
 # the decoding loop
 
 
-def _encode_prompt(tokenizer: TokenizerLike, prompt: object, vocab: int) -> list[int]:
+def encode_prompt(tokenizer: TokenizerLike, prompt: object, vocab: int) -> list[int]:
+    """The token ids of a prompt, checked for the model's vocabulary of `vocab` ids;
+    RequestError for a prompt that is not a string or cannot be encoded."""
     if not isinstance(prompt, str):
         raise RequestError(f"each prompt must be a string, got {type(prompt).__name__}")
     try:
@@ -332,7 +337,280 @@ def _prefill(model: GPT, cache: KVCache, windows: list[list[int]]) -> Tensor:
     return model.forward_cached(idx, cache, key_mask, last_only=True)
 
 
-@torch.inference_mode()
+def _join_caches(model: GPT, parts: Sequence[KVCache]) -> KVCache:
+    """One cache holding the rows of `parts` in order, each row's real tokens right-aligned.
+
+    Every row's real tokens are the last `n_real` positions of its cache (padding is only
+    ever on the left), so a part whose rows all start with padding loses those columns
+    and the parts line up on their last column: `length` becomes the most real tokens of
+    any row. One part alone is compacted this way, which frees room at the end.
+    Reads and writes KVCache's documented fields (kv, length, key_mask, n_real).
+    """
+    out = model.make_kv_cache(sum(c.batch_size for c in parts))
+    device = out.kv[0].device
+    real = [
+        c.n_real if c.n_real is not None else torch.full((c.batch_size,), c.length, device=device)
+        for c in parts
+    ]
+    widths = [int(r.max()) if len(r) else 0 for r in real]
+    S = max(widths)
+    key_mask = torch.zeros(out.batch_size, out.max_len, dtype=torch.bool, device=device)
+    b = 0
+    for c, width in zip(parts, widths, strict=True):
+        lead, rows = c.length - width, slice(b, b + c.batch_size)
+        for dst, src in zip(out.kv, c.kv, strict=True):  # each (2, B, nh, max_len, hd)
+            dst[:, rows, :, S - width : S] = src[:, :, :, lead : c.length]
+        key_mask[rows, S - width : S] = (
+            True if c.key_mask is None else c.key_mask[:, lead : c.length]
+        )
+        b += c.batch_size
+    out.length = S
+    if not bool(key_mask[:, :S].all()):  # padding left: the masked path, else the lean one
+        out.key_mask, out.n_real = key_mask, torch.cat(real)
+    return out
+
+
+@dataclass
+class DecodeEvent:
+    """What one step of a BatchDecoder did for one row."""
+
+    key: Hashable  # the row's key, as given to BatchDecoder.add
+    text: str  # text that is now safe to hand out ("" when none)
+    finish_reason: str | None = None  # None: the row goes on; "stop" (end token or stop
+    # string) or "length" (max_new_tokens reached): the row is over and has left the batch
+    tokens: int = 0  # tokens generated for the row so far (an end token included)
+
+
+class _LiveRow(_Row):
+    """A row of a BatchDecoder: its text state plus its own sampling parameters."""
+
+    def __init__(
+        self,
+        key: Hashable,
+        prompt_ids: list[int],
+        context: list[int],
+        tokenizer: TokenizerLike,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        incremental: bool,
+    ) -> None:
+        super().__init__(key, context, tokenizer, params.stop, incremental)  # type: ignore[arg-type]
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.generator = generator  # seeded rows draw from their own generator
+        self.steps = 0  # tokens chosen so far
+
+    def choice_key(self) -> tuple:
+        """Rows with the same key choose their next token in one choose_next call."""
+        p = self.params
+        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty)
+
+
+class BatchDecoder:
+    """Continuous batching: rows, each with its own SamplingParams, decode together in one
+    KV-cached batch that they join and leave between steps.
+
+    `add` queues a row (a prompt's token ids, its parameters and a key of the caller's);
+    `step` prefills the rows that joined since the last step into the running batch, picks
+    one token for every row and returns what each row produced (`DecodeEvent`). A row
+    leaves the batch when it ends (end token, stop string, max_new_tokens) or is cancelled,
+    without stalling the others. A row's text is the same as when it is decoded alone
+    (`generate` with its prompt and parameters): rows are left-padded and masked, each
+    seeded row draws from its own generator, rows with the same settings choose through
+    one `choose_next` call, and a row whose context fills the block is re-cropped on its
+    own, when it would be alone. (The sameness is that of `generate`'s batches: the matrix
+    products run at another batch size, which may round the last bit differently.)
+
+    Not thread-safe: one thread owns a decoder. `generate`, `stream` and `stream_batch`
+    run on it; the HTTP server's batcher feeds it requests from many clients.
+    """
+
+    def __init__(self, model: GPT, tokenizer: TokenizerLike) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.lm_head.weight.device
+        self._rows: list[_LiveRow] = []  # the running batch, in the cache's row order
+        self._joining: list[_LiveRow] = []  # added, prefilled at the next step
+        self._cache: KVCache | None = None
+        self._next: Tensor | None = None  # (B,) tokens chosen by the last step, not yet fed
+        self._seen: Tensor | None = None  # (B, V) bool: prompt + output tokens of each row
+        self.last_step_rows = 0  # rows that got a token in the last step (its batch size)
+
+    def __len__(self) -> int:
+        """Rows running or waiting to join."""
+        return len(self._rows) + len(self._joining)
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batch (those that joined at a step and have not ended)."""
+        return len(self._rows)
+
+    def add(
+        self,
+        key: Hashable,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stream: bool = True,
+    ) -> None:
+        """Queue a row; it joins the batch at the next `step`.
+
+        prompt_ids: the prompt's tokens (`encode_prompt`); empty starts from end-of-text,
+        else from a newline. stream: hand out text as it is produced (else at the row's
+        end, unless stop strings need it earlier). Raises RequestError for bad parameters
+        or token ids outside the vocabulary.
+        """
+        params.validate()
+        ids = [int(i) for i in prompt_ids]
+        vocab = self.model.cfg.vocab_size
+        if ids and not 0 <= min(ids) <= max(ids) < vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab}), the vocabulary")
+        eos = self.tokenizer.eos_id
+        context = ids or ([eos] if eos is not None else _newline(self.tokenizer))
+        if not context:
+            raise RequestError(
+                "the prompt is empty and this tokenizer has neither an end-of-text token "
+                "nor a newline to start from; give a prompt of at least one character"
+            )
+        generator = None
+        if params.seed is not None and params.temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        incremental = stream or bool(params.stop)
+        row = _LiveRow(key, ids, context, self.tokenizer, params, generator, incremental)
+        self._joining.append(row)
+
+    def cancel(self, key: Hashable) -> bool:
+        """Drop the row with this key (waiting or running); False if there is none."""
+        for i, row in enumerate(self._joining):
+            if row.index == key:
+                del self._joining[i]
+                return True
+        for b, row in enumerate(self._rows):
+            if row.index == key:
+                self._keep([i for i in range(len(self._rows)) if i != b])
+                return True
+        return False
+
+    @torch.inference_mode()
+    def step(self) -> list[DecodeEvent]:
+        """Admit the waiting rows, pick one token per row, feed it back; what each row did.
+
+        Only rows that produced text or ended have an event.
+        """
+        events, self.last_step_rows = [], 0
+        for row in [r for r in self._joining if r.params.max_new_tokens == 0]:
+            self._joining.remove(row)
+            events.append(DecodeEvent(row.index, "", "length", 0))
+        logits = self._feed() if self._rows else None  # (B, V)
+        if self._joining:
+            logits = self._admit(logits)
+        if not self._rows:
+            return events
+        nxt = self._choose(logits)  # (B,)
+        self.last_step_rows = len(nxt)
+        self._seen.scatter_(1, nxt[:, None], True)
+        eos, keep = self.tokenizer.eos_id, []
+        for b, (row, token) in enumerate(zip(self._rows, nxt.tolist(), strict=True)):
+            row.steps += 1
+            text = row.push(token) if token != eos else ""
+            if token == eos or row.done or row.steps == row.params.max_new_tokens:
+                text += row.finish()
+                reason = "stop" if token == eos or row.done else "length"
+                events.append(DecodeEvent(row.index, text, reason, row.steps))
+            else:
+                keep.append(b)
+                if text:
+                    events.append(DecodeEvent(row.index, text, None, row.steps))
+        self._next = nxt
+        self._keep(keep)
+        return events
+
+    # -- the batch ---------------------------------------------------------------------
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the rows at these batch positions."""
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._next, self._seen = [], None, None, None
+            return
+        keep_t = torch.tensor(keep, device=self.device)
+        self._rows = [self._rows[b] for b in keep]
+        self._cache.select(keep_t)
+        self._next = self._next[keep_t]
+        self._seen = self._seen[keep_t]
+
+    def _feed(self) -> Tensor:
+        """Feed each running row its last chosen token; next-token logits (B, V).
+
+        A row whose context fills the block starts again from its last block/2 tokens
+        (nanoGPT crops to the last block tokens at every step, at the cost of a full
+        forward), so each token sees between block/2 and block tokens of context.
+        """
+        cache, model = self._cache, self.model
+        if cache.length == cache.max_len:  # rows that left may have made room on the left
+            cache = self._cache = _join_caches(model, [cache])
+        if cache.length < cache.max_len:  # no row fills the block (rows have <= length tokens)
+            return model.forward_cached(self._next[:, None], cache, last_only=True)[:, -1]
+        if cache.n_real is None:  # no padding: every row is full
+            full = [True] * cache.batch_size
+        else:
+            full = (cache.n_real >= cache.max_len).tolist()
+        go_on = [b for b, f in enumerate(full) if not f]
+        crop = [b for b, f in enumerate(full) if f]
+        n = max(1, model.cfg.block_size // 2)
+        cropped = model.make_kv_cache(len(crop))
+        windows = [(self._rows[b].context + self._rows[b].ids)[-n:] for b in crop]
+        crop_logits = _prefill(model, cropped, windows)[:, -1]
+        order = torch.tensor(go_on + crop, device=self.device)
+        self._rows = [self._rows[b] for b in go_on + crop]
+        self._seen = self._seen[order]
+        if not go_on:
+            self._cache = cropped
+            return crop_logits
+        cache.select(torch.tensor(go_on, device=self.device))
+        cache = _join_caches(model, [cache])  # drop the padding columns: room to go on
+        logits = model.forward_cached(self._next[go_on][:, None], cache, last_only=True)[:, -1]
+        self._cache = _join_caches(model, [cache, cropped])
+        return torch.cat([logits, crop_logits])
+
+    def _admit(self, logits: Tensor | None) -> Tensor:
+        """Prefill the waiting rows and append them to the batch; logits of all rows."""
+        new, self._joining = self._joining, []
+        block, vocab = self.model.cfg.block_size, self.model.cfg.vocab_size
+        cache = self.model.make_kv_cache(len(new))
+        new_logits = _prefill(self.model, cache, [r.context[-block:] for r in new])[:, -1]
+        seen = torch.zeros(len(new), vocab, dtype=torch.bool, device=self.device)
+        for b, row in enumerate(new):
+            seen[b, row.prompt_ids] = True
+        if not self._rows:
+            self._rows, self._cache, self._seen = new, cache, seen
+            return new_logits
+        self._rows += new
+        self._cache = _join_caches(self.model, [self._cache, cache])
+        self._seen = torch.cat([self._seen, seen])
+        return torch.cat([logits, new_logits])
+
+    def _choose(self, logits: Tensor) -> Tensor:
+        """The next token of every row (B,), each row by its own parameters."""
+        groups: dict[tuple, list[int]] = {}
+        for b, row in enumerate(self._rows):
+            groups.setdefault(row.choice_key(), []).append(b)
+        nxt = torch.empty(len(self._rows), dtype=torch.long, device=self.device)
+        for rows in groups.values():
+            params = self._rows[rows[0]].params
+            generators = [self._rows[b].generator for b in rows]
+            if all(g is None for g in generators):
+                generators = None  # torch's global generator, drawn for the group at once
+            if len(groups) == 1:
+                sub, seen, index = logits, self._seen, slice(None)
+            else:
+                index = torch.tensor(rows, device=self.device)
+                sub, seen = logits[index], self._seen[index]
+            seen = seen if params.repetition_penalty != 1.0 else None
+            nxt[index] = choose_next(sub, params, generators, seen)
+        return nxt
+
+
 def _decode(
     model: GPT,
     tokenizer: TokenizerLike,
@@ -343,63 +621,10 @@ def _decode(
     """Yield (prompt index, text piece); without `stream` each row yields once, at its end."""
     if not prompt_ids or params.max_new_tokens == 0:
         return
-    block, vocab = model.cfg.block_size, model.cfg.vocab_size
-    # an empty prompt starts from end-of-text, else from a newline
-    start = [tokenizer.eos_id] if tokenizer.eos_id is not None else _newline(tokenizer)
-    contexts = [ids or start for ids in prompt_ids]
-    incremental = stream or bool(params.stop)
-    rows = [_Row(i, c, tokenizer, params.stop, incremental) for i, c in enumerate(contexts)]
-    eos = tokenizer.eos_id
-    device = model.lm_head.weight.device
-    generators = None  # one per row, all with the same seed: a row's text is its own
-    if params.seed is not None and params.temperature > 0:
-        generators = [
-            torch.Generator(device=device).manual_seed(params.seed) for _ in range(len(rows))
-        ]
-    seen = None  # (B, V) bool: tokens in prompt + output, for the repetition penalty
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
-        for b, ids in enumerate(prompt_ids):
-            seen[b, ids] = True
-
-    was_training = model.training
-    model.eval()
-    try:
-        cache = model.make_kv_cache(len(rows))
-        logits = _prefill(model, cache, [c[-block:] for c in contexts])  # (B, 1, V)
-        for step in range(params.max_new_tokens):
-            nxt = choose_next(logits[:, -1], params, generators, seen)  # (B,)
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
-            last_step = step == params.max_new_tokens - 1
-            keep = []  # batch positions of the rows that go on
-            for b, (row, token) in enumerate(zip(rows, nxt.tolist(), strict=True)):
-                if token != eos:
-                    delta = row.push(token)
-                    if delta:
-                        yield row.index, delta
-                if token == eos or row.done or last_step:
-                    delta = row.finish()
-                    if delta:
-                        yield row.index, delta
-                else:
-                    keep.append(b)
-            if not keep:
-                return
-            if len(keep) < len(rows):  # drop finished rows from the batch
-                rows = [rows[b] for b in keep]
-                keep_t = torch.tensor(keep, device=device)
-                cache.select(keep_t)
-                nxt = nxt[keep_t]
-                seen = None if seen is None else seen[keep_t]
-                generators = None if generators is None else [generators[b] for b in keep]
-            if cache.length < cache.max_len:
-                logits = model.forward_cached(nxt[:, None], cache, last_only=True)
-            else:
-                # Cache full: start again from the last block/2 tokens, so every token
-                # sees between block/2 and block tokens of context (nanoGPT crops to
-                # the last block tokens at every step, at the cost of a full forward).
-                n = max(1, block // 2)
-                logits = _prefill(model, cache, [(r.context + r.ids)[-n:] for r in rows])
-    finally:
-        model.train(was_training)
+    decoder = BatchDecoder(model, tokenizer)
+    for i, ids in enumerate(prompt_ids):
+        decoder.add(i, ids, params, stream)
+    while decoder:
+        for event in decoder.step():
+            if event.text:
+                yield event.key, event.text

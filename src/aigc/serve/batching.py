@@ -1,0 +1,316 @@
+"""Dynamic batching: requests for one model are decoded together by a worker thread.
+
+Each text model has a `TextBatcher`: a thread that owns the model's
+`aigc.sampling.BatchDecoder` and a bounded queue of waiting requests (`TextJob`).
+The event loop submits jobs and reads their results; it never runs the model.
+
+Continuous batching: between two decode steps the worker admits waiting rows
+(each prompt x n of a request is one row) while the batch has fewer than
+max_batch_size rows, and a row that ends leaves the batch at once, so a long
+request never holds up a short one. An idle model waits up to max_wait_ms for
+more requests before its first step, so requests that arrive together start
+together. A request with more rows than there is room for is admitted row by row.
+Results go back to the event loop through `loop.call_soon_threadsafe`, one
+call per job and step, in the order the decoder produced them.
+
+Image models have an `ImageRunner`: one thread per model that generates whole
+requests one after another (an image request is already a batch of n).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from aigc.sampling import BatchDecoder, DecodeEvent, SamplingParams
+from aigc.serve.metrics import ServeMetrics
+
+log = logging.getLogger("aigc.serve")
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """The model's queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, model: str, size: int, retry_after: int = 1):
+        self.retry_after = retry_after
+        super().__init__(
+            f"model {model!r} has {size} requests waiting, the most its queue holds "
+            f"(--queue-size); retry after {retry_after} s"
+        )
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new work."""
+
+
+class JobTimeout(Exception):
+    """A request did not finish within its time limit."""
+
+
+@dataclass
+class JobFailed:
+    """Sent to a job instead of events when its rows could not be decoded (a bug)."""
+
+    message: str
+
+
+_job_ids = itertools.count()
+
+
+class TextJob:
+    """One request: its rows (prompt ids, parameters), and its results as they come.
+
+    Made and read on the event loop; the worker thread posts to it.
+    """
+
+    def __init__(self, rows: list[tuple[list[int], SamplingParams]], stream: bool) -> None:
+        self.id = next(_job_ids)
+        self.rows = rows
+        self.stream = stream
+        self.loop = asyncio.get_running_loop()
+        self.created = time.monotonic()
+        self._results: asyncio.Queue[list[DecodeEvent] | JobFailed] = asyncio.Queue()
+        self._open = len(rows)  # rows not yet ended (read on the event loop)
+        # owned by the worker thread:
+        self.admitted = 0  # rows handed to the decoder
+        self.ended = 0  # rows that have ended
+        self.started = False  # time to first token observed
+
+    @property
+    def done(self) -> bool:
+        return self._open == 0
+
+    def post(self, item: list[DecodeEvent] | JobFailed) -> None:
+        """From the worker thread: hand results to the event loop."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self._results.put_nowait, item)
+
+    async def events(self, deadline: float) -> AsyncIterator[list[DecodeEvent]]:
+        """The job's events, a list per decode step, until every row has ended.
+
+        Raises JobTimeout past `deadline` (time.monotonic()) and RuntimeError when the
+        worker failed.
+        """
+        while self._open:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobTimeout
+            try:
+                item = await asyncio.wait_for(self._results.get(), left)
+            except TimeoutError:
+                raise JobTimeout from None
+            if isinstance(item, JobFailed):
+                self._open = 0
+                raise RuntimeError(item.message)
+            self._open -= sum(e.finish_reason is not None for e in item)
+            yield item
+
+
+class TextBatcher:
+    """The worker thread of one text model (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        decoder: BatchDecoder,
+        metrics: ServeMetrics,
+        max_batch_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+    ) -> None:
+        self.name = name
+        self.decoder = decoder
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.queue_size = queue_size
+        self._cond = threading.Condition()
+        self._waiting: deque[TextJob] = deque()  # jobs with rows not yet admitted
+        self._jobs: dict[int, TextJob] = {}  # jobs with rows in the decoder
+        self._cancelled: list[TextJob] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        metrics.queue_depth.labels(name).set_function(lambda: len(self._waiting))
+        metrics.running.labels(name).set_function(lambda: self.decoder.running)
+
+    # -- the event loop's side ---------------------------------------------------
+
+    def submit(self, job: TextJob) -> None:
+        """Queue a job; QueueFull when queue_size jobs wait already."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown(f"model {self.name!r} is shutting down")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(self.name, len(self._waiting))
+            self._waiting.append(job)
+            self._start()
+            self._cond.notify()
+
+    def cancel(self, job: TextJob) -> None:
+        """Forget a job whose client left or timed out; its rows leave the batch."""
+        with self._cond:
+            self._cancelled.append(job)
+            self._cond.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the worker; jobs still queued or running get an error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- the worker thread ---------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is None:  # started on first use, so an app that never serves owns none
+            self._thread = threading.Thread(
+                target=self._run, name=f"aigc-batcher-{self.name}", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self.decoder or self._cancelled or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                if not self.decoder and self._waiting and self.max_wait > 0:
+                    self._gather()
+                self._drop_cancelled()
+                started = self._admit()
+            if self.decoder:
+                self._step(started)
+        self._fail_all("the server is shutting down")
+
+    def _gather(self) -> None:
+        """An idle model: wait up to max_wait for more rows to batch with (lock held)."""
+        deadline = time.monotonic() + self.max_wait
+        while not self._stopping:
+            rows = sum(len(j.rows) - j.admitted for j in self._waiting)
+            left = deadline - time.monotonic()
+            if rows >= self.max_batch_size or left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _drop_cancelled(self) -> None:
+        for job in self._cancelled:
+            if job in self._waiting:
+                self._waiting.remove(job)
+            if self._jobs.pop(job.id, None) is not None:
+                for i in range(job.admitted):
+                    self.decoder.cancel((job.id, i))
+        self._cancelled.clear()
+
+    def _admit(self) -> list[TextJob]:
+        """Move waiting rows into the decoder while there is room, oldest job first."""
+        admitted = []
+        while self._waiting and len(self.decoder) < self.max_batch_size:
+            job = self._waiting[0]
+            while job.admitted < len(job.rows) and len(self.decoder) < self.max_batch_size:
+                ids, params = job.rows[job.admitted]
+                try:
+                    self.decoder.add((job.id, job.admitted), ids, params, stream=job.stream)
+                except Exception as e:  # the request was checked before it was queued
+                    log.exception("cannot add a row of request %d to %s", job.id, self.name)
+                    self._waiting.popleft()
+                    self._drop_rows(job)
+                    job.post(JobFailed(f"{type(e).__name__}: {e}"))
+                    break
+                job.admitted += 1
+                self._jobs[job.id] = job
+                admitted.append(job)
+            else:
+                if job.admitted == len(job.rows):
+                    self._waiting.popleft()
+        return admitted
+
+    def _drop_rows(self, job: TextJob) -> None:
+        self._jobs.pop(job.id, None)
+        for i in range(job.admitted):
+            self.decoder.cancel((job.id, i))
+
+    def _step(self, started: list[TextJob]) -> None:
+        try:
+            events = self.decoder.step()
+        except Exception as e:  # a bug: fail the batch, keep serving
+            log.exception("decoding failed on %s", self.name)
+            self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+            self.decoder = BatchDecoder(self.decoder.model, self.decoder.tokenizer)
+            return
+        now = time.monotonic()
+        rows = self.decoder.last_step_rows
+        if rows:
+            self.metrics.batch_size.labels(self.name).observe(rows)
+            self.metrics.tokens.labels(self.name).inc(rows)
+        for job in started:
+            if not job.started:
+                job.started = True
+                self.metrics.ttft.labels(self.name).observe(now - job.created)
+        by_job: dict[int, list[DecodeEvent]] = {}
+        for event in events:
+            job_id, choice = event.key
+            event.key = choice
+            by_job.setdefault(job_id, []).append(event)
+        for job_id, job_events in by_job.items():
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue
+            job.post(job_events)
+            job.ended += sum(e.finish_reason is not None for e in job_events)
+            if job.ended == len(job.rows):
+                del self._jobs[job_id]
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            jobs = list(self._jobs.values()) + [j for j in self._waiting if j.id not in self._jobs]
+            self._jobs.clear()
+            self._waiting.clear()
+        for job in jobs:
+            job.post(JobFailed(message))
+
+
+class ImageRunner:
+    """One thread per image model: requests run one after another, at most
+    queue_size waiting behind the one running."""
+
+    def __init__(self, name: str, metrics: ServeMetrics, queue_size: int) -> None:
+        self.name = name
+        self.queue_size = queue_size
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"aigc-images-{name}")
+        self._pending = 0  # submitted, not finished (event loop only)
+        self._stopping = False
+        metrics.queue_depth.labels(name).set_function(lambda: max(0, self._pending - 1))
+
+    async def run(self, fn: Callable[[], T], deadline: float) -> T:
+        """fn() on the model's thread; QueueFull, ShuttingDown or JobTimeout."""
+        if self._stopping:
+            raise ShuttingDown(f"model {self.name!r} is shutting down")
+        if self._pending > self.queue_size:
+            raise QueueFull(self.name, self._pending - 1)
+        self._pending += 1
+        future = self._executor.submit(fn)
+        try:
+            left = max(0.0, deadline - time.monotonic())
+            return await asyncio.wait_for(asyncio.wrap_future(future), left)
+        except TimeoutError:
+            future.cancel()  # if it has not started; a running one finishes unread
+            raise JobTimeout from None
+        finally:
+            self._pending -= 1
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._executor.shutdown(wait=True, cancel_futures=True)

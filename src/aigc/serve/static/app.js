@@ -1,0 +1,459 @@
+// The aigc playground: plain JavaScript over the OpenAI-style API of `aigc serve`.
+// No build step, no dependencies. Model text is only ever written as text
+// (textContent, text nodes), never parsed as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  key: $("api-key"),
+  form: $("controls"),
+  model: $("model"),
+  modelInfo: $("model-info"),
+  textControls: $("text-controls"),
+  imageControls: $("image-controls"),
+  prompt: $("prompt"),
+  promptLabel: $("prompt-label"),
+  promptHint: $("prompt-hint"),
+  maxTokens: $("max-tokens"),
+  temperature: $("temperature"),
+  n: $("n"),
+  labels: $("labels"),
+  seed: $("seed"),
+  generate: $("generate"),
+  stop: $("stop"),
+  reset: $("reset"),
+  results: $("results"),
+  status: $("status"),
+  chat: $("chat"),
+  output: $("output"),
+  images: $("images"),
+};
+
+const KEY_STORE = "aigc.apiKey";
+const MODEL_STORE = "aigc.model";
+
+const state = {
+  models: new Map(), // model id -> its entry in GET /v1/models
+  messages: [], // the conversation so far, [{role, content}], for a chat model
+  controller: null, // the AbortController of the request in flight
+  loads: 0, // counts model-list loads, so that only the latest one is shown
+};
+
+// ---------------------------------------------------------------------------
+// the API
+
+class ApiError extends Error {
+  constructor(message, status = 0, code = null) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** GET `path`, or POST `body` as JSON; the API key, if any, goes as a bearer token. */
+async function api(path, body, signal) {
+  const headers = { Accept: body && body.stream ? "text/event-stream" : "application/json" };
+  const key = el.key.value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const init = { method: "GET", headers, signal, cache: "no-store" };
+  if (body !== undefined) {
+    init.method = "POST";
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  if (!response.ok) throw await errorOf(response);
+  return response;
+}
+
+/** The API's errors are {"error": {"message", "type", "param", "code"}}. */
+async function errorOf(response) {
+  let message = `${response.status} ${response.statusText}`.trim();
+  let code = null;
+  try {
+    const body = await response.json();
+    if (body && body.error) {
+      message = body.error.message || message;
+      code = body.error.code ?? null;
+    }
+  } catch {
+    // not JSON (a proxy's page, say): the status line says enough
+  }
+  return new ApiError(message, response.status, code);
+}
+
+/**
+ * Yields the data of each server-sent event of `response`
+ * (https://html.spec.whatwg.org/multipage/server-sent-events.html): an event is
+ * a run of lines ended by a blank line, and its "data:" lines joined by newlines
+ * are its data. Comments (":...") and other fields are skipped.
+ */
+async function* serverSentEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let data = [];
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffer += decoder.decode(value, { stream: !done });
+      const lines = buffer.split("\n");
+      buffer = done ? "" : lines.pop(); // an unfinished line waits for the next chunk
+      for (let line of lines) {
+        if (line.endsWith("\r")) line = line.slice(0, -1);
+        if (line === "") {
+          if (data.length) yield data.join("\n");
+          data = [];
+          continue;
+        }
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let fieldValue = colon < 0 ? "" : line.slice(colon + 1);
+        if (fieldValue.startsWith(" ")) fieldValue = fieldValue.slice(1);
+        if (field === "data") data.push(fieldValue);
+      }
+      if (done) break;
+    }
+    if (data.length) yield data.join("\n"); // a last event without its blank line
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+/**
+ * POSTs a streaming request and calls `onPiece` with each new piece of text,
+ * which `pieceOf(choice)` reads from a chunk's first choice. Counts the pieces
+ * in `job.tokens` (or takes the server's own count where it sends `usage`).
+ */
+async function streamText(path, body, signal, job, pieceOf, onPiece) {
+  const response = await api(path, body, signal);
+  for await (const data of serverSentEvents(response)) {
+    signal.throwIfAborted(); // Stop ends the text now, even where the rest has arrived
+    if (data === "[DONE]") return;
+    const chunk = JSON.parse(data);
+    if (chunk.error) throw new ApiError(chunk.error.message || "the stream failed", 0, chunk.error.code);
+    if (chunk.usage && Number.isFinite(chunk.usage.completion_tokens)) {
+      job.usage = chunk.usage.completion_tokens;
+    }
+    const choice = chunk.choices && chunk.choices[0];
+    const piece = choice ? pieceOf(choice) : null;
+    if (piece) {
+      job.tokens += 1;
+      onPiece(piece);
+    }
+  }
+  throw new ApiError("the stream ended early, without [DONE]; see the server's log");
+}
+
+// ---------------------------------------------------------------------------
+// models
+
+function currentModel() {
+  return state.models.get(el.model.value) || null;
+}
+
+function describe(model) {
+  const a = model.aigc || {};
+  const parts = [a.kind, a.family];
+  if (a.chat) parts.push("chat");
+  if (a.conditional) parts.push(`conditional on ${Object.keys(a.classes || {}).join(", ")}`);
+  return [...new Set(parts.filter(Boolean))].join(" · ");
+}
+
+async function loadModels() {
+  const load = ++state.loads;
+  setStatus("loading models…");
+  let body;
+  try {
+    body = await (await api("/v1/models")).json();
+  } catch (error) {
+    if (load !== state.loads) return;
+    state.models = new Map();
+    el.model.replaceChildren();
+    showModel();
+    showError(error);
+    return;
+  }
+  if (load !== state.loads) return;
+  el.key.removeAttribute("aria-invalid");
+  const models = (body.data || []).filter((m) => m && m.id);
+  state.models = new Map(models.map((m) => [m.id, m]));
+  const wanted = el.model.value || sessionStorage.getItem(MODEL_STORE);
+  const groups = { text: "Text", image: "Images" };
+  const options = [];
+  for (const [kind, title] of Object.entries(groups)) {
+    const group = document.createElement("optgroup");
+    group.label = title;
+    for (const m of models.filter((m) => (m.aigc && m.aigc.kind) === kind)) {
+      group.append(new Option(m.id, m.id));
+    }
+    if (group.children.length) options.push(group);
+  }
+  for (const m of models.filter((m) => !(m.aigc && m.aigc.kind in groups))) {
+    options.push(new Option(m.id, m.id)); // a kind this page does not know: listed, not usable
+  }
+  el.model.replaceChildren(...options);
+  if (state.models.has(wanted)) el.model.value = wanted;
+  showModel();
+  setStatus(models.length ? "" : "This server serves no models.");
+}
+
+/** Shows the controls of the chosen model's kind; a new model starts a new conversation. */
+function showModel() {
+  const model = currentModel();
+  const a = (model && model.aigc) || {};
+  const text = a.kind === "text";
+  const image = a.kind === "image";
+  const chat = text && Boolean(a.chat);
+  if (model) sessionStorage.setItem(MODEL_STORE, model.id);
+  el.modelInfo.textContent = model ? describe(model) : "";
+  // A disabled fieldset's fields are neither validated nor submitted.
+  el.textControls.hidden = el.textControls.disabled = !text;
+  el.imageControls.hidden = el.imageControls.disabled = !image;
+  el.promptLabel.textContent = chat ? "Message" : "Prompt";
+  el.promptHint.textContent = chat ? "Enter sends; Shift+Enter starts a new line." : "Ctrl+Enter generates.";
+  el.generate.textContent = chat ? "Send" : "Generate";
+  el.reset.hidden = !chat;
+  el.chat.hidden = !chat;
+  el.output.hidden = !text || chat;
+  el.images.hidden = !image;
+  el.generate.disabled = !(text || image) || state.controller !== null;
+  buildLabels(image && a.conditional ? a.classes || {} : {});
+  resetOutputs();
+}
+
+/** One select per attribute the model is conditioned on, each with "any". */
+function buildLabels(classes) {
+  const fields = Object.entries(classes).map(([attribute, values], i) => {
+    const field = document.createElement("div");
+    field.className = "field";
+    const label = document.createElement("label");
+    label.htmlFor = `label-${i}`;
+    label.textContent = attribute;
+    const select = document.createElement("select");
+    select.id = `label-${i}`;
+    select.dataset.attribute = attribute;
+    select.append(new Option("any", ""));
+    for (const value of values) select.append(new Option(String(value), String(value)));
+    field.append(label, select);
+    return field;
+  });
+  el.labels.replaceChildren(...fields);
+  el.labels.hidden = fields.length === 0;
+}
+
+function resetOutputs() {
+  state.messages = [];
+  el.chat.replaceChildren();
+  el.output.replaceChildren();
+  el.images.replaceChildren();
+}
+
+// ---------------------------------------------------------------------------
+// generating
+
+function numberOf(input, parse) {
+  const raw = input.value.trim();
+  return raw === "" ? null : parse(raw);
+}
+
+function samplingParams(model) {
+  const params = {
+    model: model.id,
+    max_tokens: numberOf(el.maxTokens, (v) => parseInt(v, 10)),
+    temperature: numberOf(el.temperature, parseFloat),
+    stream: true,
+    stream_options: { include_usage: true }, // a last chunk with the server's token count
+  };
+  if (params.max_tokens === null) delete params.max_tokens; // the server's default
+  if (params.temperature === null) delete params.temperature;
+  const seed = numberOf(el.seed, (v) => parseInt(v, 10));
+  if (seed !== null) params.seed = seed;
+  return params;
+}
+
+/** Appends `piece` as text, keeping the view at the bottom if it was there. */
+function appendText(box, piece) {
+  const scroller = box.scrollHeight > box.clientHeight ? box : document.scrollingElement;
+  const atBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 24;
+  box.append(document.createTextNode(piece));
+  if (atBottom) scroller.scrollTop = scroller.scrollHeight;
+}
+
+async function complete(model, signal, job) {
+  const prompt = el.prompt.value;
+  const shown = document.createElement("span");
+  shown.className = "prompt";
+  shown.textContent = prompt;
+  el.output.replaceChildren(shown);
+  await streamText("/v1/completions", { ...samplingParams(model), prompt }, signal, job,
+    (choice) => choice.text, (piece) => appendText(el.output, piece));
+}
+
+function addTurn(role, content) {
+  const turn = document.createElement("div");
+  turn.className = `turn ${role}`;
+  const who = document.createElement("div");
+  who.className = "role";
+  who.textContent = role === "user" ? "You" : "Model";
+  const body = document.createElement("div");
+  body.className = "content";
+  body.textContent = content;
+  turn.append(who, body);
+  el.chat.append(turn);
+  turn.scrollIntoView({ block: "nearest" });
+  return { turn, body };
+}
+
+async function chat(model, signal, job) {
+  const text = el.prompt.value;
+  if (!text.trim()) throw new ApiError("Type a message first.");
+  const before = state.messages.length;
+  state.messages.push({ role: "user", content: text });
+  const asked = addTurn("user", text);
+  const reply = addTurn("assistant", "");
+  reply.turn.classList.add("pending");
+  el.prompt.value = "";
+  let answer = "";
+  try {
+    await streamText("/v1/chat/completions", { ...samplingParams(model), messages: state.messages },
+      signal, job, (choice) => choice.delta && choice.delta.content,
+      (piece) => { answer += piece; appendText(reply.body, piece); });
+  } catch (error) {
+    if (error.name === "AbortError" && answer) {
+      state.messages.push({ role: "assistant", content: answer }); // stopped: keep what came
+    } else {
+      // A failed turn is taken back, and the message put back to edit and resend.
+      state.messages.length = before;
+      asked.turn.remove();
+      reply.turn.remove();
+      el.prompt.value = text;
+    }
+    throw error;
+  } finally {
+    reply.turn.classList.remove("pending");
+  }
+  state.messages.push({ role: "assistant", content: answer });
+}
+
+async function images(model, signal, job) {
+  const body = { model: model.id, n: numberOf(el.n, (v) => parseInt(v, 10)), response_format: "b64_json" };
+  if (body.n === null) delete body.n;
+  const labels = {};
+  for (const select of el.labels.querySelectorAll("select")) {
+    if (select.value !== "") labels[select.dataset.attribute] = select.value;
+  }
+  if (Object.keys(labels).length) body.labels = labels;
+  const seed = numberOf(el.seed, (v) => parseInt(v, 10));
+  if (seed !== null) body.seed = seed;
+  const result = await (await api("/v1/images/generations", body, signal)).json();
+  const caption = Object.entries(labels).map(([k, v]) => `${k} ${v}`).join(", ");
+  const shown = (result.data || []).map((item, i) => {
+    const img = document.createElement("img");
+    img.alt = `sample ${i + 1}${caption ? ` (${caption})` : ""}`;
+    img.title = img.alt;
+    img.src = `data:image/png;base64,${item.b64_json}`;
+    return img;
+  });
+  el.images.replaceChildren(...shown);
+  job.images = shown.length;
+}
+
+function summary(job, seconds) {
+  const count = job.kind === "image"
+    ? `${job.images} image${job.images === 1 ? "" : "s"}`
+    : `${job.usage ?? job.tokens} token${(job.usage ?? job.tokens) === 1 ? "" : "s"}`;
+  return `${count}, ${seconds.toFixed(1)} s`;
+}
+
+async function onGenerate(event) {
+  event.preventDefault();
+  const model = currentModel();
+  if (!model || state.controller || !el.form.reportValidity()) return;
+  const a = model.aigc || {};
+  const run = a.kind === "image" ? images : a.chat ? chat : complete;
+  const job = { kind: a.kind, tokens: 0, usage: null, images: 0 };
+  const controller = new AbortController();
+  state.controller = controller;
+  setBusy(true);
+  setStatus("generating…");
+  const started = performance.now();
+  try {
+    await run(model, controller.signal, job);
+    setStatus(`done (${summary(job, (performance.now() - started) / 1000)})`);
+  } catch (error) {
+    if (error.name === "AbortError") {
+      setStatus(`stopped (${summary(job, (performance.now() - started) / 1000)})`);
+    } else {
+      showError(error);
+    }
+  } finally {
+    state.controller = null;
+    setBusy(false);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// status and wiring
+
+function setStatus(message, kind = "") {
+  el.status.textContent = message;
+  el.status.className = kind;
+}
+
+function showError(error) {
+  if (error.status === 401) {
+    const key = el.key.value.trim();
+    el.key.setAttribute("aria-invalid", "true");
+    setStatus(key
+      ? `The server refused this API key (${error.message}). Check the key in the “API key” field above.`
+      : "This server needs an API key: type it in the “API key” field above.", "error");
+    if (document.activeElement === document.body) el.key.focus();
+    return;
+  }
+  setStatus(error.name === "ApiError" ? error.message : `Error: ${error.message}`, "error");
+}
+
+function setBusy(busy) {
+  el.results.setAttribute("aria-busy", String(busy));
+  el.generate.disabled = busy || !currentModel();
+  el.stop.disabled = !busy;
+  el.model.disabled = busy;
+  el.reset.disabled = busy;
+}
+
+let keyTimer = null;
+function onKeyChanged() {
+  clearTimeout(keyTimer);
+  const key = el.key.value.trim();
+  if (key) sessionStorage.setItem(KEY_STORE, key);
+  else sessionStorage.removeItem(KEY_STORE);
+  keyTimer = setTimeout(loadModels, 300); // once typing pauses
+}
+
+el.key.value = sessionStorage.getItem(KEY_STORE) || "";
+el.key.addEventListener("input", onKeyChanged);
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault(); // Enter in the key field: load the models now
+  clearTimeout(keyTimer);
+  loadModels();
+});
+el.model.addEventListener("change", showModel);
+el.form.addEventListener("submit", onGenerate);
+el.stop.addEventListener("click", () => state.controller && state.controller.abort());
+el.reset.addEventListener("click", () => {
+  resetOutputs();
+  setStatus("");
+  el.prompt.focus();
+});
+el.prompt.addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || event.isComposing) return;
+  const chatting = Boolean((currentModel() || {}).aigc?.chat);
+  if (event.ctrlKey || event.metaKey || (chatting && !event.shiftKey)) {
+    event.preventDefault();
+    el.form.requestSubmit();
+  }
+});
+loadModels();
