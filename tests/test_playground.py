@@ -1,0 +1,310 @@
+"""The web playground of `aigc serve` in a real browser: streamed text, chat, images, keys.
+
+Debian's headless Chromium (/usr/bin/chromium, `make browser`) driven by Playwright;
+no browser is downloaded. The page runs under its own Content-Security-Policy, so a
+script or style it could not load would show here as a console error. Screenshots
+of the text and image views are written to artifacts/ at the repository root.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+import aigc
+from aigc.serve.app import create_app
+from aigc.serve.settings import ServeSettings
+
+from .conftest import RECIPE, ROOT, TINY
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed; `make browser` installs Debian's "
+    "(apt-get install -y --no-install-recommends chromium)",
+)
+
+ARTIFACTS = ROOT / "artifacts"
+CGAN = str(ROOT / "configs" / "cgan-digits.yaml")
+CGAN_TINY = ["model.z_dim=16", "model.g_width=8", "model.d_width=8", "train.batch_size=16",
+             "train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=0",
+             "data.eval_metrics=[]", "data.eval_samples=10"]  # fmt: skip
+KEY = "playground-test-key"
+PROMPT = "The "
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Tiny models run fastest on one thread (see conftest.one_torch_thread)."""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT, its chat fine-tune and a tiny conditional GAN, each a few steps."""
+    root = tmp_path_factory.mktemp("playground")
+    gpt, chat, cgan = root / "gpt", root / "chat", root / "cgan"
+    aigc.train(RECIPE, [*TINY, "train.max_steps=3", "train.eval_every=0"], run_dir=gpt,
+               progress=False)  # fmt: skip
+    aigc.finetune(gpt, ["train.max_steps=2", "train.batch_size=4"], task="chat", run_dir=chat,
+                  progress=False)  # fmt: skip
+    aigc.train(CGAN, CGAN_TINY, run_dir=cgan, progress=False)
+    return {"gpt": gpt, "chat": chat, "cgan": cgan}
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Serves `app` with uvicorn on a free local port in a thread; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # bound here, so the port cannot be taken meanwhile
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(runs) -> Iterator[str]:
+    with serving(create_app(list(runs.values()))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_server(runs) -> Iterator[str]:
+    with serving(create_app([runs["cgan"]], ServeSettings(api_keys=[KEY]))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator[Page]:
+    """A fresh tab (its own sessionStorage); fails the test on a script error or a
+    Content-Security-Policy violation."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text
+            else None)  # fmt: skip
+    yield page
+    context.close()
+    assert not problems, problems
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def choose(page: Page, model: str) -> None:
+    expect(page.locator(f"#model option[value='{model}']")).to_be_attached()
+    page.select_option("#model", model)
+
+
+DONE = re.compile(r"^done \((\d+) (tokens?|images?), \d+\.\d s\)$")
+
+# Records, per MutationObserver callback on #output, when it ran and the text's length.
+OBSERVE = """() => {
+  window.seen = [];
+  const output = document.getElementById("output");
+  new MutationObserver(() => window.seen.push([performance.now(), output.textContent.length]))
+    .observe(output, {childList: true, characterData: true, subtree: true});
+}"""
+
+
+# Presses Stop as soon as #output holds more than the prompt.
+STOP_AT_FIRST_PIECE = """prompt => {
+  const output = document.getElementById("output");
+  const observer = new MutationObserver(() => {
+    if (output.textContent.length > prompt.length) {
+      observer.disconnect();
+      document.getElementById("stop").click();
+    }
+  });
+  observer.observe(output, {childList: true, characterData: true, subtree: true});
+}"""
+
+# When each response of a path had come whole (ms, performance.now()'s clock).
+RESPONSE_ENDS = """path => performance.getEntriesByType("resource")
+  .filter(e => new URL(e.name).pathname === path).map(e => e.responseEnd)"""
+
+
+def test_text_streams_into_the_page_and_stop_ends_it(page, server):
+    page.goto(server + "/")
+    choose(page, "gpt")
+    expect(page.locator("#prompt")).to_be_visible()
+    expect(page.locator("#images")).to_be_hidden()
+    expect(page.locator("#max-tokens")).to_have_value("200")
+    expect(page.locator("#temperature")).to_have_value("0.8")
+    page.fill("#prompt", PROMPT)
+    page.fill("#seed", "7")
+    with page.expect_request("**/v1/completions") as sent:
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    assert sent.value.post_data_json == {
+        "model": "gpt", "prompt": PROMPT, "max_tokens": 200, "temperature": 0.8, "seed": 7,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    assert sent.value.response().headers["content-type"].startswith("text/event-stream")
+    text = page.text_content("#output")
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT) + 20, text
+    shot(page, "playground-text.png")
+
+    # The same seed gives the same text again.
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    assert page.text_content("#output") == text
+
+    # Streamed: a long text grew piece by piece, and its first piece was on the page
+    # before the response's last byte had arrived (both times on the page's clock).
+    page.fill("#max-tokens", "2000")
+    page.fill("#seed", "")
+    page.evaluate(OBSERVE)
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    seen = page.evaluate("window.seen")
+    lengths = [n for _, n in seen]
+    assert len(seen) > 5 and lengths == sorted(lengths)
+    assert lengths[-1] == len(page.text_content("#output"))
+    response_end = page.evaluate(RESPONSE_ENDS, "/v1/completions")[-1]
+    assert seen[1][0] < response_end, (seen[:3], response_end)  # seen[0]: the prompt
+
+    # Stop, pressed as the first piece shows, ends the text there and keeps it.
+    page.evaluate(STOP_AT_FIRST_PIECE, PROMPT)
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(re.compile(r"^stopped \(1 token, "))
+    expect(page.locator("#generate")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
+    assert len(page.text_content("#output")) == len(PROMPT) + 1  # one character's token
+
+    # A value the server refuses: its message, shown as an error.
+    page.fill("#max-tokens", "100000")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_class("error")
+    expect(page.locator("#status")).to_contain_text("max_tokens")
+
+
+def test_a_chat_model_keeps_the_conversation(page, server):
+    page.goto(server + "/")
+    choose(page, "chat")
+    expect(page.locator("#reset")).to_be_visible()
+    expect(page.locator("#output")).to_be_hidden()
+    page.fill("#max-tokens", "30")
+    page.fill("#seed", "1")
+    page.fill("#prompt", "What does <b>pass</b> do?")
+    with page.expect_request("**/v1/chat/completions") as first:
+        page.press("#prompt", "Enter")
+    expect(page.locator("#status")).to_have_text(DONE)
+    turns = page.locator("#chat .turn")
+    expect(turns).to_have_count(2)
+    # Text stays text: the markup typed is shown, not parsed.
+    expect(turns.nth(0).locator(".content")).to_have_text("What does <b>pass</b> do?")
+    assert page.locator("#chat b").count() == 0
+    answer = turns.nth(1).locator(".content").text_content()
+    assert first.value.post_data_json["messages"] == [
+        {"role": "user", "content": "What does <b>pass</b> do?"}
+    ]
+    expect(page.locator("#prompt")).to_have_value("")
+
+    page.fill("#prompt", "And del?")
+    with page.expect_request("**/v1/chat/completions") as second:
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    expect(turns).to_have_count(4)
+    assert second.value.post_data_json["messages"] == [
+        {"role": "user", "content": "What does <b>pass</b> do?"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And del?"},
+    ]
+    page.click("#reset")
+    expect(turns).to_have_count(0)
+
+
+def test_images_come_as_a_grid_of_decoded_pngs(page, server):
+    page.goto(server + "/")
+    choose(page, "cgan")
+    expect(page.locator("#prompt")).to_be_hidden()
+    expect(page.locator("#n")).to_have_value("16")
+    select = page.locator("#labels select")
+    expect(select).to_have_count(1)
+    expect(page.locator("#labels label")).to_have_text("class")
+    options = select.locator("option").all_text_contents()
+    assert options == ["any", *(str(d) for d in range(10))]
+    select.select_option("3")
+    page.fill("#seed", "5")
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    assert sent.value.post_data_json == {
+        "model": "cgan", "n": 16, "labels": {"class": "3"}, "seed": 5,
+        "response_format": "b64_json",
+    }  # fmt: skip
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#images img')].every(i => i.complete)"
+    )
+    sizes = page.eval_on_selector_all(
+        "#images img", "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])"
+    )
+    assert sizes == [[32, 32]] * 16
+    shot(page, "playground-image.png")
+
+    page.fill("#n", "17")  # over the server's --max-n
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_class("error")
+    expect(page.locator("#status")).to_contain_text("n=17 must be in [1, 16]")
+
+
+def test_a_server_with_keys_asks_for_one_and_works_with_it(page, keyed_server):
+    page.goto(keyed_server + "/")
+    status = page.locator("#status")
+    expect(status).to_have_text(re.compile("needs an API key"))
+    expect(status).to_have_class("error")
+    expect(page.locator("#model option")).to_have_count(0)
+
+    page.fill("#api-key", "wrong-key")
+    expect(status).to_have_text(re.compile("refused this API key"))
+
+    page.fill("#api-key", KEY)
+    choose(page, "cgan")
+    expect(status).to_have_text("")
+    page.fill("#n", "2")
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#generate")
+    expect(status).to_have_text(DONE)
+    assert sent.value.headers["authorization"] == f"Bearer {KEY}"
+    expect(page.locator("#images img")).to_have_count(2)
+
+    # The key is kept for the tab: a reload loads the models without asking again.
+    page.reload()
+    choose(page, "cgan")
+    expect(page.locator("#api-key")).to_have_value(KEY)
+    expect(status).not_to_have_class("error")
