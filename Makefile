@@ -46,6 +46,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_memory.py
 	$(BIN)/python benchmarks/gan_train.py
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/downstream.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

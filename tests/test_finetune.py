@@ -116,7 +116,8 @@ def test_finetune_bad_input_is_refused_before_training(base_run, code_dir, tmp_p
                                 "train.max_steps=1", "data.eval_samples=10",
                                 "data.eval_metrics=[]"], run_dir=gan, progress=False)  # fmt: skip
     r = run_cli("finetune", str(gan), "--run-dir", str(tmp_path / "d"))
-    assert r.returncode == 2 and "needs a GPT run" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "needs a GPT language model run" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_export_merge_writes_a_plain_run_with_equal_outputs(base_run, code_dir, tmp_path):
