@@ -220,6 +220,34 @@ def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
     return longest
 
 
+class _MemoDecode:
+    """A tokenizer's `decode`, remembered for runs of up to `max_ids` ids.
+
+    Incremental decoding decodes one or two new ids per row and step, mostly runs seen
+    before, and a tokenizer's call (numpy for the char tokenizer) costs far more than a
+    dictionary look-up, in the thread that must share the GIL with the server's event
+    loop. Decoding is a pure function of the ids, so the text is the same. At most
+    `max_entries` runs are kept; then it starts over.
+    """
+
+    def __init__(self, tokenizer: TokenizerLike, max_ids: int = 4, max_entries: int = 16_384):
+        self.tokenizer = tokenizer
+        self.max_ids = max_ids
+        self.max_entries = max_entries
+        self._texts: dict[tuple[int, ...], str] = {}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if len(ids) > self.max_ids:
+            return self.tokenizer.decode(ids)
+        key = tuple(ids)
+        text = self._texts.get(key)
+        if text is None:
+            if len(self._texts) >= self.max_entries:
+                self._texts.clear()
+            text = self._texts[key] = self.tokenizer.decode(ids)
+        return text
+
+
 class _Row:
     """One prompt's continuation: its tokens, its text, and what has been sent.
 
@@ -234,7 +262,7 @@ class _Row:
         self,
         index: int,
         context: list[int],
-        tokenizer: TokenizerLike,
+        tokenizer: TokenizerLike | _MemoDecode,  # only its decode is used
         stop: Sequence[str],
         incremental: bool,
     ) -> None:
@@ -389,7 +417,7 @@ class _LiveRow(_Row):
         key: Hashable,
         prompt_ids: list[int],
         context: list[int],
-        tokenizer: TokenizerLike,
+        tokenizer: TokenizerLike | _MemoDecode,
         params: SamplingParams,
         generator: torch.Generator | None,
         incremental: bool,
@@ -428,6 +456,7 @@ class BatchDecoder:
     def __init__(self, model: GPT, tokenizer: TokenizerLike) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self._text = _MemoDecode(tokenizer)  # what rows decode their tokens with
         self.device = model.lm_head.weight.device
         self._rows: list[_LiveRow] = []  # the running batch, in the cache's row order
         self._joining: list[_LiveRow] = []  # added, prefilled at the next step
@@ -475,7 +504,7 @@ class BatchDecoder:
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         incremental = stream or bool(params.stop)
-        row = _LiveRow(key, ids, context, self.tokenizer, params, generator, incremental)
+        row = _LiveRow(key, ids, context, self._text, params, generator, incremental)
         self._joining.append(row)
 
     def cancel(self, key: Hashable) -> bool:

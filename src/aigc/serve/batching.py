@@ -11,7 +11,9 @@ request never holds up a short one. An idle model waits up to max_wait_ms for
 more requests before its first step, so requests that arrive together start
 together. A request with more rows than there is room for is admitted row by row.
 Results go back to the event loop through `loop.call_soon_threadsafe`, one
-call per job and step, in the order the decoder produced them.
+call per step for all the jobs it served, in the order the decoder produced
+them: each call writes to the loop's wake-up socket and then waits for the GIL,
+which per job and step took a large share of the worker's time at 16 rows.
 
 Image models have an `ImageRunner`: one thread per model that generates whole
 requests one after another (an image request is already a batch of n).
@@ -64,6 +66,9 @@ class JobFailed:
     message: str
 
 
+_EXPIRED = object()  # put in a job's queue at its deadline, to wake a waiting reader
+
+
 _job_ids = itertools.count()
 
 
@@ -79,7 +84,7 @@ class TextJob:
         self.stream = stream
         self.loop = asyncio.get_running_loop()
         self.created = time.monotonic()
-        self._results: asyncio.Queue[list[DecodeEvent] | JobFailed] = asyncio.Queue()
+        self._results: asyncio.Queue[list[DecodeEvent] | JobFailed | object] = asyncio.Queue()
         self._open = len(rows)  # rows not yet ended (read on the event loop)
         # owned by the worker thread:
         self.admitted = 0  # rows handed to the decoder
@@ -101,19 +106,38 @@ class TextJob:
         Raises JobTimeout past `deadline` (time.monotonic()) and RuntimeError when the
         worker failed.
         """
-        while self._open:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise JobTimeout
-            try:
-                item = await asyncio.wait_for(self._results.get(), left)
-            except TimeoutError:
-                raise JobTimeout from None
-            if isinstance(item, JobFailed):
-                self._open = 0
-                raise RuntimeError(item.message)
-            self._open -= sum(e.finish_reason is not None for e in item)
-            yield item
+        # one timer for the whole job, not asyncio.wait_for per step: that makes a
+        # task and a timer for every token of every row
+        timer = self.loop.call_later(
+            max(0.0, deadline - time.monotonic()), self._results.put_nowait, _EXPIRED
+        )
+        try:
+            while self._open:
+                if time.monotonic() >= deadline:
+                    raise JobTimeout
+                item = await self._results.get()
+                if item is _EXPIRED:
+                    raise JobTimeout
+                if isinstance(item, JobFailed):
+                    self._open = 0
+                    raise RuntimeError(item.message)
+                self._open -= sum(e.finish_reason is not None for e in item)
+                yield item
+        finally:
+            timer.cancel()
+
+
+def _post_many(
+    loop: asyncio.AbstractEventLoop, deliveries: list[tuple[TextJob, list[DecodeEvent]]]
+) -> None:
+    """From the worker thread: hand the events of one step to their jobs, in one call."""
+
+    def deliver() -> None:
+        for job, events in deliveries:
+            job._results.put_nowait(events)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+        loop.call_soon_threadsafe(deliver)
 
 
 class TextBatcher:
@@ -264,14 +288,17 @@ class TextBatcher:
             job_id, choice = event.key
             event.key = choice
             by_job.setdefault(job_id, []).append(event)
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[TextJob, list[DecodeEvent]]]] = {}
         for job_id, job_events in by_job.items():
             job = self._jobs.get(job_id)
             if job is None:
                 continue
-            job.post(job_events)
+            deliveries.setdefault(job.loop, []).append((job, job_events))
             job.ended += sum(e.finish_reason is not None for e in job_events)
             if job.ended == len(job.rows):
                 del self._jobs[job_id]
+        for loop, items in deliveries.items():
+            _post_many(loop, items)
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
