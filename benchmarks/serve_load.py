@@ -15,13 +15,12 @@ median RSS of the first and the last quarter, to show that memory stays flat.
     python benchmarks/serve_load.py                          # 1 and 16 clients, 30 s each
     python benchmarks/serve_load.py --seconds 20 --clients 1,16
     python benchmarks/serve_load.py --seconds 20 --minutes 2  # and a 2-minute soak
-    python benchmarks/serve_load.py --torch-threads 1        # server with OMP_NUM_THREADS=1
+    python benchmarks/serve_load.py --torch-threads 2        # the server's torch threads
 
 The run (``--run``, default runs/quickstart) is trained first when missing (a 60 s
 gpt-pydoc-char). The clients share the machine with the server, so on a small machine
-the figures include their cost too; there torch's intra-op threads (one per core by
-default) compete with the server's event loop and the clients, which ``--torch-threads
-1`` avoids.
+the figures include their cost too. The server leaves one core to its event loop (its
+``--torch-threads`` default); ``--torch-threads N`` sets the server's torch threads.
 """
 
 from __future__ import annotations
@@ -60,11 +59,9 @@ def start_server(run: Path, port: int, args: argparse.Namespace, log) -> subproc
     """`aigc serve RUN` in a subprocess; returns once GET /health answers 200."""
     cmd = [sys.executable, "-m", "aigc", "serve", str(run), "--port", str(port),
            "--device", args.device, "--log-level", "warning",
-           "--max-tokens", str(max(args.max_tokens, 2048))]  # fmt: skip
-    env = dict(os.environ)
-    if args.torch_threads:  # torch's intra-op threads in the server (its default: one a core)
-        env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+           "--max-tokens", str(max(args.max_tokens, 2048)),
+           "--torch-threads", str(args.torch_threads)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -311,7 +308,10 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=0, help="then a soak this long (0: none)")
     ap.add_argument("--device", default="auto", help="the server's --device")
     ap.add_argument(
-        "--torch-threads", type=int, default=0, help="OMP_NUM_THREADS of the server (0: unset)"
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="the server's --torch-threads (0: its default, one per core but one)",
     )
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]

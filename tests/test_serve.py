@@ -822,3 +822,14 @@ def test_sigterm_lets_a_streaming_request_finish_then_exits_0(runs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_torch_threads_setting_is_checked_and_leaves_a_core_by_default():
+    from aigc.errors import ConfigError
+    from aigc.serve.settings import ServeSettings
+
+    with pytest.raises(ConfigError, match="--torch-threads"):
+        ServeSettings(torch_threads=-1).validate()
+    assert ServeSettings(torch_threads=3).threads() == 3
+    cores = len(os.sched_getaffinity(0))
+    assert ServeSettings().threads() == max(1, cores - 1)

@@ -97,6 +97,13 @@ def serve_command(
     device: Annotated[
         str, typer.Option(envvar=_env("device"), help="auto, cpu, cuda or mps.")
     ] = _D.device,
+    torch_threads: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("torch_threads"),
+            help="CPU: torch threads for the models (0: one per core but one, left to HTTP).",
+        ),
+    ] = _D.torch_threads,
     log_level: Annotated[
         str, typer.Option(help="debug, info (one line per request), warning or error.")
     ] = "info",
@@ -114,6 +121,7 @@ def serve_command(
         max_prompt_tokens=max_prompt_tokens, max_prompt_chars=max_prompt_chars,
         max_body_bytes=max_body_bytes, queue_size=queue_size,
         request_timeout_s=request_timeout, grace_seconds=grace_seconds, device=device,
+        torch_threads=torch_threads,
     )  # fmt: skip
     settings.validate()
     if log_level not in ("debug", "info", "warning", "error"):
@@ -121,6 +129,10 @@ def serve_command(
     sock = bind(settings.host, settings.port)  # before loading: a taken port fails fast
     from aigc.serve.app import create_app
 
+    if settings.device in ("auto", "cpu"):  # on a GPU the host threads matter little
+        import torch
+
+        torch.set_num_threads(settings.threads())
     app = create_app(runs, settings)
     service = app.state.aigc
     shown_host, shown_port = sock.getsockname()[:2]

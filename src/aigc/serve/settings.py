@@ -24,6 +24,7 @@ OPTIONS = {
     "request_timeout_s": ("--request-timeout", "AIGC_REQUEST_TIMEOUT"),
     "grace_seconds": ("--grace-seconds", "AIGC_GRACE_SECONDS"),
     "device": ("--device", "AIGC_DEVICE"),
+    "torch_threads": ("--torch-threads", "AIGC_TORCH_THREADS"),
 }
 API_KEYS_FILE_ENV = "AIGC_API_KEYS_FILE"
 
@@ -46,6 +47,18 @@ class ServeSettings:
     request_timeout_s: float = 300.0  # from arrival to the last byte of the answer
     grace_seconds: float = 30.0  # on SIGTERM, time for requests in flight to finish
     device: str = "auto"  # where models run: auto, cpu, cuda, mps
+    # torch's intra-op threads; 0 = on CPU one per core but one, which is left to the event
+    # loop and the HTTP work (on 2 cores, 1 thread doubled the tokens/s of the default 2)
+    torch_threads: int = 0
+
+    def threads(self) -> int | None:
+        """The torch thread count to set on a CPU device, or None to leave torch's own."""
+        if self.torch_threads:
+            return self.torch_threads
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) - 1)
 
     def validate(self) -> None:
         """ConfigError naming the first bad setting, its flag and its variable."""
@@ -59,6 +72,12 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "an integer of at least 1")
+        if (
+            isinstance(self.torch_threads, bool)
+            or not isinstance(self.torch_threads, int)
+            or (self.torch_threads < 0)
+        ):
+            raise bad("torch_threads", "an integer of at least 0 (0: one per core but one)")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise bad("port", "an integer in [0, 65535]")
         if not 0 <= self.port <= 65535:
