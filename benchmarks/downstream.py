@@ -71,17 +71,10 @@ def classification(base: Path, runs: Path, steps: int, rank: int) -> None:
 
 def _held_out_questions(gen) -> list[tuple[list[dict], str]]:
     """(messages up to the last answer, that answer) of each held-out conversation."""
-    import numpy as np
+    from aigc.tasks.chat import split_chat_data
 
-    from aigc.tasks.chat import read_chat_data
-
-    d = gen.config.data
-    conversations, _ = read_chat_data(d)
-    order = np.random.default_rng(d.split_seed).permutation(len(conversations))
-    n_val = max(1, round(len(conversations) * d.val_fraction))
     out = []
-    for i in sorted(order[:n_val].tolist()):
-        conv = conversations[i]
+    for conv in split_chat_data(gen.config.data)[1]:
         last = max(j for j, m in enumerate(conv) if m.role == "assistant")
         out.append(([m.to_dict() for m in conv[:last]], conv[last].content))
     return out

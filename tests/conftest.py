@@ -69,3 +69,35 @@ def run_cli(
         input=input_text,
         stdin=None if input_text is not None else subprocess.DEVNULL,
     )
+
+
+@pytest.fixture(scope="session")
+def serve_runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
+    """Tiny runs for the service's tests, trained once a session: gpt, chat (fine-tuned from
+    it on a few conversations), cgan (conditional, digits) and vae (unconditional)."""
+    import json
+    import warnings
+
+    import aigc
+
+    root = tmp_path_factory.mktemp("serve-runs")
+    aigc.train(RECIPE, [*TINY, f"data.path={corpus_file}", "train.max_steps=3",
+                        "train.eval_every=0"], run_dir=root / "gpt", progress=False)  # fmt: skip
+    chats = root / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"question {i} about lists?"},
+                          {"role": "assistant", "content": "yes."}]} for i in range(8)]  # fmt: skip
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    aigc.finetune(root / "gpt", [f"data.path={chats}", "train.max_steps=2", "train.batch_size=4"],
+                  task="chat", run_dir=root / "chat", progress=False)  # fmt: skip
+    image = ["train.batch_size=16", "train.max_steps=2", "train.checkpoint_every=2",
+             "train.sample_every=0", "train.eval_every=0", "data.eval_samples=10"]  # fmt: skip
+    tiny = {
+        "cgan": ("cgan-digits", ["model.z_dim=16", "model.g_width=8", "model.d_width=8"]),
+        "vae": ("vae-mlp-digits", ["data.image_size=16", "model.hidden=[16]", "model.z_dim=4"]),
+    }
+    with warnings.catch_warnings():  # FID of 10 samples: a singular covariance
+        warnings.simplefilter("ignore")
+        for name, (recipe, model) in tiny.items():
+            aigc.train(ROOT / "configs" / f"{recipe}.yaml", [*model, *image],
+                       run_dir=root / name, progress=False)  # fmt: skip
+    return {name: root / name for name in ("gpt", "chat", "cgan", "vae")}

@@ -117,7 +117,7 @@ def test_chat_finetune_grows_the_embedding_and_masks_the_loss(base_run, tmp_path
     assert torch.equal(wte[:V], old) and torch.allclose(wte[V:], old.mean(0).expand(4, -1))
     # targets: exactly the assistant tokens (contents and end markers), each once
     task = chat.task
-    task.splits = {s: task._load_split(s) for s in ("train", "val")}
+    task.load_data()
     meta = json.loads((Path(out.run_dir) / "data" / "meta.json").read_text())
     _, y = task._batch("val", np.arange(len(task.splits["val"][2])))
     kept = y[y >= 0]

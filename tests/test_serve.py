@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,33 +30,11 @@ from aigc.errors import ConfigError
 from aigc.serve.app import create_app, prompt_to_labels
 from aigc.serve.settings import ServeSettings
 
-from .conftest import RECIPE, ROOT, TINY, run_cli
+from .conftest import ROOT, run_cli
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-GAN_TINY = [
-    "model.z_dim=16",
-    "model.g_width=8",
-    "model.d_width=8",
-    "train.batch_size=16",
-    "train.max_steps=2",
-    "train.checkpoint_every=2",
-    "train.sample_every=0",
-    "train.eval_every=0",
-    "data.eval_samples=10",
-]
-VAE_TINY = [
-    "data.image_size=16",
-    "model.hidden=[16]",
-    "model.z_dim=4",
-    "train.batch_size=16",
-    "train.max_steps=2",
-    "train.checkpoint_every=2",
-    "train.sample_every=0",
-    "train.eval_every=0",
-    "data.eval_samples=10",
-]
 SETTINGS = dict(
     device="cpu",
     max_batch_size=8,
@@ -76,44 +53,8 @@ def _one_thread(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
-    """Tiny runs, each trained for a few steps: gpt, chat (fine-tuned from it), cgan
-    (conditional, digits), vae (unconditional)."""
-    root = tmp_path_factory.mktemp("runs")
-    aigc.train(
-        RECIPE,
-        [*TINY, f"data.path={corpus_file}", "train.max_steps=3", "train.eval_every=0"],
-        run_dir=root / "gpt",
-        progress=False,
-    )
-    chats = root / "chats.jsonl"
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"question {i} about lists?"},
-                {"role": "assistant", "content": "yes."},
-            ]
-        }
-        for i in range(8)
-    ]
-    chats.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    aigc.finetune(
-        root / "gpt",
-        [f"data.path={chats}", "train.max_steps=2", "train.batch_size=4"],
-        task="chat",
-        run_dir=root / "chat",
-        progress=False,
-    )
-    with warnings.catch_warnings():  # FID of 10 samples: a singular covariance
-        warnings.simplefilter("ignore")
-        for name, recipe, tiny in (
-            ("cgan", "cgan-digits", GAN_TINY),
-            ("vae", "vae-mlp-digits", VAE_TINY),
-        ):
-            aigc.train(
-                ROOT / "configs" / f"{recipe}.yaml", tiny, run_dir=root / name, progress=False
-            )
-    return {name: root / name for name in ("gpt", "chat", "cgan", "vae")}
+def runs(serve_runs) -> dict[str, Path]:
+    return serve_runs
 
 
 @pytest.fixture(scope="module")

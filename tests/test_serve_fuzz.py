@@ -16,32 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import string
-import warnings
 
 import httpx
 import pytest
 
-import aigc
 from aigc.serve.app import create_app
 from aigc.serve.settings import ServeSettings
-
-from .conftest import RECIPE, ROOT, TINY
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-GAN_TINY = [
-    "model.z_dim=16",
-    "model.g_width=8",
-    "model.d_width=8",
-    "train.batch_size=16",
-    "train.max_steps=2",
-    "train.checkpoint_every=2",
-    "train.sample_every=0",
-    "train.eval_every=0",
-    "data.eval_samples=10",
-]
 SETTINGS = dict(
     device="cpu",
     max_batch_size=8,
@@ -78,39 +63,9 @@ def _one_thread(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus_file):
+def runs(serve_runs):
     """Tiny runs: gpt, chat (fine-tuned from it), cgan (conditional, digits)."""
-    root = tmp_path_factory.mktemp("fuzz-runs")
-    aigc.train(
-        RECIPE,
-        [*TINY, f"data.path={corpus_file}", "train.max_steps=3", "train.eval_every=0"],
-        run_dir=root / "gpt",
-        progress=False,
-    )
-    chats = root / "chats.jsonl"
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"question {i} about lists?"},
-                {"role": "assistant", "content": "yes."},
-            ]
-        }
-        for i in range(8)
-    ]
-    chats.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    aigc.finetune(
-        root / "gpt",
-        [f"data.path={chats}", "train.max_steps=2", "train.batch_size=4"],
-        task="chat",
-        run_dir=root / "chat",
-        progress=False,
-    )
-    with warnings.catch_warnings():  # FID of 10 samples: a singular covariance
-        warnings.simplefilter("ignore")
-        aigc.train(
-            ROOT / "configs" / "cgan-digits.yaml", GAN_TINY, run_dir=root / "cgan", progress=False
-        )
-    return [root / name for name in ("gpt", "chat", "cgan")]
+    return [serve_runs[name] for name in ("gpt", "chat", "cgan")]
 
 
 class Fuzzed:

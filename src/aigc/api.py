@@ -608,7 +608,7 @@ class TextGenerator:
 def _evaluate_split(gen: Any, save: bool) -> dict[str, Any]:
     """A chat or classifier run's held-out metrics (the task's own eval_sums/eval_metrics)."""
     if not gen.task.splits:
-        gen.task.splits = {s: gen.task._load_split(s) for s in ("train", "val")}
+        gen.task.load_data()
     with torch.inference_mode():
         sums = gen.task.eval_sums(gen.model, 0, 1, gen.device)
     result = {"step": gen.step, "split": "validation", "count": int(sums["count"]),

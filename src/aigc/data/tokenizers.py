@@ -332,21 +332,15 @@ def encode_replacing(tokenizer: CharTokenizer | BPETokenizer, text: str) -> tupl
     except UnknownCharacterError:
         pass
     repl = next((c for c in ("?", " ") if c in tokenizer.chars), tokenizer.chars[0])
-    unknown = {c for c in set(text) if tokenizer.token_to_id(c) is None}
-    marked = text  # special tokens are whole ids, so their characters stay as they are
-    for t in tokenizer.specials:
-        marked = marked.replace(t, "\0" * len(t))
-    unknown &= set(marked)
-    table = str.maketrans({c: repl for c in unknown})
-    if tokenizer.specials:
-        pieces = tokenizer._special_re.split(text)
-        found = tokenizer._special_re.findall(text)
-        text = "".join(p.translate(table) + (found[i] if i < len(found) else "")
-                       for i, p in enumerate(pieces))  # fmt: skip
-    else:
-        text = text.translate(table)
-    n = sum(marked.count(c) for c in unknown)
-    return tokenizer.encode_array(text), n
+    # special tokens are whole ids: only the text between them is translated
+    specials = tokenizer._special_re.findall(text) if tokenizer._special_re else []
+    pieces = tokenizer._special_re.split(text) if tokenizer._special_re else [text]
+    unknown = {c for c in set("".join(pieces)) if tokenizer.token_to_id(c) is None}
+    table = str.maketrans(dict.fromkeys(unknown, repl))
+    n = sum(p.count(c) for p in pieces for c in unknown)
+    out = [x for pair in zip(pieces, [*specials, ""], strict=True) for x in pair]
+    out[::2] = [p.translate(table) for p in pieces]
+    return tokenizer.encode_array("".join(out)), n
 
 
 def add_special_tokens(

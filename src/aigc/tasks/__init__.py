@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from pathlib import Path
 from typing import Any
 
-from aigc.errors import ConfigError
+from aigc.errors import CheckpointError, ConfigError
 
 # family name -> "module:Class"; imported lazily so `aigc --help` stays fast.
 TASKS: dict[str, str] = {
@@ -32,3 +33,50 @@ def get_task(family: str) -> Any:
         raise ConfigError(f"family={family!r} is not a known model family{hint}")
     module, cls = TASKS[family].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+# ---------------------------------------------------------------------------
+# Helpers that several tasks share
+
+
+def batch_rows(train: Any, n: int, step: int, micro: int, rank: int, world: int) -> Any:
+    """Indices in [0, n) of this (micro-step, rank)'s share of the step's batch.
+
+    The step's global batch of ``batch_size * grad_accum * world`` indices is drawn
+    from (seed, step) identically everywhere, and each (micro-step, rank) takes its
+    slice, so N processes with batch B, or B with N accumulation steps, see exactly
+    the rows that one process with batch N*B sees. ``train`` is the TrainConfig.
+    """
+    import numpy as np
+
+    B = train.batch_size
+    rng = np.random.default_rng([train.seed, step])
+    rows = rng.integers(0, n, size=B * train.grad_accum * world)
+    part = micro * world + rank
+    return rows[part * B : (part + 1) * B]
+
+
+def load_splits(data_dir: Path, parts: tuple[str, ...]) -> dict[str, tuple]:
+    """The train and val arrays ``{split}_{part}.npy`` of a run's data folder, read
+    without pickle; CheckpointError naming the folder when one is missing or damaged."""
+    import numpy as np
+
+    out = {}
+    for split in ("train", "val"):
+        try:
+            out[split] = tuple(
+                np.load(data_dir / f"{split}_{part}.npy", allow_pickle=False) for part in parts
+            )
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{data_dir}: the {split} split is missing or damaged ({e})"
+            ) from None
+    return out
+
+
+def install_prepared(tmp_dir: Path, run: Any) -> None:
+    """Moves data prepared in a temporary folder (tokenizer.json included) into a new run."""
+    import shutil
+
+    shutil.move(str(tmp_dir / "tokenizer.json"), run.tokenizer_path)
+    shutil.move(str(tmp_dir), run.data_dir)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -58,6 +57,8 @@ from aigc.errors import CheckpointError, ConfigError, DataError, RequestError
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.models.lora import merged_copy
 from aigc.runs import RunDir
+from aigc.tasks import batch_rows, install_prepared, load_splits
+from aigc.tasks.lm import fit_vocab
 
 
 @dataclass
@@ -91,6 +92,19 @@ def read_chat_data(d: ChatDataConfig) -> tuple[list[Conversation], str]:
             "pydoc demonstrations",
         )
     return read_conversations(d.path), str(d.path)
+
+
+def split_chat_data(d: ChatDataConfig) -> tuple[list[Conversation], list[Conversation], str]:
+    """(training, held-out, source): data.val_fraction of the conversations (at least one)
+    held out by a permutation seeded with data.split_seed, both in file order."""
+    conversations, source = read_chat_data(d)
+    if len(conversations) < 2:
+        raise DataError(f"{source}: needs at least two conversations (one is held out)")
+    order = np.random.default_rng(d.split_seed).permutation(len(conversations))
+    n_val = max(1, round(len(conversations) * d.val_fraction))
+    val = [conversations[i] for i in sorted(order[:n_val].tolist())]
+    train = [conversations[i] for i in sorted(order[n_val:].tolist())]
+    return train, val, source
 
 
 def chat_tokenizer(base: Tokenizer) -> Tokenizer:
@@ -155,20 +169,16 @@ class ChatTask:
         self.tokenizer = tokenizer
         self.model: nn.Module = GPT(config.model)
         self.items_per_batch = config.train.batch_size
-        self.splits = {s: self._load_split(s) for s in ("train", "val")} if with_data else {}
+        self.splits: dict[str, tuple] = {}
+        if with_data:
+            self.load_data()
 
     # construction ---------------------------------------------------------------
     @staticmethod
     def prepare_data(config: Config, data_dir: Path, progress: bool = True) -> Tokenizer:
         """Reads, splits and tokenises the conversations; writes ids, masks and windows."""
         d: ChatDataConfig = config.data
-        conversations, source = read_chat_data(d)
-        order = np.random.default_rng(d.split_seed).permutation(len(conversations))
-        n_val = max(1, round(len(conversations) * d.val_fraction))
-        if len(conversations) < 2:
-            raise DataError(f"{source}: needs at least two conversations (one is held out)")
-        val = [conversations[i] for i in sorted(order[:n_val].tolist())]
-        train = [conversations[i] for i in sorted(order[n_val:].tolist())]
+        train, val, source = split_chat_data(d)
         if config.train.init_from:  # fine-tuning keeps the base run's tokenizer
             base = load_tokenizer(Path(config.train.init_from) / "tokenizer.json")
         else:
@@ -216,46 +226,26 @@ class ChatTask:
         return tokenizer
 
     @staticmethod
-    def _set_vocab(config: Config, tokenizer: Tokenizer) -> None:
-        m: GPTConfig = config.model
-        if m.vocab_size == 0:
-            m.vocab_size = tokenizer.vocab_size
-        elif m.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-                f"{tokenizer.vocab_size} tokens (chat markers included); leave it at 0"
-            )
-
-    @staticmethod
     def finish_config(config: Config, data_dir: Path) -> None:
-        ChatTask._set_vocab(config, load_tokenizer(data_dir / "tokenizer.json"))
+        fit_vocab(config.model, load_tokenizer(data_dir / "tokenizer.json"))
 
     @staticmethod
     def complete_config(config: Config, run: RunDir) -> None:
-        ChatTask._set_vocab(config, load_tokenizer(run.tokenizer_path))
+        fit_vocab(config.model, load_tokenizer(run.tokenizer_path))
 
-    @staticmethod
-    def install_data(tmp_dir: Path, run: RunDir) -> None:
-        shutil.move(str(tmp_dir / "tokenizer.json"), run.tokenizer_path)
-        shutil.move(str(tmp_dir), run.data_dir)
+    install_data = staticmethod(install_prepared)
 
     @classmethod
     def open(cls, config: Config, run: RunDir, with_data: bool = True) -> ChatTask:
         tokenizer = load_tokenizer(run.tokenizer_path)
         if tokenizer.token_to_id(END_MARKER) is None:
             raise CheckpointError(f"{run.tokenizer_path} lacks the chat template's tokens")
-        cls._set_vocab(config, tokenizer)
+        fit_vocab(config.model, tokenizer)
         return cls(config, run, tokenizer, with_data)
 
-    def _load_split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d = self.run.data_dir
-        try:
-            return tuple(
-                np.load(d / f"{name}_{part}.npy", allow_pickle=False)
-                for part in ("ids", "mask", "windows")
-            )
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{d}: the {name} split is missing or damaged ({e})") from None
+    def load_data(self) -> None:
+        """Reads the prepared splits (ids, masks, windows) into ``splits``."""
+        self.splits = load_splits(self.run.data_dir, ("ids", "mask", "windows"))
 
     # batches -----------------------------------------------------------------------
     def _batch(self, split: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,12 +268,8 @@ class ChatTask:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows drawn at random, a pure function of (seed, step); each (micro-step,
         rank) takes its slice of the step's global batch, as in LMTask.train_batch."""
-        B, accum = self.config.train.batch_size, self.config.train.grad_accum
         n = len(self.splits["train"][2])
-        rng = np.random.default_rng([self.config.train.seed, step])
-        rows = rng.integers(0, n, size=B * accum * world)
-        part = micro * world + rank
-        return self._batch("train", rows[part * B : (part + 1) * B])
+        return self._batch("train", batch_rows(self.config.train, n, step, micro, rank, world))
 
     # evaluation --------------------------------------------------------------------
     def eval_sums(
@@ -312,11 +298,7 @@ class ChatTask:
         """Answers to the first held-out questions (greedy), beside the reference answers."""
         from aigc.sampling import SamplingParams, generate
 
-        d: ChatDataConfig = self.config.data
-        conversations, _ = read_chat_data(d)
-        order = np.random.default_rng(d.split_seed).permutation(len(conversations))
-        n_val = max(1, round(len(conversations) * d.val_fraction))
-        held = [conversations[i] for i in sorted(order[:n_val].tolist())][:3]
+        held = split_chat_data(self.config.data)[1][:3]
         out = {}
         model = merged_copy(model)
         for i, conv in enumerate(held):

@@ -15,7 +15,6 @@ Texts longer than model.block_size keep their first block_size tokens.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,8 @@ from aigc.data.tokenizers import (
 from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.models.gpt import GPTClassifier, GPTClassifierConfig
 from aigc.runs import RunDir
+from aigc.tasks import batch_rows, install_prepared, load_splits
+from aigc.tasks.lm import fit_vocab
 
 
 @dataclass
@@ -101,7 +102,9 @@ class ClassifyTask:
         self.classes: list[str] = self.meta["classes"]
         self.model: nn.Module = GPTClassifier(config.model)
         self.items_per_batch = config.train.batch_size
-        self.splits = {s: self._load_split(s) for s in ("train", "val")} if with_data else {}
+        self.splits: dict[str, tuple] = {}
+        if with_data:
+            self.load_data()
 
     # construction -------------------------------------------------------------
     @staticmethod
@@ -157,13 +160,7 @@ class ClassifyTask:
     @staticmethod
     def _set_sizes(config: Config, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
         m: GPTClassifierConfig = config.model
-        if m.vocab_size == 0:
-            m.vocab_size = tokenizer.vocab_size
-        elif m.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-                f"{tokenizer.vocab_size} tokens; leave it at 0 to follow the tokenizer"
-            )
+        fit_vocab(m, tokenizer)
         n = len(meta["classes"])
         if m.n_classes == 0:
             m.n_classes = n
@@ -180,10 +177,7 @@ class ClassifyTask:
         meta = json.loads((run.data_dir / "meta.json").read_text(encoding="utf-8"))
         ClassifyTask._set_sizes(config, load_tokenizer(run.tokenizer_path), meta)
 
-    @staticmethod
-    def install_data(tmp_dir: Path, run: RunDir) -> None:
-        shutil.move(str(tmp_dir / "tokenizer.json"), run.tokenizer_path)
-        shutil.move(str(tmp_dir), run.data_dir)
+    install_data = staticmethod(install_prepared)
 
     @classmethod
     def open(cls, config: Config, run: RunDir, with_data: bool = True) -> ClassifyTask:
@@ -197,15 +191,9 @@ class ClassifyTask:
         cls._set_sizes(config, tokenizer, meta)
         return cls(config, run, tokenizer, with_data)
 
-    def _load_split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d = self.run.data_dir
-        try:
-            return tuple(
-                np.load(d / f"{name}_{part}.npy", allow_pickle=False)
-                for part in ("ids", "offsets", "labels")
-            )
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{d}: the {name} split is missing or damaged ({e})") from None
+    def load_data(self) -> None:
+        """Reads the prepared splits (ids, offsets, labels) into ``splits``."""
+        self.splits = load_splits(self.run.data_dir, ("ids", "offsets", "labels"))
 
     # batches -------------------------------------------------------------------
     def _batch(self, split: str, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -222,12 +210,8 @@ class ClassifyTask:
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
         """Texts drawn at random, a pure function of (seed, step); each (micro-step, rank)
         takes its slice of the step's global batch, as in LMTask.train_batch."""
-        B, accum = self.config.train.batch_size, self.config.train.grad_accum
         n = len(self.splits["train"][2])
-        rng = np.random.default_rng([self.config.train.seed, step])
-        rows = rng.integers(0, n, size=B * accum * world)
-        part = micro * world + rank
-        return self._batch("train", rows[part * B : (part + 1) * B])
+        return self._batch("train", batch_rows(self.config.train, n, step, micro, rank, world))
 
     # evaluation -------------------------------------------------------------------
     def eval_sums(

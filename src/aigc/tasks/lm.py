@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,7 @@ from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.models.lora import merged_copy
 from aigc.runs import RunDir
+from aigc.tasks import batch_rows, install_prepared
 from aigc.trainer import mix_seed
 
 SAMPLE_KEYS = ("samples", "distinct_1", "distinct_2", "distinct_3", "rep_4", "mem_windows",
@@ -57,6 +57,18 @@ class TextDataConfig:
             jsonl_field=self.jsonl_field,
             encoding_errors=self.encoding_errors,
             dedup=self.dedup,
+        )
+
+
+def fit_vocab(model: GPTConfig, tokenizer: Tokenizer) -> None:
+    """Sets model.vocab_size from the tokenizer (0 = follow it); ConfigError when the
+    config asks for fewer ids than the tokenizer has (its special tokens included)."""
+    if model.vocab_size == 0:
+        model.vocab_size = tokenizer.vocab_size
+    elif model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens; leave it at 0 to follow the tokenizer"
         )
 
 
@@ -119,37 +131,22 @@ class LMTask:
         except FileNotFoundError:
             raise CheckpointError(f"{run.tokenizer_path} is missing") from None
         corpus = TokenCorpus.open(run.data_dir) if with_data else None
-        cls._set_vocab(config, tokenizer)
+        fit_vocab(config.model, tokenizer)
         if corpus is not None:
             cls._check_sizes(config, corpus, run.data_dir)
         return cls(config, run, corpus, tokenizer)
 
     @staticmethod
-    def _set_vocab(config: Config, tokenizer: Tokenizer) -> None:
-        m: GPTConfig = config.model
-        if m.vocab_size == 0:
-            m.vocab_size = tokenizer.vocab_size
-        elif m.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-                f"{tokenizer.vocab_size} tokens; leave it at 0 to follow the tokenizer"
-            )
-
-    @staticmethod
     def complete_config(config: Config, run: RunDir) -> None:
         """Fills what follows from an existing run's data (to compare configs on resume)."""
-        LMTask._set_vocab(config, load_tokenizer(run.tokenizer_path))
+        fit_vocab(config.model, load_tokenizer(run.tokenizer_path))
 
     @staticmethod
     def finish_config(config: Config, data_dir: Path) -> None:
         """Fills values that follow from the prepared data (the vocabulary size)."""
-        LMTask._set_vocab(config, load_tokenizer(data_dir / "tokenizer.json"))
+        fit_vocab(config.model, load_tokenizer(data_dir / "tokenizer.json"))
 
-    @staticmethod
-    def install_data(tmp_dir: Path, run: RunDir) -> None:
-        """Moves prepared data from a temporary folder into a new run folder."""
-        shutil.move(str(tmp_dir / "tokenizer.json"), run.tokenizer_path)
-        shutil.move(str(tmp_dir), run.data_dir)
+    install_data = staticmethod(install_prepared)
 
     # training -----------------------------------------------------------------
     def train_batch(
@@ -162,13 +159,9 @@ class LMTask:
         so N processes with batch B, or B with N accumulation steps, see exactly
         the windows that one process with batch N*B sees.
         """
-        B, T = self.config.train.batch_size, self.config.model.block_size
-        accum = self.config.train.grad_accum
+        T = self.config.model.block_size
         train = self.corpus.train
-        rng = np.random.default_rng([self.config.train.seed, step])
-        starts = rng.integers(0, len(train) - T, size=B * accum * world)
-        part = micro * world + rank
-        starts = starts[part * B : (part + 1) * B]
+        starts = batch_rows(self.config.train, len(train) - T, step, micro, rank, world)
         buf = torch.from_numpy(
             train[starts[:, None] + np.arange(T + 1)].astype(np.int64)
         )  # (B, T+1)
