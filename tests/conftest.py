@@ -72,6 +72,17 @@ def run_cli(
 
 
 @pytest.fixture(scope="session")
+def pretrained_tiny_gpt(tmp_path_factory, corpus_file) -> Path:
+    """A tiny GPT trained 20 steps on real text: a base to fine-tune from (read only)."""
+    import aigc
+
+    run = tmp_path_factory.mktemp("tiny-base") / "run"
+    aigc.train(RECIPE, [*TINY, f"data.path={corpus_file}", "train.max_steps=20",
+                        "train.eval_every=0"], run_dir=run, progress=False)  # fmt: skip
+    return run
+
+
+@pytest.fixture(scope="session")
 def serve_runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
     """Tiny runs for the service's tests, trained once a session: gpt, chat (fine-tuned from
     it on a few conversations), cgan (conditional, digits) and vae (unconditional)."""

@@ -21,7 +21,7 @@ from aigc.errors import RequestError
 from aigc.models.gpt import GPT, GPTConfig, grow_vocab
 from aigc.tasks.chat import as_messages, encode_conversation, windows
 
-from .conftest import RECIPE, TINY, run_cli
+from .conftest import run_cli
 
 CONV = [
     Message("system", "Be brief."),
@@ -33,11 +33,8 @@ CONV = [
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, corpus_file) -> Path:
-    run = tmp_path_factory.mktemp("base") / "run"
-    aigc.train(RECIPE, [*TINY, f"data.path={corpus_file}", "train.max_steps=20",
-                        "train.eval_every=0"], run_dir=run, progress=False)  # fmt: skip
-    return run
+def base_run(pretrained_tiny_gpt) -> Path:
+    return pretrained_tiny_gpt
 
 
 def test_char_special_tokens_are_single_ids_after_the_characters(tmp_path):

@@ -17,17 +17,14 @@ from aigc.errors import ConfigError, DataError
 from aigc.models.gpt import GPTClassifier, GPTClassifierConfig
 from aigc.runs import RunDir
 
-from .conftest import RECIPE, TINY, run_cli
+from .conftest import RECIPE, run_cli
 
 FT = ["train.max_steps=8", "train.batch_size=8", "data.n_classes=3"]
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, corpus_file) -> Path:
-    run = tmp_path_factory.mktemp("base") / "run"
-    aigc.train(RECIPE, [*TINY, f"data.path={corpus_file}", "train.max_steps=20",
-                        "train.eval_every=0"], run_dir=run, progress=False)  # fmt: skip
-    return run
+def base_run(pretrained_tiny_gpt) -> Path:
+    return pretrained_tiny_gpt
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
