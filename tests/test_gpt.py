@@ -153,65 +153,64 @@ def test_cached_forward_matches_full_forward():
     pieces.append(model.forward_cached(idx[:, 5:9], cache))  # a chunk after cached keys
     for t in range(9, 14):  # single tokens
         pieces.append(model.forward_cached(idx[:, t : t + 1], cache))
-    assert cache.length == 14
+    assert cache.lengths == [14, 14, 14]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
     # last_only gives the last position alone
-    cache.reset()
+    cache.clear()
     last = model.forward_cached(idx[:, :14], cache, last_only=True)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()
-def test_cached_forward_with_left_padding_matches_each_row_alone():
+def test_rows_of_different_lengths_in_one_cache_match_each_row_alone():
     model = tiny(bias=True)
-    lengths = [9, 4, 1]
-    rows = [torch.randint(0, V, (n + 5,)) for n in lengths]  # prompt + 5 more tokens
+    lengths = [7, 4, 1]
+    rows = [torch.randint(0, V, (n + 8,)) for n in lengths]  # prompt + 8 more tokens
     width = max(lengths)
-    idx = torch.zeros(3, width, dtype=torch.long)
-    key_mask = torch.zeros(3, width, dtype=torch.bool)
+    idx = torch.zeros(3, width, dtype=torch.long)  # right-padded
     for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-        idx[b, width - n :] = row[:n]
-        key_mask[b, width - n :] = True
+        idx[b, :n] = row[:n]
     cache = model.make_kv_cache(3)
-    out = [model.forward_cached(idx, cache, key_mask)]
-    for t in range(5):
+    prefill = model.forward_cached(idx, cache, lengths=lengths)  # (3, width, V)
+    assert cache.lengths == lengths
+    last = torch.stack([prefill[b, n - 1] for b, n in enumerate(lengths)])
+    out = [[prefill[b, :n]] for b, n in enumerate(lengths)]
+    head = model.forward_cached(idx, model.make_kv_cache(3), lengths=lengths, last_only=True)
+    torch.testing.assert_close(head[:, 0], last)  # last_only picks each row's last real token
+    assert torch.isfinite(prefill).all()  # padding queries too: no NaN
+    for t in range(5):  # single tokens, each row at its own position
         step = torch.stack([row[n + t] for row, n in zip(rows, lengths, strict=True)])
-        out.append(model.forward_cached(step[:, None], cache))
-    out = torch.cat(out, 1)  # (3, width + 5, V)
+        logits = model.forward_cached(step[:, None], cache)
+        for b in range(3):
+            out[b].append(logits[b])
+    chunk = torch.stack([row[n + 5 : n + 8] for row, n in zip(rows, lengths, strict=True)])
+    logits = model.forward_cached(chunk, cache)  # a chunk at different positions
+    assert cache.lengths == [n + 8 for n in lengths]
     for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
         alone, _ = model(row[None])
-        torch.testing.assert_close(out[b, width - n :], alone[0], atol=1e-5, rtol=0)
-        assert torch.isfinite(out[b]).all()  # pad positions too: no NaN leaks
+        got = torch.cat([*out[b], logits[b]])
+        torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()
-def test_cache_select_drops_rows_and_goes_on():
+def test_cache_slots_move_clear_and_grow_without_touching_other_rows():
     model = tiny()
     idx = torch.randint(0, V, (3, 10))
     full, _ = model(idx)
+    other = torch.randint(0, V, (4,))
     cache = model.make_kv_cache(3)
     model.forward_cached(idx[:, :6], cache)
-    cache.select(torch.tensor([2, 0]))
-    assert cache.batch_size == 2
-    out = model.forward_cached(idx[[2, 0], 6:], cache)
-    torch.testing.assert_close(out, full[[2, 0], 6:], atol=1e-5, rtol=0)
-
-
-@torch.inference_mode()
-def test_cache_select_with_padding_and_refill_after_reset():
-    model = tiny()
-    a, b = torch.randint(0, V, (8,)), torch.randint(0, V, (3,))
-    idx = torch.stack([a[:6], torch.cat([torch.zeros(3, dtype=torch.long), b])])
-    mask = torch.tensor([[True] * 6, [False] * 3 + [True] * 3])
-    cache = model.make_kv_cache(2)
-    model.forward_cached(idx, cache, mask)
-    cache.select(torch.tensor([0]))  # the padded row leaves: back to no mask
-    assert cache.key_mask is None
-    out = model.forward_cached(a[None, 6:8], cache)
-    torch.testing.assert_close(out[0], model(a[None])[0][0, 6:8], atol=1e-5, rtol=0)
-    cache.reset()
-    out = model.forward_cached(a[None, :3], cache)
-    torch.testing.assert_close(out[0], model(a[None, :3])[0][0], atol=1e-5, rtol=0)
+    cache.move(2, 0)  # row 2 takes slot 0 (a row that left), its 6 keys copied
+    cache.clear(1, 1)  # slot 1 starts over, shorter than its 6 stale keys
+    model.forward_cached(other[None, :3], cache, first=1)
+    assert cache.lengths[:2] == [6, 3]
+    out = model.forward_cached(torch.stack([idx[2, 6], other[3]])[:, None], cache, 0, None)
+    torch.testing.assert_close(out[0, 0], full[2, 6], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, 0], model(other[None])[0][0, 3], atol=1e-5, rtol=0)
+    bigger = cache.grown(model, 5)
+    assert bigger.batch_size == 5 and bigger.lengths == [7, 4, 6, 0, 0]
+    out = model.forward_cached(idx[2, 7:9][None], bigger, first=0)
+    torch.testing.assert_close(out[0], full[2, 7:9], atol=1e-5, rtol=0)
 
 
 def test_cache_overflow_and_overlong_input_raise():
@@ -221,6 +220,10 @@ def test_cache_overflow_and_overlong_input_raise():
         model.forward_cached(torch.zeros(1, 4, dtype=torch.long), cache)
         with pytest.raises(ValueError, match="do not fit"):
             model.forward_cached(torch.zeros(1, 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="not among the cache's 1"):
+            model.forward_cached(torch.zeros(1, 1, dtype=torch.long), cache, first=1)
+        with pytest.raises(ValueError, match="lengths must be"):
+            model.forward_cached(torch.zeros(1, 2, dtype=torch.long), cache, lengths=[3])
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="max_len"):

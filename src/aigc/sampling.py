@@ -1,9 +1,9 @@
 """Text decoding strategies, shared by the CLI, the Python API and the server.
 
 `generate` returns whole completions, `stream` and `stream_batch` yield text as it
-is produced. All three run `BatchDecoder`: prefill the KV cache with the (left-padded)
-prompts, then pick a token per row and feed it back, one step at a time. The decoder
-also takes rows with parameters of their own that join and leave a running batch
+is produced. All three run `BatchDecoder`: prefill the KV cache with the prompts
+(one cache slot per row), then pick a token per row and feed it back, one step at a
+time. The decoder also takes rows with parameters of their own that join and leave a running batch
 between steps (continuous batching, as the HTTP server uses it).
 
 Per step the next-token scores go through, in this order (as in Hugging Face
@@ -92,7 +92,7 @@ def generate(
     """Complete each prompt; returns the completions only (no prompt), stop strings cut.
 
     A single string counts as a batch of one. Prompts of different lengths run
-    together, left-padded, with the same results as one by one (each row re-crops
+    together, each in its own cache slot, with the same results as one by one (each row re-crops
     its context when it alone would).
     """
     prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -352,52 +352,6 @@ def _newline(tokenizer: TokenizerLike) -> list[int]:
         return []
 
 
-def _prefill(model: GPT, cache: KVCache, windows: list[list[int]]) -> Tensor:
-    """Reset the cache and feed each row's window, left-padded; logits (B, 1, V)."""
-    device = cache.kv[0].device
-    width = max(len(w) for w in windows)
-    idx = torch.tensor([[0] * (width - len(w)) + w for w in windows], device=device)  # (B, T)
-    key_mask = None
-    if any(len(w) < width for w in windows):
-        key_mask = torch.tensor([[False] * (width - len(w)) + [True] * len(w) for w in windows])
-        key_mask = key_mask.to(device)  # (B, T)
-    cache.reset()
-    return model.forward_cached(idx, cache, key_mask, last_only=True)
-
-
-def _join_caches(model: GPT, parts: Sequence[KVCache]) -> KVCache:
-    """One cache holding the rows of `parts` in order, each row's real tokens right-aligned.
-
-    Every row's real tokens are the last `n_real` positions of its cache (padding is only
-    ever on the left), so a part whose rows all start with padding loses those columns
-    and the parts line up on their last column: `length` becomes the most real tokens of
-    any row. One part alone is compacted this way, which frees room at the end.
-    Reads and writes KVCache's documented fields (kv, length, key_mask, n_real).
-    """
-    out = model.make_kv_cache(sum(c.batch_size for c in parts))
-    device = out.kv[0].device
-    real = [
-        c.n_real if c.n_real is not None else torch.full((c.batch_size,), c.length, device=device)
-        for c in parts
-    ]
-    widths = [int(r.max()) if len(r) else 0 for r in real]
-    S = max(widths)
-    key_mask = torch.zeros(out.batch_size, out.max_len, dtype=torch.bool, device=device)
-    b = 0
-    for c, width in zip(parts, widths, strict=True):
-        lead, rows = c.length - width, slice(b, b + c.batch_size)
-        for dst, src in zip(out.kv, c.kv, strict=True):  # each (2, B, nh, max_len, hd)
-            dst[:, rows, :, S - width : S] = src[:, :, :, lead : c.length]
-        key_mask[rows, S - width : S] = (
-            True if c.key_mask is None else c.key_mask[:, lead : c.length]
-        )
-        b += c.batch_size
-    out.length = S
-    if not bool(key_mask[:, :S].all()):  # padding left: the masked path, else the lean one
-        out.key_mask, out.n_real = key_mask, torch.cat(real)
-    return out
-
-
 @dataclass
 class DecodeEvent:
     """What one step of a BatchDecoder did for one row."""
@@ -439,15 +393,20 @@ class BatchDecoder:
     KV-cached batch that they join and leave between steps.
 
     `add` queues a row (a prompt's token ids, its parameters and a key of the caller's);
-    `step` prefills the rows that joined since the last step into the running batch, picks
-    one token for every row and returns what each row produced (`DecodeEvent`). A row
-    leaves the batch when it ends (end token, stop string, max_new_tokens) or is cancelled,
-    without stalling the others. A row's text is the same as when it is decoded alone
-    (`generate` with its prompt and parameters): rows are left-padded and masked, each
-    seeded row draws from its own generator, rows with the same settings choose through
-    one `choose_next` call, and a row whose context fills the block is re-cropped on its
-    own, when it would be alone. (The sameness is that of `generate`'s batches: the matrix
-    products run at another batch size, which may round the last bit differently.)
+    `step` prefills the rows that joined since the last step into free slots of the
+    cache, picks one token for every row and returns what each row produced
+    (`DecodeEvent`). A row leaves the batch when it ends (end token, stop string,
+    max_new_tokens) or is cancelled, without stalling the others.
+
+    Each row has a cache slot of its own length (`KVCache`), and the running rows fill
+    slots 0 .. n-1: a row that joins is prefilled into the next free slots, a row that
+    leaves has its slot taken by the last row (one row's copy), and nothing else moves.
+    A row's text is the same as when it is decoded alone (`generate` with its prompt
+    and parameters): its queries see only its own slot, each seeded row draws from its
+    own generator, rows with the same settings choose through one `choose_next` call,
+    and a row whose context fills the block is re-cropped on its own, when it would be
+    alone. (The sameness is that of `generate`'s batches: the matrix products run at
+    another batch size, which may round the last bit differently.)
 
     Not thread-safe: one thread owns a decoder. `generate`, `stream` and `stream_batch`
     run on it; the HTTP server's batcher feeds it requests from many clients.
@@ -458,11 +417,11 @@ class BatchDecoder:
         self.tokenizer = tokenizer
         self._text = _MemoDecode(tokenizer)  # what rows decode their tokens with
         self.device = model.lm_head.weight.device
-        self._rows: list[_LiveRow] = []  # the running batch, in the cache's row order
+        self._rows: list[_LiveRow] = []  # the running batch: row b is in cache slot b
         self._joining: list[_LiveRow] = []  # added, prefilled at the next step
-        self._cache: KVCache | None = None
-        self._next: Tensor | None = None  # (B,) tokens chosen by the last step, not yet fed
-        self._seen: Tensor | None = None  # (B, V) bool: prompt + output tokens of each row
+        self._cache: KVCache | None = None  # slots for the running rows and more
+        self._next: Tensor | None = None  # (slots,) tokens chosen by the last step, not yet fed
+        self._seen: Tensor | None = None  # (slots, V) bool: prompt + output tokens of each row
         self.last_step_rows = 0  # rows that got a token in the last step (its batch size)
 
     def __len__(self) -> int:
@@ -515,7 +474,7 @@ class BatchDecoder:
                 return True
         for b, row in enumerate(self._rows):
             if row.index == key:
-                self._keep([i for i in range(len(self._rows)) if i != b])
+                self._leave([b])
                 return True
         return False
 
@@ -529,15 +488,17 @@ class BatchDecoder:
         for row in [r for r in self._joining if r.params.max_new_tokens == 0]:
             self._joining.remove(row)
             events.append(DecodeEvent(row.index, "", "length", 0))
-        logits = self._feed() if self._rows else None  # (B, V)
+        logits = self._feed() if self._rows else None  # (n, V)
         if self._joining:
             logits = self._admit(logits)
         if not self._rows:
             return events
-        nxt = self._choose(logits)  # (B,)
-        self.last_step_rows = len(nxt)
-        self._seen.scatter_(1, nxt[:, None], True)
-        eos, keep = self.tokenizer.eos_id, []
+        n = len(self._rows)
+        nxt = self._choose(logits)  # (n,)
+        self.last_step_rows = n
+        self._seen[:n].scatter_(1, nxt[:, None], True)
+        self._next[:n] = nxt
+        eos, leave = self.tokenizer.eos_id, []
         for b, (row, token) in enumerate(zip(self._rows, nxt.tolist(), strict=True)):
             row.steps += 1
             text = row.push(token) if token != eos else ""
@@ -545,93 +506,94 @@ class BatchDecoder:
                 text += row.finish()
                 reason = "stop" if token == eos or row.done else "length"
                 events.append(DecodeEvent(row.index, text, reason, row.steps))
-            else:
-                keep.append(b)
-                if text:
-                    events.append(DecodeEvent(row.index, text, None, row.steps))
-        self._next = nxt
-        self._keep(keep)
+                leave.append(b)
+            elif text:
+                events.append(DecodeEvent(row.index, text, None, row.steps))
+        self._leave(leave)
         return events
 
     # -- the batch ---------------------------------------------------------------------
 
-    def _keep(self, keep: list[int]) -> None:
-        """Keep only the rows at these batch positions."""
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._cache, self._next, self._seen = [], None, None, None
-            return
-        keep_t = torch.tensor(keep, device=self.device)
-        self._rows = [self._rows[b] for b in keep]
-        self._cache.select(keep_t)
-        self._next = self._next[keep_t]
-        self._seen = self._seen[keep_t]
+    @torch.inference_mode()  # cancel calls it outside step
+    def _leave(self, rows: list[int]) -> None:
+        """Rows at these batch positions leave; the last rows move into their slots."""
+        for b in sorted(rows, reverse=True):  # every row after b that leaves is gone already
+            last = len(self._rows) - 1
+            if b != last:
+                self._cache.move(last, b)
+                self._rows[b] = self._rows[last]
+                self._next[b] = self._next[last]
+                self._seen[b] = self._seen[last]
+            self._rows.pop()
+        if not self._rows:  # an idle decoder holds no memory
+            self._cache = self._next = self._seen = None
 
     def _feed(self) -> Tensor:
-        """Feed each running row its last chosen token; next-token logits (B, V).
+        """Feed each running row its last chosen token; next-token logits (n, V).
 
         A row whose context fills the block starts again from its last block/2 tokens
         (nanoGPT crops to the last block tokens at every step, at the cost of a full
-        forward), so each token sees between block/2 and block tokens of context.
+        forward), so each token sees between block/2 and block tokens of context. Its
+        slot is refilled with that window but the token just chosen, which is then fed
+        with everyone else's.
         """
-        cache, model = self._cache, self.model
-        if cache.length == cache.max_len:  # rows that left may have made room on the left
-            cache = self._cache = _join_caches(model, [cache])
-        if cache.length < cache.max_len:  # no row fills the block (rows have <= length tokens)
-            return model.forward_cached(self._next[:, None], cache, last_only=True)[:, -1]
-        if cache.n_real is None:  # no padding: every row is full
-            full = [True] * cache.batch_size
-        else:
-            full = (cache.n_real >= cache.max_len).tolist()
-        go_on = [b for b, f in enumerate(full) if not f]
-        crop = [b for b, f in enumerate(full) if f]
-        n = max(1, model.cfg.block_size // 2)
-        cropped = model.make_kv_cache(len(crop))
-        windows = [(self._rows[b].context + self._rows[b].ids)[-n:] for b in crop]
-        crop_logits = _prefill(model, cropped, windows)[:, -1]
-        order = torch.tensor(go_on + crop, device=self.device)
-        self._rows = [self._rows[b] for b in go_on + crop]
-        self._seen = self._seen[order]
-        if not go_on:
-            self._cache = cropped
-            return crop_logits
-        cache.select(torch.tensor(go_on, device=self.device))
-        cache = _join_caches(model, [cache])  # drop the padding columns: room to go on
-        logits = model.forward_cached(self._next[go_on][:, None], cache, last_only=True)[:, -1]
-        self._cache = _join_caches(model, [cache, cropped])
-        return torch.cat([logits, crop_logits])
+        cache, model, n = self._cache, self.model, len(self._rows)
+        keep = max(1, model.cfg.block_size // 2)
+        for b in range(n):
+            if cache.lengths[b] == cache.max_len:
+                row = self._rows[b]
+                window = (row.context + row.ids)[-keep:-1]  # its last token is _next[b]
+                cache.clear(b, 1)
+                if window:
+                    model.forward_cached(torch.tensor([window], device=self.device), cache, b)
+        return model.forward_cached(self._next[:n, None], cache, last_only=True)[:, -1]
 
     def _admit(self, logits: Tensor | None) -> Tensor:
-        """Prefill the waiting rows and append them to the batch; logits of all rows."""
+        """Prefill the waiting rows into the next free slots; logits of all rows (n, V)."""
         new, self._joining = self._joining, []
-        block, vocab = self.model.cfg.block_size, self.model.cfg.vocab_size
-        cache = self.model.make_kv_cache(len(new))
-        new_logits = _prefill(self.model, cache, [r.context[-block:] for r in new])[:, -1]
-        seen = torch.zeros(len(new), vocab, dtype=torch.bool, device=self.device)
-        for b, row in enumerate(new):
-            seen[b, row.prompt_ids] = True
-        if not self._rows:
-            self._rows, self._cache, self._seen = new, cache, seen
-            return new_logits
+        model, n = self.model, len(self._rows)
+        block = model.cfg.block_size
+        if self._cache is None or self._cache.batch_size < n + len(new):
+            self._grow(max(n + len(new), 2 * n))
+        windows = [r.context[-block:] for r in new]
+        width = max(len(w) for w in windows)
+        idx = torch.tensor([w + [0] * (width - len(w)) for w in windows], device=self.device)
+        lengths = None if all(len(w) == width for w in windows) else [len(w) for w in windows]
+        self._cache.clear(n, len(new))
+        new_logits = model.forward_cached(idx, self._cache, n, lengths, last_only=True)[:, -1]
+        self._seen[n : n + len(new)] = False
+        for b, row in enumerate(new, start=n):
+            self._seen[b, row.prompt_ids] = True
         self._rows += new
-        self._cache = _join_caches(self.model, [self._cache, cache])
-        self._seen = torch.cat([self._seen, seen])
-        return torch.cat([logits, new_logits])
+        return new_logits if logits is None else torch.cat([logits, new_logits])
+
+    def _grow(self, slots: int) -> None:
+        """Room for `slots` rows, the running ones kept in their slots."""
+        n, vocab = len(self._rows), self.model.cfg.vocab_size
+        if self._cache is None:
+            self._cache = self.model.make_kv_cache(slots)
+        else:
+            self._cache = self._cache.grown(self.model, slots)
+        nxt = torch.zeros(slots, dtype=torch.long, device=self.device)
+        seen = torch.zeros(slots, vocab, dtype=torch.bool, device=self.device)
+        if n:
+            nxt[:n], seen[:n] = self._next[:n], self._seen[:n]
+        self._next, self._seen = nxt, seen
 
     def _choose(self, logits: Tensor) -> Tensor:
-        """The next token of every row (B,), each row by its own parameters."""
+        """The next token of every row (n,), each row by its own parameters."""
         groups: dict[tuple, list[int]] = {}
         for b, row in enumerate(self._rows):
             groups.setdefault(row.choice_key(), []).append(b)
-        nxt = torch.empty(len(self._rows), dtype=torch.long, device=self.device)
+        n = len(self._rows)
+        nxt = torch.empty(n, dtype=torch.long, device=self.device)
         for rows in groups.values():
             params = self._rows[rows[0]].params
             generators = [self._rows[b].generator for b in rows]
             if all(g is None for g in generators):
                 generators = None  # torch's global generator, drawn for the group at once
             if len(groups) == 1:
-                sub, seen, index = logits, self._seen, slice(None)
+                sub, seen, index = logits, self._seen[:n], slice(None)
             else:
                 index = torch.tensor(rows, device=self.device)
                 sub, seen = logits[index], self._seen[index]

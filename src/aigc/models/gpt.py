@@ -7,9 +7,10 @@ Module names follow GPT-2 (transformer.wte, h.{i}.attn.c_attn, ...) so exporting
 Hugging Face GPT2LMHeadModel is a rename plus a transpose of the Conv1D weights.
 
 Generation uses a KV cache: `GPT.make_kv_cache` preallocates keys and values for
-every layer and `GPT.forward_cached` feeds new tokens through it. Batches of
-prompts of different lengths are left-padded; the cache keeps the key-padding mask
-and per-row position ids, so a padded row gives the same logits as the row alone.
+every layer, one slot per row, and `GPT.forward_cached` feeds new tokens through it.
+Each slot has its own length, so rows at different points of their text decode in one
+batch, and rows join and leave without copying the others; prompts of different
+lengths are right-padded, which causal attention already keeps away from real tokens.
 `forward_cached` is `forward`'s mathematics written with torch.nn.functional over
 weights fetched once into the cache, because module dispatch would double the CPU
 decode step (see _BlockWeights); the tests hold the two paths equal to 1e-5.
@@ -18,6 +19,7 @@ decode step (see _BlockWeights); the tests hold the two paths equal to 1e-5.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -141,13 +143,14 @@ def _weight_and_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, for incremental decoding.
+    """Preallocated keys and values of every layer, in slots: one slot per row.
 
-    Made by `GPT.make_kv_cache`; fed by `GPT.forward_cached`. All rows share one
-    `length` (positions filled). Rows that started shorter are left-padded: then
-    `key_mask` marks the real keys and `n_real` counts them per row, which gives
-    each row its own position ids. Without padding both are None and a decode
-    step builds no mask at all.
+    Made by `GPT.make_kv_cache`; fed by `GPT.forward_cached`. Slot b holds its row's
+    tokens at positions 0 .. lengths[b]-1, and every slot has a length of its own, so
+    rows at different points of their text decode together without padding in the
+    cache, and a row joins or leaves without touching the others (`move`, `clear`).
+    Position ids are the slot positions; a query sees the keys of its own slot up to
+    its position, which also hides whatever a longer earlier occupant left behind.
     """
 
     def __init__(self, model: GPT, batch_size: int, max_len: int) -> None:
@@ -157,9 +160,7 @@ class KVCache:
         shape = (2, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         self.kv = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
         self.max_len = max_len
-        self.length = 0
-        self.key_mask: Tensor | None = None  # (B, max_len) bool, True = real token
-        self.n_real: Tensor | None = None  # (B,) long, real tokens so far per row
+        self.lengths = [0] * batch_size  # positions filled, per slot
         # the weights, fetched once (see _BlockWeights)
         self.wte = model.transformer.wte.weight
         self.wpe = model.transformer.wpe.weight
@@ -177,48 +178,41 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.kv[0].shape[1]
+        """The number of slots."""
+        return len(self.lengths)
 
-    def reset(self) -> None:
-        """Forget every position; the buffers are reused."""
-        self.length = 0
-        self.key_mask = self.n_real = None
+    def clear(self, first: int = 0, count: int | None = None) -> None:
+        """Empty `count` slots from `first` (all from `first` when None); no copy."""
+        stop = self.batch_size if count is None else first + count
+        self.lengths[first:stop] = [0] * (stop - first)
 
-    def select(self, rows: Tensor) -> None:
-        """Keep only `rows` (1-D long tensor of row indices), e.g. to drop finished rows."""
-        self.kv = [kv.index_select(1, rows) for kv in self.kv]
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.index_select(0, rows)
-            self.n_real = self.n_real.index_select(0, rows)
-            if bool(self.key_mask[:, : self.length].all()):
-                self.key_mask = self.n_real = None  # the padded rows have gone: lean path again
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` (its filled positions) into slot `dst`, e.g. to fill the slot
+        of a row that left with the last row, so the rows stay in slots 0 .. n-1."""
+        n = self.lengths[src]
+        for kv in self.kv:
+            kv[:, dst, :, :n] = kv[:, src, :, :n]
+        self.lengths[dst] = n
 
-    def _padded_positions_and_mask(self, T: int, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Position ids (B, T) and attention mask (B, 1, T, S) for T new tokens, with padding."""
-        B, start, S = self.batch_size, self.length, self.length + T
-        device = self.kv[0].device
-        if self.key_mask is None:  # padding appears now: every earlier key was real
-            self.key_mask = torch.ones(B, self.max_len, dtype=torch.bool, device=device)
-            self.n_real = torch.full((B,), start, dtype=torch.long, device=device)
-        if key_mask is None:  # all new tokens real
-            self.key_mask[:, start:S] = True
-            positions = self.n_real[:, None] + torch.arange(T, device=device)  # (B, T)
-            self.n_real = self.n_real + T
-        else:
-            self.key_mask[:, start:S] = key_mask
-            # a token's position is the number of real tokens before it in its row;
-            # pads get position 0 and no real query ever sees them
-            positions = (self.n_real[:, None] + key_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
-            self.n_real = self.n_real + key_mask.sum(1)
-        keys = self.key_mask[:, None, None, :S]  # (B, 1, 1, S)
-        if T == 1:
-            return positions, keys  # the one new query may see every real key
-        query_at = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-        key_at = torch.arange(S, device=device)[None, :]  # (1, S)
-        # A pad query would see no key at all and its NaNs would leak into later
-        # layers through V; letting every query see itself keeps it finite.
-        mask = (keys & (key_at <= query_at)) | (key_at == query_at)  # (B, 1, T, S)
-        return positions, mask
+    def flat_index(self, first: int, positions: Tensor) -> Tensor:
+        """Where the keys and values of new tokens go, as rows of `kv[layer].view(-1, hd)`:
+        positions (R, T) of slots first .. first+R-1 -> (2 * R * n_head * T,), in the
+        order of the (2, R, n_head, T) tokens the attention computes."""
+        _, B, nh, L, _ = self.kv[0].shape
+        R, device = positions.shape[0], positions.device
+        part = torch.arange(2, device=device)[:, None, None, None]  # keys, values
+        slot = torch.arange(first, first + R, device=device)[None, :, None, None]
+        head = torch.arange(nh, device=device)[None, None, :, None]
+        return (((part * B + slot) * nh + head) * L + positions[None, :, None, :]).reshape(-1)
+
+    def grown(self, model: GPT, batch_size: int) -> KVCache:
+        """A cache of `batch_size` slots (at least this one's) holding this one's rows."""
+        out = KVCache(model, batch_size, self.max_len)
+        n = self.batch_size
+        for dst, src in zip(out.kv, self.kv, strict=True):
+            dst[:, :n] = src
+        out.lengths[:n] = self.lengths
+        return out
 
 
 class GPT(nn.Module):
@@ -287,49 +281,81 @@ class GPT(nn.Module):
         return KVCache(self, batch_size, max_len)
 
     def forward_cached(
-        self, idx: Tensor, cache: KVCache, key_mask: Tensor | None = None, last_only: bool = False
+        self,
+        idx: Tensor,
+        cache: KVCache,
+        first: int = 0,
+        lengths: Sequence[int] | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Feed tokens that follow those already in `cache`; return their logits.
+        """Feed tokens that follow those already in the cache's slots; return their logits.
 
-        idx (B, T) new token ids; key_mask (B, T) bool marks real tokens (False = left
-        padding), None = all real. Appends to the cache. Returns logits (B, T, V), or
-        (B, 1, V) with `last_only` (the next-token scores). Inference only: no dropout.
-        Same mathematics as `forward`, written over the weights the cache fetched.
+        idx (R, T) new token ids for slots first .. first+R-1, each row continuing its
+        slot; lengths (R,) how many of each row's T tokens are real (padding follows
+        them), None = all T. Appends to the slots. Returns logits (R, T, V), or (R, 1, V)
+        with `last_only`: each row's last real token, its next-token scores. Padding
+        never reaches a real token (it comes after them), and a padding query sees at
+        least its own key, so nothing turns NaN. Inference only: no dropout. Same
+        mathematics as `forward`, written over the weights the cache fetched.
         """
-        B, T = idx.shape
+        R, T = idx.shape
         C, nh = self.cfg.n_embd, self.cfg.n_head
-        start, S = cache.length, cache.length + T
-        if cache.length + T > cache.max_len:
-            raise ValueError(
-                f"cache holds {start} of {cache.max_len} positions; {T} more do not fit"
-            )
         if cache.lm_head is not self.lm_head.weight:
             raise ValueError("this cache was made by another model (or before its weights changed)")
-        if key_mask is None and cache.key_mask is None:
-            # lean path: all rows at the same positions and nothing to mask at T == 1
-            pos_emb = cache.wpe[start:S]  # (T, C)
+        if not 0 <= first <= first + R <= cache.batch_size:
+            raise ValueError(f"slots {first}..{first + R - 1} are not among the cache's "
+                             f"{cache.batch_size}")  # fmt: skip
+        if lengths is not None and (len(lengths) != R or not all(1 <= n <= T for n in lengths)):
+            raise ValueError(f"lengths must be {R} counts in [1, {T}], got {list(lengths)}")
+        starts = cache.lengths[first : first + R]
+        top = max(starts) + T  # keys any query of this call may see
+        if top > cache.max_len:
+            raise ValueError(
+                f"a slot holds {max(starts)} of {cache.max_len} positions; {T} more do not fit"
+            )
+        rows, s0, device = slice(first, first + R), starts[0], idx.device
+        if starts.count(s0) == R:
+            # lean path: every row at the same position, nothing to mask at T == 1
+            pos_emb = cache.wpe[s0 : s0 + T]  # (T, C)
             attn_mask = None
-            if T > 1 and start > 0:  # a chunk after cached keys: causal, offset by start
-                at = torch.arange(S, device=idx.device)
-                attn_mask = at[None, :] <= at[start:, None]  # (T, S)
+            if T > 1 and s0 > 0:  # a chunk after cached keys: causal, offset by s0
+                at = torch.arange(top, device=device)
+                attn_mask = at[None, :] <= at[s0:, None]  # (T, S)
+            at_slots = (slice(None), rows, slice(None), slice(s0, top))
         else:
-            positions, attn_mask = cache._padded_positions_and_mask(T, key_mask)
-            pos_emb = F.embedding(positions, cache.wpe)  # (B, T, C)
-        x = F.embedding(idx, cache.wte) + pos_emb  # (B, T, C)
+            # rows at their own positions: each query sees its slot's keys up to itself
+            positions = torch.tensor(starts, device=device)[:, None] + torch.arange(
+                T, device=device
+            )  # (R, T)
+            pos_emb = F.embedding(positions, cache.wpe)  # (R, T, C)
+            seen = torch.arange(top, device=device) <= positions[:, None, :, None]
+            # additive, made once: SDPA would convert a bool mask in every layer
+            attn_mask = torch.zeros(seen.shape, dtype=cache.wte.dtype, device=device)
+            attn_mask.masked_fill_(~seen, float("-inf"))  # (R, 1, T, S)
+            at_slots = cache.flat_index(first, positions)  # rows of kv.view(-1, hd)
+        x = F.embedding(idx, cache.wte) + pos_emb  # (R, T, C)
         for w, kv_cache in zip(cache.weights, cache.kv, strict=True):
-            qkv = F.linear(F.layer_norm(x, (C,), *w.ln_1), *w.c_attn)  # (B, T, 3C)
-            qkv = qkv.view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
-            kv_cache[:, :, :, start:S] = qkv[1:]  # keys and values in one copy
-            k, v = kv_cache[:, :, :, :S]  # each (B, nh, S, hd)
+            qkv = F.linear(F.layer_norm(x, (C,), *w.ln_1), *w.c_attn)  # (R, T, 3C)
+            qkv = qkv.view(R, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # (3, R, nh, T, hd)
+            if isinstance(at_slots, tuple):
+                kv_cache[at_slots] = qkv[1:]  # keys and values in one copy
+            else:  # each (key or value, row, head, token) to its place
+                kv_cache.view(-1, C // nh).index_copy_(0, at_slots, qkv[1:].reshape(-1, C // nh))
+            k, v = kv_cache[:, rows, :, :top]  # each (R, nh, S, hd)
             # is_causal aligns its triangle top-left: right only when queries start at key 0
             is_causal = attn_mask is None and T > 1
             y = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask, is_causal=is_causal)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), *w.attn_proj)
+            x = x + F.linear(y.transpose(1, 2).reshape(R, T, C), *w.attn_proj)
             h = F.gelu(F.linear(F.layer_norm(x, (C,), *w.ln_2), *w.c_fc))
-            x = x + F.linear(h, *w.mlp_proj)  # (B, T, C)
-        cache.length = S
+            x = x + F.linear(h, *w.mlp_proj)  # (R, T, C)
+        added = [T] * R if lengths is None else lengths
+        cache.lengths[rows] = [s + n for s, n in zip(starts, added, strict=True)]
         if last_only:
-            x = x[:, -1:]  # left padding puts every row's newest token in the last column
+            if lengths is None:
+                x = x[:, -1:]
+            else:  # each row's last real token
+                last = torch.tensor(lengths, device=device) - 1
+                x = x[torch.arange(R, device=device), last][:, None]
         return F.linear(F.layer_norm(x, (C,), *cache.ln_f), cache.lm_head)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
