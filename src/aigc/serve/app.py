@@ -45,7 +45,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc.errors import AigcError, ConfigError, RequestError
-from aigc.sampling import BatchDecoder, SamplingParams, encode_prompt
+from aigc.sampling import BatchDecoder, DecodeEvent, SamplingParams, encode_prompt
 from aigc.serve.batching import (
     ImageRunner,
     JobTimeout,
@@ -471,12 +471,8 @@ class _TextRequest:
                 elif echo:
                     yield chunk(i, self.prompts[i // self.n])
             async for events in job.events(self.deadline):
-                for e in events:
-                    if e.text:
-                        yield chunk(e.key, e.text)
-                    if e.finish_reason is not None:
-                        tokens[e.key] = e.tokens
-                        yield chunk(e.key, None, e.finish_reason)
+                if out := self._step_chunks(events, chunk, tokens):
+                    yield "".join(out)  # one write
             if self.include_usage:
                 yield _sse({**head, "choices": [], "usage": self.usage(tokens)})
         except JobTimeout:
@@ -490,6 +486,26 @@ class _TextRequest:
             if not job.done:
                 self.served.batcher.cancel(job)
         yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _step_chunks(
+        events: list[DecodeEvent], chunk: Callable[..., str], tokens: list[int]
+    ) -> list[str]:
+        """The chunks of events that are ready, sent in one write. A choice's text from
+        several steps (a reader that fell behind) goes out as one chunk, as OpenAI's
+        chunks may hold several tokens; its finish comes after its text."""
+        out: list[str] = []
+        texts: dict[int, str] = {}  # text not yet sent, per choice
+        for e in events:
+            if e.text:
+                texts[e.key] = texts.get(e.key, "") + e.text
+            if e.finish_reason is not None:
+                tokens[e.key] = e.tokens
+                if e.key in texts:
+                    out.append(chunk(e.key, texts.pop(e.key)))
+                out.append(chunk(e.key, None, e.finish_reason))
+        out += [chunk(key, text) for key, text in texts.items()]
+        return out
 
 
 def _chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:

@@ -101,7 +101,8 @@ class TextJob:
             self.loop.call_soon_threadsafe(self._results.put_nowait, item)
 
     async def events(self, deadline: float) -> AsyncIterator[list[DecodeEvent]]:
-        """The job's events, a list per decode step, until every row has ended.
+        """The job's events, until every row has ended: a list per decode step, or the
+        lists of all steps that are ready, in order, when the reader fell behind.
 
         Raises JobTimeout past `deadline` (time.monotonic()) and RuntimeError when the
         worker failed.
@@ -115,14 +116,21 @@ class TextJob:
             while self._open:
                 if time.monotonic() >= deadline:
                     raise JobTimeout
-                item = await self._results.get()
-                if item is _EXPIRED:
-                    raise JobTimeout
-                if isinstance(item, JobFailed):
-                    self._open = 0
-                    raise RuntimeError(item.message)
-                self._open -= sum(e.finish_reason is not None for e in item)
-                yield item
+                items = [await self._results.get()]
+                # steps that arrived while the reader was busy go out together: under load
+                # a reader that lags behind pays its per-write cost once, not per step
+                while not self._results.empty():
+                    items.append(self._results.get_nowait())
+                events: list[DecodeEvent] = []
+                for item in items:
+                    if item is _EXPIRED:
+                        raise JobTimeout
+                    if isinstance(item, JobFailed):
+                        self._open = 0
+                        raise RuntimeError(item.message)
+                    events += item
+                self._open -= sum(e.finish_reason is not None for e in events)
+                yield events
         finally:
             timer.cancel()
 
