@@ -186,7 +186,7 @@ def test_rows_of_different_lengths_in_one_cache_match_each_row_alone():
     chunk = torch.stack([row[n + 5 : n + 8] for row, n in zip(rows, lengths, strict=True)])
     logits = model.forward_cached(chunk, cache)  # a chunk at different positions
     assert cache.lengths == [n + 8 for n in lengths]
-    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+    for b, row in enumerate(rows):
         alone, _ = model(row[None])
         got = torch.cat([*out[b], logits[b]])
         torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=0)

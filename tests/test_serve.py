@@ -695,6 +695,42 @@ def test_an_idle_model_gathers_requests_into_one_batch(gens):
     assert texts == [gen.generate("a", max_new_tokens=8, temperature=1.0, seed=s) for s in range(3)]
 
 
+def test_a_reader_that_fell_behind_gets_the_ready_steps_in_one_write():
+    """Steps queued while the stream was busy arrive as one list, in order, and a
+    choice's text from them goes out as one chunk, its finish after it."""
+    from aigc.sampling import DecodeEvent, SamplingParams
+    from aigc.serve.app import _TextRequest
+    from aigc.serve.batching import TextJob
+
+    async def read() -> list[list[DecodeEvent]]:
+        job = TextJob([([1], SamplingParams()), ([2], SamplingParams())], stream=True)
+        job.post([DecodeEvent(0, "a", None, 1), DecodeEvent(1, "x", None, 1)])
+        job.post([DecodeEvent(0, "b", None, 2)])
+        job.post([DecodeEvent(0, "c", "stop", 3), DecodeEvent(1, "y", None, 2)])
+        got = []
+        async for events in job.events(time.monotonic() + 5):
+            got.append(events)
+            if len(got) == 1:  # the second row ends in a later step
+                job.post([DecodeEvent(1, "", "length", 3)])
+        return got
+
+    got = asyncio.run(read())
+    assert [[(e.key, e.text) for e in step] for step in got] == [
+        [(0, "a"), (1, "x"), (0, "b"), (0, "c"), (1, "y")],
+        [(1, "")],
+    ]
+    tokens = [0, 0]
+
+    def chunk(i: int, text: str | None, reason: str | None = None) -> str:
+        return json.dumps([i, text, reason])
+
+    chunks = _TextRequest._step_chunks(got[0], chunk, tokens)
+    assert [json.loads(c) for c in chunks] == [[0, "abc", None], [0, None, "stop"], [1, "xy", None]]
+    assert tokens == [3, 0]
+    chunks = _TextRequest._step_chunks(got[1], chunk, tokens)
+    assert [json.loads(c) for c in chunks] == [[1, None, "length"]] and tokens == [3, 3]
+
+
 # ---------------------------------------------------------------------------
 # the command
 

@@ -124,8 +124,9 @@ async function* serverSentEvents(response) {
 
 /**
  * POSTs a streaming request and calls `onPiece` with each new piece of text,
- * which `pieceOf(choice)` reads from a chunk's first choice. Counts the pieces
- * in `job.tokens` (or takes the server's own count where it sends `usage`).
+ * which `pieceOf(choice)` reads from a chunk's first choice. Counts the characters
+ * in `job.chars` and takes the server's token count where it sends `usage` (a chunk
+ * may hold several tokens: the server joins those a slow reader has not yet taken).
  */
 async function streamText(path, body, signal, job, pieceOf, onPiece) {
   const response = await api(path, body, signal);
@@ -140,7 +141,7 @@ async function streamText(path, body, signal, job, pieceOf, onPiece) {
     const choice = chunk.choices && chunk.choices[0];
     const piece = choice ? pieceOf(choice) : null;
     if (piece) {
-      job.tokens += 1;
+      job.chars += [...piece].length;
       onPiece(piece);
     }
   }
@@ -364,7 +365,9 @@ async function images(model, signal, job) {
 function summary(job, seconds) {
   const count = job.kind === "image"
     ? `${job.images} image${job.images === 1 ? "" : "s"}`
-    : `${job.usage ?? job.tokens} token${(job.usage ?? job.tokens) === 1 ? "" : "s"}`;
+    : job.usage !== null
+      ? `${job.usage} token${job.usage === 1 ? "" : "s"}`
+      : `${job.chars} character${job.chars === 1 ? "" : "s"}`; // stopped: no usage came
   return `${count}, ${seconds.toFixed(1)} s`;
 }
 
@@ -374,7 +377,7 @@ async function onGenerate(event) {
   if (!model || state.controller || !el.form.reportValidity()) return;
   const a = model.aigc || {};
   const run = a.kind === "image" ? images : a.chat ? chat : complete;
-  const job = { kind: a.kind, tokens: 0, usage: null, images: 0 };
+  const job = { kind: a.kind, chars: 0, usage: null, images: 0 };
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
