@@ -10,7 +10,10 @@ errors by status, the mean batch size the server decoded (its /metrics), and the
 server's resident memory (RSS sampled every 0.25 s: at start, at end, peak, and the
 slope in MB/min). Last comes the ratio of tokens/s at the most clients to tokens/s at
 the fewest. ``--minutes M`` adds a soak: the most clients for M minutes, comparing the
-median RSS of the first and the last quarter, to show that memory stays flat.
+median RSS of the first and the last quarter, to show that memory stays flat. Last, with
+the server stopped, the same client counts run through the decoder alone in this process
+(``--decoder-seconds``, no HTTP): the ceiling that batching on this machine allows, beside
+what the server delivered of it.
 
     python benchmarks/serve_load.py                          # 1 and 16 clients, 30 s each
     python benchmarks/serve_load.py --seconds 20 --clients 1,16
@@ -264,6 +267,49 @@ def report_soak(p: Phase) -> None:
           f"({last - first:+.1f} MB)")  # fmt: skip
 
 
+def decoder_alone(args: argparse.Namespace) -> list[tuple[int, float]]:
+    """The model's own ceiling: tokens/s of `BatchDecoder` in this process, no HTTP, with
+    `clients` rows kept in flight (a row that ends is replaced at once), the server's
+    torch threads, prompts, max_tokens and temperature (the server's default, 1).
+    Run after the server has stopped, so that nothing else shares the cores."""
+    import torch
+
+    import aigc
+    from aigc.sampling import BatchDecoder, SamplingParams
+    from aigc.serve.settings import ServeSettings
+
+    torch.set_num_threads(ServeSettings(torch_threads=args.torch_threads).threads())
+    gen = aigc.load(args.run, device=args.device)
+    ids = [gen.tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=1.0)
+    out = []
+    for clients in args.clients:
+        decoder, made, tokens = BatchDecoder(gen.model, gen.tokenizer), 0, 0
+        for made in range(clients):
+            decoder.add(made, ids[made % len(ids)], params)
+        start = time.perf_counter()
+        while time.perf_counter() - start < args.decoder_seconds:
+            ended = sum(e.finish_reason is not None for e in decoder.step())
+            tokens += decoder.last_step_rows
+            for _ in range(ended):
+                made += 1
+                decoder.add(made, ids[made % len(ids)], params)
+        out.append((clients, tokens / (time.perf_counter() - start)))
+    return out
+
+
+def report_decoder(results: list[tuple[int, float]], http: list[float]) -> None:
+    print("\nthe decoder alone (no HTTP, no clients; the same model, threads and requests):")
+    for (rows, tps), served in zip(results, http, strict=True):
+        share = f", the server gave {100 * served / tps:.0f}% of it" if served else ""
+        rows_s = f"{rows} row{'s' if rows != 1 else ''}"
+        print(f"  {rows_s:>8} in flight  {tps:.0f} tokens/s{share}")
+    if len(results) >= 2:
+        (lo, a), (hi, b) = results[0], results[-1]
+        print(f"  {hi} rows / {lo}: {b:.0f} / {a:.0f} = {b / a:.2f}x (what batching can give "
+              "on this machine, whatever the server does)")  # fmt: skip
+
+
 def ensure_run(run: Path) -> None:
     if (run / "run.json").is_file():
         return
@@ -283,7 +329,7 @@ async def main_async(args: argparse.Namespace, url: str, pid: int) -> None:
             await one_request(client, body, warm)
     if warm.errors:
         raise SystemExit(f"warm-up requests failed: {dict(warm.errors)}")
-    phases = []
+    phases = args.phases
     for clients in args.clients:
         phases.append(await run_phase(url, pid, clients, args.seconds, args))
         report(phases[-1])
@@ -308,6 +354,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=0, help="then a soak this long (0: none)")
     ap.add_argument("--device", default="auto", help="the server's --device")
     ap.add_argument(
+        "--decoder-seconds",
+        type=float,
+        default=10,
+        help="then the decoder alone, in this process, this long per client count (0: skip)",
+    )
+    ap.add_argument(
         "--torch-threads",
         type=int,
         default=0,
@@ -325,6 +377,7 @@ def main() -> None:
             print(f"server pid {proc.pid} on port {port}: {args.run} ({args.model}), "
                   f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs, torch threads "
                   f"{threads}", flush=True)  # fmt: skip
+            args.phases = []
             asyncio.run(main_async(args, f"http://127.0.0.1:{port}", proc.pid))
         finally:
             proc.terminate()
@@ -335,6 +388,10 @@ def main() -> None:
         log.seek(0)
         if "Traceback" in (text := log.read()):
             print(f"\nthe server's log has a traceback:\n{text[-3000:]}")
+    if args.decoder_seconds > 0:
+        served = {p.clients: tokens_per_s(p) for p in args.phases}
+        results = decoder_alone(args)
+        report_decoder(results, [served.get(c, 0.0) for c, _ in results])
 
 
 if __name__ == "__main__":
