@@ -317,6 +317,25 @@ def test_a_row_in_a_mixed_continuous_batch_gives_its_text_alone(model, tok):
     assert 99 not in ends  # cancelled rows end silently
 
 
+def test_the_cache_grows_by_doubling_up_to_max_rows_and_is_kept(model, tok):
+    """Rows joining one by one double the cache's slots, never past max_rows; an empty
+    batch keeps its slots, and rows that come later decode as alone in them."""
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    for max_rows, expected in ((None, [1, 2, 4, 4, 8]), (5, [1, 2, 4, 4, 5])):
+        decoder, slots = BatchDecoder(model, tok, max_rows), []
+        for i in range(5):
+            decoder.add(i, tok.encode("ab"), SamplingParams(max_new_tokens=20, temperature=0))
+            decoder.step()
+            slots.append(decoder.slots)
+        assert slots == expected
+        while decoder:
+            decoder.step()
+        assert decoder.slots == expected[-1]  # kept
+        decoder.add("late", tok.encode("cd"), params, stream=False)
+        (event,) = decoder.step() + decoder.step() + decoder.step()
+        assert event.text == generate(model, tok, "cd", params)[0]
+
+
 def test_an_end_token_ends_a_row_of_a_mixed_batch(model, tok):
     eos_tok = EosChars(CHARS, generate(model, tok, "x", GREEDY)[0][2])
     decoder = BatchDecoder(model, eos_tok)

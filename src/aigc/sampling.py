@@ -412,9 +412,14 @@ class BatchDecoder:
     run on it; the HTTP server's batcher feeds it requests from many clients.
     """
 
-    def __init__(self, model: GPT, tokenizer: TokenizerLike) -> None:
+    def __init__(self, model: GPT, tokenizer: TokenizerLike, max_rows: int | None = None) -> None:
+        """max_rows: the most rows the caller will run at once, if it knows (the server's
+        batch size): the cache then never holds more slots than that. The slots are kept
+        when the batch empties, so a server's memory settles once its batch has been full.
+        """
         self.model = model
         self.tokenizer = tokenizer
+        self.max_rows = max_rows
         self._text = _MemoDecode(tokenizer)  # what rows decode their tokens with
         self.device = model.lm_head.weight.device
         self._rows: list[_LiveRow] = []  # the running batch: row b is in cache slot b
@@ -432,6 +437,11 @@ class BatchDecoder:
     def running(self) -> int:
         """Rows in the running batch (those that joined at a step and have not ended)."""
         return len(self._rows)
+
+    @property
+    def slots(self) -> int:
+        """Rows the KV cache has room for (0 before the first row)."""
+        return 0 if self._cache is None else self._cache.batch_size
 
     def add(
         self,
@@ -525,8 +535,6 @@ class BatchDecoder:
                 self._next[b] = self._next[last]
                 self._seen[b] = self._seen[last]
             self._rows.pop()
-        if not self._rows:  # an idle decoder holds no memory
-            self._cache = self._next = self._seen = None
 
     def _feed(self) -> Tensor:
         """Feed each running row its last chosen token; next-token logits (n, V).
@@ -554,7 +562,10 @@ class BatchDecoder:
         model, n = self.model, len(self._rows)
         block = model.cfg.block_size
         if self._cache is None or self._cache.batch_size < n + len(new):
-            self._grow(max(n + len(new), 2 * n))
+            slots = max(n + len(new), 2 * (self._cache.batch_size if self._cache else 0))
+            if self.max_rows is not None:
+                slots = min(slots, max(self.max_rows, n + len(new)))
+            self._grow(slots)
         windows = [r.context[-block:] for r in new]
         width = max(len(w) for w in windows)
         idx = torch.tensor([w + [0] * (width - len(w)) for w in windows], device=self.device)

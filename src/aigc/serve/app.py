@@ -138,7 +138,7 @@ def load_models(
         served = ServedModel(name, gen, "", family, _created(gen.run))
         if isinstance(gen, TextGenerator):
             served.kind = "text"
-            decoder = BatchDecoder(gen.model, gen.tokenizer)
+            decoder = BatchDecoder(gen.model, gen.tokenizer, settings.max_batch_size)
             served.batcher = TextBatcher(
                 name, decoder, metrics, settings.max_batch_size, settings.max_wait_ms,
                 settings.queue_size,

@@ -280,7 +280,8 @@ class TextBatcher:
         except Exception as e:  # a bug: fail the batch, keep serving
             log.exception("decoding failed on %s", self.name)
             self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
-            self.decoder = BatchDecoder(self.decoder.model, self.decoder.tokenizer)
+            old = self.decoder
+            self.decoder = BatchDecoder(old.model, old.tokenizer, old.max_rows)
             return
         now = time.monotonic()
         rows = self.decoder.last_step_rows
