@@ -352,6 +352,28 @@ def _newline(tokenizer: TokenizerLike) -> list[int]:
         return []
 
 
+def _forward_rows(model: GPT, cache: KVCache, first: int, windows: list[list[int]]) -> Tensor:
+    """Feed each window (non-empty) into its slot from `first`, right-padded together;
+    each row's next-token logits (R, 1, V)."""
+    width = max(len(w) for w in windows)
+    device = cache.kv[0].device
+    idx = torch.tensor([w + [0] * (width - len(w)) for w in windows], device=device)
+    lengths = None if all(len(w) == width for w in windows) else [len(w) for w in windows]
+    return model.forward_cached(idx, cache, first, lengths, last_only=True)
+
+
+def _prefill(model: GPT, windows: list[list[int]]) -> KVCache:
+    """A cache of one slot per window (some may be empty), filled with the windows."""
+    cache = model.make_kv_cache(len(windows))
+    rows = [i for i, w in enumerate(windows) if w]
+    if len(rows) == len(windows):
+        _forward_rows(model, cache, 0, windows)
+    else:  # rare (block_size 2 or 3): one at a time
+        for i in rows:
+            _forward_rows(model, cache, i, [windows[i]])
+    return cache
+
+
 @dataclass
 class DecodeEvent:
     """What one step of a BatchDecoder did for one row."""
@@ -546,14 +568,13 @@ class BatchDecoder:
         with everyone else's.
         """
         cache, model, n = self._cache, self.model, len(self._rows)
-        keep = max(1, model.cfg.block_size // 2)
-        for b in range(n):
-            if cache.lengths[b] == cache.max_len:
-                row = self._rows[b]
-                window = (row.context + row.ids)[-keep:-1]  # its last token is _next[b]
-                cache.clear(b, 1)
-                if window:
-                    model.forward_cached(torch.tensor([window], device=self.device), cache, b)
+        if full := [b for b in range(n) if cache.lengths[b] == cache.max_len]:
+            keep = max(1, model.cfg.block_size // 2)
+            # each window but its last token, which is _next[b]; prefilled together
+            windows = [(self._rows[b].context + self._rows[b].ids)[-keep:-1] for b in full]
+            cropped = _prefill(model, windows)
+            for i, b in enumerate(full):
+                cache.move(i, b, source=cropped)
         return model.forward_cached(self._next[:n, None], cache, last_only=True)[:, -1]
 
     def _admit(self, logits: Tensor | None) -> Tensor:
@@ -566,12 +587,9 @@ class BatchDecoder:
             if self.max_rows is not None:
                 slots = min(slots, max(self.max_rows, n + len(new)))
             self._grow(slots)
-        windows = [r.context[-block:] for r in new]
-        width = max(len(w) for w in windows)
-        idx = torch.tensor([w + [0] * (width - len(w)) for w in windows], device=self.device)
-        lengths = None if all(len(w) == width for w in windows) else [len(w) for w in windows]
         self._cache.clear(n, len(new))
-        new_logits = model.forward_cached(idx, self._cache, n, lengths, last_only=True)[:, -1]
+        windows = [r.context[-block:] for r in new]
+        new_logits = _forward_rows(model, self._cache, n, windows)[:, -1]
         self._seen[n : n + len(new)] = False
         for b, row in enumerate(new, start=n):
             self._seen[b, row.prompt_ids] = True

@@ -186,12 +186,14 @@ class KVCache:
         stop = self.batch_size if count is None else first + count
         self.lengths[first:stop] = [0] * (stop - first)
 
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot `src` (its filled positions) into slot `dst`, e.g. to fill the slot
-        of a row that left with the last row, so the rows stay in slots 0 .. n-1."""
-        n = self.lengths[src]
-        for kv in self.kv:
-            kv[:, dst, :, :n] = kv[:, src, :, :n]
+    def move(self, src: int, dst: int, source: KVCache | None = None) -> None:
+        """Copy slot `src` of `source` (this cache when None), its filled positions, into
+        slot `dst`: e.g. the last row into the slot of a row that left, so that the rows
+        stay in slots 0 .. n-1, or rows prefilled together elsewhere into their slots."""
+        source = self if source is None else source
+        n = source.lengths[src]
+        for kv, kv_src in zip(self.kv, source.kv, strict=True):
+            kv[:, dst, :, :n] = kv_src[:, src, :, :n]
         self.lengths[dst] = n
 
     def flat_index(self, first: int, positions: Tensor) -> Tensor:
