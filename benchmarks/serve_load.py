@@ -319,7 +319,7 @@ def ensure_run(run: Path) -> None:
     aigc.train("gpt-pydoc-char", ["train.max_time=60"], run_dir=run)
 
 
-async def main_async(args: argparse.Namespace, url: str, pid: int) -> None:
+async def main_async(args: argparse.Namespace, url: str, pid: int) -> list[Phase]:
     # warm-up: the first requests pay for the worker thread and torch's first calls
     warm = Phase(1)
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -329,7 +329,7 @@ async def main_async(args: argparse.Namespace, url: str, pid: int) -> None:
             await one_request(client, body, warm)
     if warm.errors:
         raise SystemExit(f"warm-up requests failed: {dict(warm.errors)}")
-    phases = args.phases
+    phases = []
     for clients in args.clients:
         phases.append(await run_phase(url, pid, clients, args.seconds, args))
         report(phases[-1])
@@ -343,6 +343,7 @@ async def main_async(args: argparse.Namespace, url: str, pid: int) -> None:
         clients = max(args.clients)
         print(f"\nsoak: {clients} clients for {args.minutes:g} min", flush=True)
         report_soak(await run_phase(url, pid, clients, args.minutes * 60, args))
+    return phases
 
 
 def main() -> None:
@@ -377,8 +378,7 @@ def main() -> None:
             print(f"server pid {proc.pid} on port {port}: {args.run} ({args.model}), "
                   f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs, torch threads "
                   f"{threads}", flush=True)  # fmt: skip
-            args.phases = []
-            asyncio.run(main_async(args, f"http://127.0.0.1:{port}", proc.pid))
+            phases = asyncio.run(main_async(args, f"http://127.0.0.1:{port}", proc.pid))
         finally:
             proc.terminate()
             try:
@@ -389,7 +389,7 @@ def main() -> None:
         if "Traceback" in (text := log.read()):
             print(f"\nthe server's log has a traceback:\n{text[-3000:]}")
     if args.decoder_seconds > 0:
-        served = {p.clients: tokens_per_s(p) for p in args.phases}
+        served = {p.clients: tokens_per_s(p) for p in phases}
         results = decoder_alone(args)
         report_decoder(results, [served.get(c, 0.0) for c, _ in results])
 

@@ -3,8 +3,8 @@
 `generate` returns whole completions, `stream` and `stream_batch` yield text as it
 is produced. All three run `BatchDecoder`: prefill the KV cache with the prompts
 (one cache slot per row), then pick a token per row and feed it back, one step at a
-time. The decoder also takes rows with parameters of their own that join and leave a running batch
-between steps (continuous batching, as the HTTP server uses it).
+time. The decoder also takes rows with parameters of their own that join and leave a
+running batch between steps (continuous batching, as the HTTP server uses it).
 
 Per step the next-token scores go through, in this order (as in Hugging Face
 transformers): repetition penalty, temperature, top-k, top-p, then a draw from
@@ -92,8 +92,8 @@ def generate(
     """Complete each prompt; returns the completions only (no prompt), stop strings cut.
 
     A single string counts as a batch of one. Prompts of different lengths run
-    together, each in its own cache slot, with the same results as one by one (each row re-crops
-    its context when it alone would).
+    together, each in its own cache slot, with the same results as one by one (each
+    row re-crops its context when it alone would).
     """
     prompts = [prompts] if isinstance(prompts, str) else prompts
     texts = [""] * len(prompts)
@@ -354,24 +354,12 @@ def _newline(tokenizer: TokenizerLike) -> list[int]:
 
 def _forward_rows(model: GPT, cache: KVCache, first: int, windows: list[list[int]]) -> Tensor:
     """Feed each window (non-empty) into its slot from `first`, right-padded together;
-    each row's next-token logits (R, 1, V)."""
+    each row's next-token logits (R, 1, V). Joining rows and re-cropped rows use it."""
     width = max(len(w) for w in windows)
     device = cache.kv[0].device
     idx = torch.tensor([w + [0] * (width - len(w)) for w in windows], device=device)
     lengths = None if all(len(w) == width for w in windows) else [len(w) for w in windows]
     return model.forward_cached(idx, cache, first, lengths, last_only=True)
-
-
-def _prefill(model: GPT, windows: list[list[int]]) -> KVCache:
-    """A cache of one slot per window (some may be empty), filled with the windows."""
-    cache = model.make_kv_cache(len(windows))
-    rows = [i for i, w in enumerate(windows) if w]
-    if len(rows) == len(windows):
-        _forward_rows(model, cache, 0, windows)
-    else:  # rare (block_size 2 or 3): one at a time
-        for i in rows:
-            _forward_rows(model, cache, i, [windows[i]])
-    return cache
 
 
 @dataclass
@@ -570,9 +558,12 @@ class BatchDecoder:
         cache, model, n = self._cache, self.model, len(self._rows)
         if full := [b for b in range(n) if cache.lengths[b] == cache.max_len]:
             keep = max(1, model.cfg.block_size // 2)
-            # each window but its last token, which is _next[b]; prefilled together
+            # each window but its last token, which is _next[b]: keep - 1 tokens for every
+            # full row, prefilled together, then moved into the rows' slots
             windows = [(self._rows[b].context + self._rows[b].ids)[-keep:-1] for b in full]
-            cropped = _prefill(model, windows)
+            cropped = model.make_kv_cache(len(full))
+            if keep > 1:
+                _forward_rows(model, cropped, 0, windows)
             for i, b in enumerate(full):
                 cache.move(i, b, source=cropped)
         return model.forward_cached(self._next[:n, None], cache, last_only=True)[:, -1]
