@@ -7,7 +7,11 @@ printable characters without end-of-text, so every row makes all its tokens.
 
 "with cache" and "batch" run `aigc.sampling.generate` end to end (prefill, KV
 cache, sampling, detokenizing); "no cache" is nanoGPT's loop: the full forward over
-the last block_size tokens at every step. Each figure is the median of --repeats.
+the last block_size tokens at every step. "torch's matmul" is the batch again with the
+cached path's oneDNN products turned off (AIGC_ONEDNN=0: every product on torch's
+default, MKL on x86), beside the default. Each figure is the median of --repeats.
+
+    python benchmarks/gpt_sample.py --n-layer 8 --n-head 8 --n-embd 512 --block-sizes 128
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 import torch
 
 from aigc.data.tokenizers import CharTokenizer
+from aigc.models import gpt as gpt_module
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.sampling import SamplingParams, generate
 
@@ -69,10 +74,18 @@ def measure(block: int, tok: CharTokenizer, prompt: str, args: argparse.Namespac
     report("batch 1, KV cache", b1)
     report("batch 1, no cache", b1_plain, f"cache speed-up {b1 / b1_plain:.1f}x")
     report(f"batch {args.batch}, KV cache", bn, f"{bn / b1:.1f}x batch 1 (total tokens/s)")
+    if gpt_module._onednn["on"]:
+        gpt_module._onednn["on"] = False
+        try:
+            stock = median_seconds(lambda: generate(model, tok, prompts, params), args.repeats)
+        finally:
+            gpt_module._onednn["on"] = True
+        bs = args.batch * n / stock
+        report(f"batch {args.batch}, torch's matmul", bs, f"oneDNN's products {bn / bs:.2f}x this")
 
 
 def report(name: str, tokens_per_s: float, note: str = "") -> None:
-    print(f"  {name:<20} {tokens_per_s:8.0f} tokens/s   {note}".rstrip())
+    print(f"  {name:<26} {tokens_per_s:8.0f} tokens/s   {note}".rstrip())
 
 
 def main() -> None:

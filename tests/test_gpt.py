@@ -213,6 +213,47 @@ def test_cache_slots_move_clear_and_grow_without_touching_other_rows():
     torch.testing.assert_close(out[0], full[2, 7:9], atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+@torch.inference_mode()
+def test_onednn_products_give_the_plain_forward(monkeypatch):
+    import aigc.models.gpt as gpt
+
+    monkeypatch.setattr(gpt, "ONEDNN_MIN_WEIGHT", 0)  # every product of 2+ rows on oneDNN
+    with torch.inference_mode(False):  # weights as a loaded model has them
+        model = tiny(bias=True)
+    idx = torch.randint(0, V, (3, 12))
+    full, _ = model(idx)
+    cache = model.make_kv_cache(3)
+    pieces = [model.forward_cached(idx[:, :5], cache)]
+    pieces += [model.forward_cached(idx[:, t : t + 1], cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
+    linears = [model.make_kv_cache(1).weights.lm_head, *cache.weights.blocks[0][1:3]]
+    assert all(lin._packed is not None for lin in linears)  # the oneDNN path ran
+    assert model.make_kv_cache(2).weights is cache.weights  # packed once per model
+
+    # the packed copy follows weights changed in place (as training between samples does)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight.mul_(-1.5)
+        model.lm_head.weight.add_(0.1)
+    full, _ = model(idx)
+    out = model.forward_cached(idx, model.make_kv_cache(3))
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_one_row_stays_on_the_default_product(monkeypatch):
+    import aigc.models.gpt as gpt
+
+    monkeypatch.setattr(gpt, "ONEDNN_MIN_WEIGHT", 0)
+    model = tiny()
+    cache = model.make_kv_cache(2)
+    model.forward_cached(torch.randint(0, V, (1, 1)), cache)  # one row, one token
+    assert cache.weights.lm_head._packed is None
+    monkeypatch.setitem(gpt._onednn, "on", False)  # AIGC_ONEDNN=0
+    model.forward_cached(torch.randint(0, V, (2, 3)), cache)
+    assert cache.weights.lm_head._packed is None
+
+
 def test_cache_overflow_and_overlong_input_raise():
     model = tiny()
     cache = model.make_kv_cache(1, max_len=4)
