@@ -593,6 +593,29 @@ def test_api_keys_guard_everything_but_health_and_never_reach_the_logs(runs, cap
         srv.close()
 
 
+def test_the_key_check_runs_on_the_event_loop(runs, monkeypatch):
+    # a key check in a worker thread costs a thread hop per request (a pool of one
+    # thread per concurrent request), which took CPU from decoding under load
+    import hmac
+
+    seen = []
+    compare = hmac.compare_digest
+
+    def recording(a, b):
+        seen.append(threading.current_thread())
+        return compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    srv = _serve(runs, api_keys=["sk-alpha-3141"])
+    try:
+        headers = {"Authorization": "Bearer sk-alpha-3141"}
+        assert httpx.get(f"{srv.url}/v1/models", headers=headers).status_code == 200
+        assert httpx.get(f"{srv.url}/v1/models").status_code == 401
+    finally:
+        srv.close()
+    assert seen and all(t is srv.thread for t in seen)
+
+
 # ---------------------------------------------------------------------------
 # metrics and batching
 

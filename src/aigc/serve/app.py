@@ -166,8 +166,12 @@ class Service:
         self.started = time.time()
         self._keys = [k.encode() for k in settings.api_keys]
 
-    def check_key(self, request: Request) -> None:
-        """401 unless the request carries one of the keys (when keys are configured)."""
+    async def check_key(self, request: Request) -> None:
+        """401 unless the request carries one of the keys (when keys are configured).
+
+        A coroutine, so that FastAPI runs it on the event loop: as a plain function it
+        went to a worker thread for every request (one thread per concurrent request).
+        """
         if not self._keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
