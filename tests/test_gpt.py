@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -238,6 +239,11 @@ def test_onednn_products_give_the_plain_forward(monkeypatch):
     full, _ = model(idx)
     out = model.forward_cached(idx, model.make_kv_cache(3))
     torch.testing.assert_close(out, full, atol=1e-5, rtol=0)
+
+    # a model that sampled still deep-copies (LoRA merging does): the packed copies,
+    # which have no storage to copy, are kept beside the model, not on it
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin.forward_cached(idx, twin.make_kv_cache(3)), full)
 
 
 @torch.inference_mode()

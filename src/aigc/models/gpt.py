@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -204,6 +205,11 @@ class _CachedWeights(NamedTuple):
     params: tuple[int, ...]  # ids of the parameters they were fetched from
 
 
+# kept beside the models, not on them: a deepcopy or state_dict of a model that has
+# sampled must not meet oneDNN's packed copies (they have no storage to copy)
+_CACHED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, _CachedWeights] = weakref.WeakKeyDictionary()
+
+
 def _weight_and_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     # an adapter wrapping a Linear would be silently skipped by the cached path
     if type(module) not in (nn.Linear, nn.LayerNorm):
@@ -345,7 +351,7 @@ class GPT(nn.Module):
         """The weights `forward_cached` reads, fetched once and kept while the model
         holds the same parameters (oneDNN's packed copies with them)."""
         params = tuple(id(p) for p in self.parameters())
-        cached = self.__dict__.get("_cached")
+        cached = _CACHED_WEIGHTS.get(self)
         if cached is None or cached.params != params:
             blocks = [
                 _BlockWeights(
@@ -366,7 +372,7 @@ class GPT(nn.Module):
                 _Linear(*_weight_and_bias(self.lm_head)),
                 params,
             )
-            self.__dict__["_cached"] = cached  # not a module attribute: no state_dict entry
+            _CACHED_WEIGHTS[self] = cached
         return cached
 
     def forward_cached(
