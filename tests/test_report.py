@@ -151,7 +151,8 @@ def test_two_run_report_compares_first_and_escapes_file_strings(two_run_report, 
     shown = re.findall(r'alt="grid at step (\d+)"', page)
     assert shown == ["2", "4", "6", "10", "12", "14"], shown
     assert f"No eval.json: run `aigc eval {gan_run.resolve()}`" in page
-    assert page.count("data:image/png;base64,") == 1 + 6 + 2  # GAN: losses, grids; GPT: 2 charts
+    # the overlay of both runs; GAN: losses, grids; GPT: 2 charts
+    assert page.count("data:image/png;base64,") == 1 + 1 + 6 + 2
 
     # the GPT's data.path holds a <script> tag: shown as text, never as markup
     assert XSS not in page and "&lt;script&gt;alert(1)&lt;/script&gt;.txt" in page
@@ -226,6 +227,75 @@ def test_numbers_read_well():
 WINDOW = (1280, 2000)  # CSS pixels, one device pixel each
 
 
+def _overlay_png(page: str) -> np.ndarray:
+    src = re.search(r'class="chart overlay" alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.group(1)))).convert("RGB"))
+
+
+def _pixels_of(img: np.ndarray, colour: str) -> int:
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(img.astype(int) - rgb).max(axis=-1) <= 8).sum())
+
+
+def test_comparison_overlays_every_runs_curves_with_a_legend(two_run_report):
+    from aigc.report import run_colour
+
+    page = two_run_report.read_text(encoding="utf-8")
+    compare = page.index('id="comparison"')
+    overlay = page.index('class="chart overlay"')
+    assert compare < overlay < page.index("<table", compare)  # at the top of the comparison
+    alt = re.search(r'class="chart overlay" alt="all runs: ([^"]*)"', page).group(1)
+    panels = alt.split(", ")
+    assert panels[:2] == ["d_loss", "g_loss"] and "loss" in panels and "val_ppl" in panels, alt
+    assert "val_loss" not in panels  # drawn dashed on the loss panel, not a panel of its own
+    legend = re.search(r'<ul class="legend">(.*?)</ul>', page).group(1)
+    entries = re.findall(r'style="background:(#[0-9a-f]{6})"></span>([^<]*)</li>', legend)
+    assert entries == [(run_colour(0), "gan-run"), (run_colour(1), "gpt-run")]
+    # both runs' curves are drawn in their colours: remove a run's rows and its colour goes
+    img = _overlay_png(page)
+    assert _pixels_of(img, run_colour(0)) > 200 and _pixels_of(img, run_colour(1)) > 200
+
+
+def test_overlay_draws_a_metric_only_some_runs_logged():
+    from aigc.report import overlay_panels, render_overlay, run_colour
+
+    a = [{"step": s, "loss": 3.0 - s / 10} for s in range(1, 11)]
+    b = [{"step": s, "loss": 2.5 - s / 20, **({"val_loss": 2.4} if s == 10 else {})}
+         for s in range(1, 11)] + [{"step": 10, "val_acc": 0.9, "val_nan": float("nan")}]  # fmt: skip
+    panels = overlay_panels([a, b])
+    assert panels == [["loss", "val_loss"], ["val_acc"]]
+    png = render_overlay([("a", a), ("b", b)], panels)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert _pixels_of(img, run_colour(0)) > 100 and _pixels_of(img, run_colour(1)) > 100
+    only_b = np.asarray(Image.open(io.BytesIO(render_overlay([("a", []), ("b", b)], panels))))
+    assert _pixels_of(only_b[..., :3], run_colour(0)) < _pixels_of(img, run_colour(0)) // 4
+
+
+def test_an_eval_older_than_the_latest_checkpoint_is_marked_and_left_out(
+    gpt_run, gan_run, tmp_path
+):
+    run = tmp_path / "gpt-copy"
+    shutil.copytree(gpt_run, run)
+    result = json.loads((run / "eval.json").read_text())
+    assert result["step"] == 14  # fresh: measured at the latest checkpoint
+    fresh = write_report([gan_run, run], tmp_path / "fresh.html").read_text(encoding="utf-8")
+    result["step"] = 7
+    result["only_in_eval"] = 123.0
+    (run / "eval.json").write_text(json.dumps(result))
+    page = write_report([gan_run, run], tmp_path / "stale.html").read_text(encoding="utf-8")
+    assert "stale" not in fresh and "only_in_eval" not in fresh
+    assert "eval.json was measured at step 7, but the run is now at step 14" in page
+    assert "eval.json (step 7) — stale: the run is at step 14" in page
+    compare = page.index('id="comparison"')
+    table = page[compare : page.index("</table>", compare)]
+    assert "only_in_eval" not in table  # the stale result is left out of the comparison
+    # the held-out row still stands in: the last val_loss of metrics.jsonl
+    last_val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "val_loss" in r][-1]  # fmt: skip
+    row = re.search(r"<tr><th>loss</th>(.*?)</tr>", table).group(1)
+    assert format_number(last_val["val_loss"]) in row, row
+
+
 def chromium(*args: str, profile: Path, timeout: float = 120) -> str:
     """Runs headless Chromium on a WINDOW-sized page with ``args``; returns its stdout.
 
@@ -296,7 +366,7 @@ def test_a_browser_renders_the_two_run_report(two_run_report, tmp_path):
     dark = (shown < 200).mean()
     assert 0.01 < dark < 0.5, f"{dark:.3f} of the first chart's pixels are dark"
     # and what is there is the chart itself, drawn at its own pixels
-    src = re.search(r'class="chart" alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    src = re.search(r'class="chart[^"]*" alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
     drawn = Image.open(io.BytesIO(base64.b64decode(src.group(1)))).convert("RGB").convert("L")
     assert shown.shape == np.asarray(drawn).shape
     assert np.abs(shown - np.asarray(drawn, dtype=np.float64)).mean() < 3

@@ -126,10 +126,23 @@ class RunSummary:
                 return (step if isinstance(step, int) else None), vals
         return None, {}
 
+    @property
+    def eval_step(self) -> int | None:
+        step = (self.eval or {}).get("step")
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    @property
+    def eval_stale(self) -> bool:
+        """eval.json was measured on an older checkpoint than the run's latest one."""
+        if not self.eval or self.step is None:
+            return False
+        return self.eval_step is None or self.eval_step < self.step
+
     def final_metrics(self) -> dict[str, Any]:
-        """eval.json where present, else the last held-out row (eval.json wins on a clash)."""
+        """eval.json where present and current, else the last held-out row (eval.json wins
+        on a clash). A stale eval.json (older than the latest checkpoint) is left out."""
         merged = dict(self.last_val()[1])
-        if self.eval:
+        if self.eval and not self.eval_stale:
             merged.update({k: v for k, v in self.eval.items() if k != "step"})
         return merged
 
@@ -173,6 +186,12 @@ def read_run(path: str | Path) -> RunSummary:
         s.notes.append(f"No eval.json: run `aigc eval {run.path}` for final metrics.")
 
     _read_progress(run, s)
+    if s.eval_stale:
+        at = f"step {s.eval_step:,}" if s.eval_step is not None else "an unknown step"
+        s.notes.append(
+            f"eval.json was measured at {at}, but the run is now at step {s.step:,}: its "
+            f"metrics are stale and left out of comparisons; run `aigc eval {run.path}` again."
+        )
     _find_samples(run, s)
     return s
 
@@ -308,6 +327,73 @@ def render_panels(rows: list[dict[str, Any]], panels: list[list[str]]) -> bytes:
     return buf.getvalue()
 
 
+def overlay_panels(runs: Sequence[list[dict[str, Any]]]) -> list[list[str]]:
+    """The charts of a comparison: one per metric any run logged, in first-seen order.
+
+    A loss panel is ``[key, val_key]`` (training and held-out curves of every run on
+    the same axes); a held-out metric without a training twin is ``[val_key]``.
+    """
+    keys: dict[str, None] = {}
+    for rows in runs:
+        for k in _keys_in_order(rows):
+            if k not in keys and _series(rows, k)[0]:  # at least one finite point
+                keys.setdefault(k, None)
+    losses = [k for k in keys if is_loss_key(k)]
+    panels = [[k, f"val_{k}"] for k in losses]
+    twins = {f"val_{k}" for k in losses}
+    panels += [[k] for k in keys if k.startswith("val_") and k not in twins]
+    return panels
+
+
+def run_colour(i: int) -> str:
+    """The colour of the i-th run in every comparison chart and legend (matplotlib's cycle)."""
+    from matplotlib.colors import to_hex
+
+    return to_hex(f"C{i % 10}")
+
+
+def render_overlay(
+    runs: Sequence[tuple[str, list[dict[str, Any]]]], panels: list[list[str]]
+) -> bytes:
+    """A PNG of one axes per panel with every run's curves on it: the run is the colour,
+    training is a solid line and held-out a dashed line with markers; one legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.0 * ncols, 2.7 * nrows + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, keys in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for r, (_, rows) in enumerate(runs):
+            for key in keys:
+                steps, values = _series(rows, key)
+                if not steps:
+                    continue
+                held_out = key.startswith("val_")
+                style = "o--" if held_out else ("-" if len(steps) > 1 else "o")
+                ax.plot(steps, values, style, color=run_colour(r), markersize=3.5, lw=1.4)
+        ax.set_title(_plain(keys[0]), fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=run_colour(r), lw=2.5) for r in range(len(runs))]
+    labels = [_plain(name) for name, _ in runs]
+    handles += [
+        Line2D([], [], color="#555", ls="-"),
+        Line2D([], [], color="#555", ls="--", marker="o", ms=3.5),
+    ]
+    labels += ["training", "held-out"]
+    fig.legend(handles, labels, loc="upper center", ncols=min(len(labels), 6), fontsize=8,
+               frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------
 # HTML
 
@@ -356,6 +442,28 @@ def _facts(s: RunSummary) -> list[tuple[str, str]]:
     ]
 
 
+def _overlay(runs: list[RunSummary], names: list[str]) -> str:
+    """Every run's curves overlaid, one chart per metric, with a legend of run colours."""
+    series = [(n, s.rows) for n, s in zip(names, runs, strict=True)]
+    panels = overlay_panels([s.rows for s in runs])
+    if not panels:
+        return _note("No run has logged a loss or held-out metric yet, so no curves.")
+    shown = panels[:MAX_PANELS]
+    png = render_overlay(series, shown)
+    legend = "".join(
+        f'<li><span class="swatch" style="background:{run_colour(i)}"></span>{_e(n)}</li>'
+        for i, n in enumerate(names)
+    )
+    curves = ", ".join(k[0] for k in shown)
+    out = (
+        f'<ul class="legend">{legend}<li class="styles">solid: training · dashed: held-out'
+        f'</li></ul><img class="chart overlay" alt="all runs: {_e(curves)}" src="{_data_uri(png)}">'
+    )
+    if len(panels) > len(shown):
+        out += _note(f"{len(panels) - len(shown)} more metrics not drawn.")
+    return out
+
+
 def _comparison(runs: list[RunSummary], names: list[str]) -> str:
     facts = [_facts(s)[:4] for s in runs]  # family, step, training time, seen
     metrics = [s.final_metrics() for s in runs]
@@ -378,10 +486,12 @@ def _comparison(runs: list[RunSummary], names: list[str]) -> str:
         body.append(f'<tr><td colspan="{width}">no run reports metrics yet</td></tr>')
     return (
         '<section id="comparison"><h2>Comparison</h2>'
-        f'<table class="compare"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        + _overlay(runs, names)
+        + f'<table class="compare"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
         + _note(
-            "Final metrics come from eval.json where a run has one, otherwise from its last "
-            "held-out evaluation in metrics.jsonl; – means the run does not report it."
+            "Final metrics come from eval.json where a run has one measured at its latest "
+            "checkpoint, otherwise from its last held-out evaluation in metrics.jsonl; – means "
+            "the run does not report it."
         )
         + "</section>"
     )
@@ -398,7 +508,10 @@ def _metric_table(s: RunSummary) -> str:
     header, columns = ["metric"], []
     if s.eval:
         at = s.eval.get("step")
-        header.append("eval.json" + (f" (step {_e(format_number(at))})" if at is not None else ""))
+        head = "eval.json" + (f" (step {_e(format_number(at))})" if at is not None else "")
+        if s.eval_stale:
+            head += f" — stale: the run is at step {s.step:,}"
+        header.append(head)
         columns.append(s.eval)
     if val:
         header.append(
@@ -520,6 +633,9 @@ thead th{background:#f2f4f8}tr.group th{background:#f2f4f8;font-family:inherit;f
   font-size:13px}
 td .num{font-variant-numeric:tabular-nums}td{text-align:right}
 img.chart{max-width:100%;display:block}
+ul.legend{list-style:none;display:flex;flex-wrap:wrap;gap:4px 18px;padding:0;margin:8px 0;
+  font-size:13px}ul.legend .swatch{display:inline-block;width:14px;height:4px;margin:0 6px 3px 0}
+ul.legend .styles{color:#5a6478}
 .samples{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;text-align:center}figcaption{font-size:12px;color:#5a6478}
 img.sample{max-width:100%;height:auto;image-rendering:pixelated;border:1px solid #dfe3ea}
@@ -562,7 +678,8 @@ def write_report(runs: list[Path], out: Path) -> Path:
     Per run: family, step, training time, loss curves and held-out curves from
     metrics.jsonl, a metric table (eval.json and the last held-out evaluation),
     sample grids and texts over training, and config.yaml. With several runs a
-    comparison table comes first. Raises CheckpointError for a path that is not a
+    comparison comes first: every run's curves overlaid (one chart per metric, a
+    colour per run) above a table of their final metrics. Raises CheckpointError for a path that is not a
     run folder and RequestError when ``out`` cannot be written. Returns ``out``.
     """
     page = report_html(runs)
