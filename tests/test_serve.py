@@ -824,6 +824,64 @@ def test_sigterm_lets_a_streaming_request_finish_then_exits_0(runs):
             proc.wait()
 
 
+def test_shutdown_past_the_grace_period_answers_every_request_in_one_log_line(runs):
+    """A stream and a whole request still running when --grace-seconds is over: the
+    stream ends with an error event in OpenAI's shape and [DONE], the other gets a 503,
+    the log says so in one line, and the process exits 0 with no traceback."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIGC_MAX_TOKENS": "1000000"}
+    cmd = [sys.executable, "-m", "aigc", "serve", str(runs["gpt"]), "--port", "0",
+           "--grace-seconds", "1", "--device", "cpu", "--max-batch-size", "4"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = None
+        for line in proc.stdout:
+            if line.startswith("listening on "):
+                url = line.split()[2]
+                break
+        assert url, proc.stderr.read()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        long = {"model": "gpt", "prompt": "a", "max_tokens": 1_000_000, "seed": 0}
+        whole: dict = {}
+
+        def post_whole() -> None:
+            r = httpx.post(f"{url}/v1/completions", json=long, timeout=60)
+            whole.update(status=r.status_code, body=r.json())
+
+        with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True},
+                          timeout=60) as r:  # fmt: skip
+            lines = r.iter_lines()
+            events = [next(lines)]  # the stream is in flight
+            thread = threading.Thread(target=post_whole)
+            thread.start()
+            time.sleep(0.3)  # the whole request too
+            proc.send_signal(signal.SIGTERM)
+            events += list(lines)
+        thread.join(30)
+        events = [e for e in events if e]
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2][len("data: ") :])
+        assert set(last) == {"error"} and last["error"]["code"] == "shutting_down"
+        assert last["error"]["type"] == "server_error" and "grace" in last["error"]["message"]
+        assert whole["status"] == 503 and whole["body"]["error"]["code"] == "shutting_down"
+        assert proc.wait(30) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "Cancel" not in err, err
+        said = [x for x in err.splitlines() if "grace period" in x]
+        assert len(said) == 1 and "2 request(s)" in said[0], err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_torch_threads_setting_is_checked_and_leaves_a_core_by_default():
     from aigc.errors import ConfigError
     from aigc.serve.settings import ServeSettings

@@ -165,6 +165,28 @@ class Service:
         self.metrics = metrics
         self.started = time.time()
         self._keys = [k.encode() for k in settings.api_keys]
+        self.live: set[TextJob] = set()  # text requests in flight
+        self.images_in_flight = 0
+        self.cut_off = asyncio.Event()  # set when shutdown ends what is still in flight
+
+    def end_in_flight(self, grace: float) -> int:
+        """Shutdown's grace period is over: every request still in flight ends now with
+        an error (503, or an error event and [DONE] for a stream), so that each client
+        gets an answer before the connections close. Logs one line; returns how many."""
+        message = (
+            f"the server is shutting down and its grace period ({grace:g} s, --grace-seconds) "
+            "ended before this request finished; send it again"
+        )
+        n = len(self.live) + self.images_in_flight
+        for job in list(self.live):
+            job.stop(message)
+        self.cut_off.set()
+        if n:
+            log.warning(
+                "shutdown: the grace period of %g s is over; ending %d request(s) still in "
+                "flight with an error", grace, n,
+            )  # fmt: skip
+        return n
 
     async def check_key(self, request: Request) -> None:
         """401 unless the request carries one of the keys (when keys are configured).
@@ -400,6 +422,7 @@ class _TextRequest:
         batcher = self.served.batcher
         job = TextJob(self.rows, stream=self.stream)
         batcher.submit(job)  # QueueFull: 429
+        self.service.live.add(job)
         self.service.metrics.prompt_tokens.labels(self.served.name).inc(
             self.n * sum(len(ids) for ids in self.ids)
         )
@@ -410,6 +433,7 @@ class _TextRequest:
         try:
             texts, reasons, tokens = await _unless_disconnected(request, self._collect(job))
         finally:
+            self.service.live.discard(job)
             if not job.done:
                 batcher.cancel(job)
         if echo:
@@ -483,10 +507,14 @@ class _TextRequest:
             error = _timeout(self.service.settings)
             self.service.metrics.errors.labels("408", error.type).inc()
             yield _sse(error.body())
+        except ShuttingDown as e:  # the grace period of a shutdown is over
+            self.service.metrics.errors.labels("503", "server_error").inc()
+            yield _sse(error_body(str(e), "server_error", code="shutting_down"))
         except RuntimeError as e:  # the worker failed: a bug, reported in its log
             self.service.metrics.errors.labels("500", "server_error").inc()
             yield _sse(error_body(f"generation failed: {e}", "server_error"))
         finally:
+            self.service.live.discard(job)
             if not job.done:
                 self.served.batcher.cancel(job)
         yield "data: [DONE]\n\n"
@@ -553,6 +581,24 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     if not task.done():
         task.cancel()
         raise _ClientGone
+    return task.result()
+
+
+async def _unless_cut_off(service: Service, work: Awaitable[Any]) -> Any:
+    """Await `work`, abandoning it (raising ShuttingDown) when shutdown's grace is over."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(service.cut_off.wait())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise ShuttingDown(
+            f"the server is shutting down and its grace period "
+            f"({service.settings.grace_seconds:g} s, --grace-seconds) ended before this "
+            "request finished; send it again"
+        )
     return task.result()
 
 
@@ -637,10 +683,13 @@ async def _generate_images(
             out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
         return out
 
+    service.images_in_flight += 1
     try:
-        data = await served.images.run(work, deadline)
+        data = await _unless_cut_off(service, served.images.run(work, deadline))
     except JobTimeout:
         raise _timeout(s) from None
+    finally:
+        service.images_in_flight -= 1
     service.metrics.images.labels(served.name).inc(n)
     return {"created": int(time.time()), "data": [{"b64_json": b} for b in data]}
 

@@ -69,6 +69,13 @@ class JobFailed:
 _EXPIRED = object()  # put in a job's queue at its deadline, to wake a waiting reader
 
 
+@dataclass
+class _Stopped:
+    """Put in a job's queue when the server ends it before it has finished."""
+
+    message: str
+
+
 _job_ids = itertools.count()
 
 
@@ -100,12 +107,16 @@ class TextJob:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self.loop.call_soon_threadsafe(self._results.put_nowait, item)
 
+    def stop(self, message: str) -> None:
+        """End the job now (on the event loop): its reader gets ShuttingDown(message)."""
+        self._results.put_nowait(_Stopped(message))
+
     async def events(self, deadline: float) -> AsyncIterator[list[DecodeEvent]]:
         """The job's events, until every row has ended: a list per decode step, or the
         lists of all steps that are ready, in order, when the reader fell behind.
 
-        Raises JobTimeout past `deadline` (time.monotonic()) and RuntimeError when the
-        worker failed.
+        Raises JobTimeout past `deadline` (time.monotonic()), RuntimeError when the
+        worker failed, and ShuttingDown when the server stopped the job.
         """
         # one timer for the whole job, not asyncio.wait_for per step: that makes a
         # task and a timer for every token of every row
@@ -125,6 +136,8 @@ class TextJob:
                 for item in items:
                     if item is _EXPIRED:
                         raise JobTimeout
+                    if isinstance(item, _Stopped):
+                        raise ShuttingDown(item.message)
                     if isinstance(item, JobFailed):
                         self._open = 0
                         raise RuntimeError(item.message)

@@ -6,6 +6,7 @@ uvicorn and torch load when the command runs.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import signal
@@ -178,7 +179,23 @@ def run_server(app: Any, sock: socket.socket, settings: ServeSettings, log_level
         app, log_level=log_level, log_config=log_config, access_log=False, lifespan="on",
         timeout_graceful_shutdown=settings.grace_seconds,  # type: ignore[arg-type]
     )  # fmt: skip
-    server = uvicorn.Server(config)
+    service = app.state.aigc
+    grace = settings.grace_seconds
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # uvicorn cancels what is still running when the grace period is over, which
+            # cuts streams mid-event and logs a traceback per request: end them first,
+            # each with an answer, a moment before it would
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(max(0.0, grace - min(0.5, grace / 4)),
+                                    service.end_in_flight, grace)  # fmt: skip
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    server = Server(config)
     # uvicorn raises the signal that stopped it again once it has shut down, to end the
     # process the default way (killed by SIGTERM, KeyboardInterrupt for Ctrl-C); with
     # these handlers in place then, a graceful stop ends the command normally (exit 0).
