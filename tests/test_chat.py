@@ -147,6 +147,11 @@ def test_a_chat_model_learns_to_answer_and_stop(base_run, tmp_path):
     assert "assistant> yes." in r.stdout
     r = run_cli("eval", str(out.run_dir))
     assert r.returncode == 0 and "held-out assistant tokens" in r.stdout
+    # the run no longer needs its source: it continues, and samples its held-out questions
+    data.unlink()
+    aigc.train(None, ["train.max_steps=151"], run_dir=out.run_dir, progress=False)
+    sample = (Path(out.run_dir) / "samples" / "step-00000151.txt").read_text()
+    assert "--- model:\nyes." in sample, sample
 
 
 def test_bad_conversations_file_stops_before_a_run_exists(base_run, tmp_path):

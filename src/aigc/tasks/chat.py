@@ -82,6 +82,9 @@ class ChatDataConfig:
             raise ConfigError(f"data.eval_batch_size={self.eval_batch_size} must be at least 1")
 
 
+SAMPLED_CONVERSATIONS = 3  # held-out questions answered in each sample
+
+
 def read_chat_data(d: ChatDataConfig) -> tuple[list[Conversation], str]:
     """The conversations of data.path, or the embedded demonstrations; and the source."""
     from aigc.data.chat import pydoc_demonstrations, read_conversations
@@ -215,6 +218,13 @@ class ChatTask:
             stats[f"{name}_assistant_tokens"] = int(all_mask.sum())
             stats["tokens"] += len(all_ids)
             stats["windows"] += len(wins)
+        # the held-out questions that samples() answers, kept so that a run never needs
+        # its source again
+        rows = [{"messages": [{"role": m.role, "content": m.content} for m in c]}
+                for c in val[:SAMPLED_CONVERSATIONS]]  # fmt: skip
+        (data_dir / "val_samples.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
         meta = {"source": source, "n_train": len(train), "n_val": len(val),
                 "special_ids": {t: tokenizer.token_to_id(t) for t in CHAT_SPECIAL_TOKENS},
                 **stats}  # fmt: skip
@@ -298,7 +308,7 @@ class ChatTask:
         """Answers to the first held-out questions (greedy), beside the reference answers."""
         from aigc.sampling import SamplingParams, generate
 
-        held = split_chat_data(self.config.data)[1][:3]
+        held = self._sampled_conversations()
         out = {}
         model = merged_copy(model)
         for i, conv in enumerate(held):
@@ -309,6 +319,19 @@ class ChatTask:
             out[f"held-out {i}"] = (f"{conv[last - 1].content}\n--- model:\n{answer}\n"
                                     f"--- reference:\n{conv[last].content}")  # fmt: skip
         return out
+
+    def _sampled_conversations(self) -> list[Conversation]:
+        """The first held-out conversations, as prepared; a run prepared before they were
+        kept reads them from its source again, and samples nothing if that is gone."""
+        from aigc.data.chat import read_conversations
+
+        kept = self.run.data_dir / "val_samples.jsonl"
+        if kept.is_file():
+            return read_conversations(kept)
+        try:
+            return split_chat_data(self.config.data)[1][:SAMPLED_CONVERSATIONS]
+        except DataError:
+            return []
 
 
 def stop_strings() -> tuple[str, ...]:
