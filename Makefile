@@ -20,8 +20,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
+# The FID references the tests compare with. Without their dependencies: both ask for
+# torchvision, which would replace the CPU torch with a CUDA build.
+FID_REFERENCES := torch-fidelity==0.4.0 pytorch-fid==0.3.0
+
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test,export]'
+	$(BIN)/python -m pip install -q --no-deps $(FID_REFERENCES)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import aigc
+from aigc.errors import RequestError
 from aigc.metrics.image import (
     fid_from_features,
     kid_from_features,
@@ -86,6 +87,7 @@ def test_cli_eval_chooses_metrics_and_records_them(gan_run, tmp_path):
         (["--metrics", "fid,bogus"], "choose from fid, kid, is, pr, dc"),
         (["--against", "/no/such/folder"], "no such file"),
         (["--inception-weights", "/no/such/file.pth"], "file.pth"),
+        (["--fid-protocol", "tensorflow"], "choose from pytorch-fid, tf"),
     ],
 )
 def test_cli_eval_bad_requests_exit_2(gan_run, args, message):
@@ -120,6 +122,22 @@ def test_inception_weights_give_inception_features(gan_run, tmp_path, monkeypatc
         )  # fmt: skip
     assert result["extractor"].startswith("inception-v3-fid:")
     assert np.isfinite(result["fid"]) and result["is"] >= 1.0
+    assert result["fid_protocol"] == "pytorch-fid"
+    # the tf protocol: recorded in the result, its reference statistics cached apart
+    from aigc.metrics.reference import reference_path
+
+    with pytest.warns(UserWarning, match="singular"):
+        tf = gen.evaluate(n=10, metrics=["fid"], against=str(folder), fid_protocol="tf")
+    assert tf["fid_protocol"] == "tf" and tf["extractor"] == result["extractor"] + "+tf"
+    assert abs(tf["fid"] - result["fid"]) > 1e-3 * result["fid"]  # other features, other FID
+    cache = reference_path({"extractor": "any", "spec": "any", "count": 1}).parent
+    cached = sorted(p.name for p in cache.glob("inception*.npz"))
+    assert any("_tf-" in n for n in cached) and any("_tf-" not in n for n in cached), cached
+    saved = json.loads((Path(gan_run) / "eval.json").read_text())
+    assert saved["fid_protocol"] == "tf"
+    assert RunDir(gan_run).read_metrics()[-1]["eval_fid_protocol"] == "tf"
+    with pytest.raises(RequestError, match="pytorch-fid, tf"):
+        gen.evaluate(n=10, fid_protocol="TF")
 
 
 def test_text_eval_reports_sample_diversity_and_memorisation(tmp_path, corpus_file):

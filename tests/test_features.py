@@ -4,6 +4,10 @@ and the domain classifier seen through the same contract."""
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from aigc.errors import CheckpointError, DataError
+from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.metrics import features as feat
 from aigc.metrics.classifier import _cache_path, train_classifier
 from aigc.metrics.features import (
@@ -144,8 +148,9 @@ def test_features_do_not_depend_on_batch_size(pth_file, images):
 
 
 def _bilinear_1d(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix of bilinear resizing with half-pixel centres (TF's and
-    PyTorch's align_corners=False): source = (dest + 0.5) * n_in / n_out - 0.5."""
+    """(n_out, n_in) matrix of bilinear resizing with half-pixel centres (PyTorch's
+    align_corners=False, the pytorch-fid protocol; TensorFlow 1 has no half-pixel
+    centres, see _tf1_1d): source = (dest + 0.5) * n_in / n_out - 0.5."""
     m = np.zeros((n_out, n_in))
     for d in range(n_out):
         s = max((d + 0.5) * n_in / n_out - 0.5, 0.0)
@@ -182,7 +187,8 @@ def test_preprocess_matches_an_independent_resize():
     # at 299×299 nothing is resampled; float values outside [-1, 1] are clamped
     x = torch.rand(1, 3, 299, 299) * 2 - 1
     torch.testing.assert_close(fid_preprocess(x), x, atol=1e-6, rtol=0)
-    assert fid_preprocess(torch.full((1, 3, 8, 8), 3.0)).max() == 1.0
+    # (to float32 rounding: PyTorch's one-thread bilinear kernel gives 1 + 2.4e-7)
+    assert abs(fid_preprocess(torch.full((1, 3, 8, 8), 3.0)).max().item() - 1.0) < 1e-6
     with pytest.raises(DataError, match="to_tensor"):
         fid_preprocess(torch.zeros(1, 8, 8, 3, dtype=torch.uint8))  # (N, H, W, C)
     with pytest.raises(DataError, match="uint8"):
@@ -326,3 +332,120 @@ def test_classifiers_without_a_key_are_named_by_their_weights(classifier):
     name = classifier_extractor(keyless).name
     assert name.startswith("domain-classifier:") and name != classifier_extractor(clf).name
     assert name == classifier_extractor(keyless, device="cpu").name
+
+
+# --- the tf protocol: TensorFlow 1's resize and scaling, against torch-fidelity ----
+
+
+def _tf1_1d(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of TensorFlow 1's resize_bilinear (align_corners=False, no
+    half-pixel centres): source = dest * n_in / n_out, in float32 as TF computes it."""
+    m = np.zeros((n_out, n_in))
+    scale = np.float32(n_in) / np.float32(n_out)
+    for d in range(n_out):
+        s = np.float32(d) * scale
+        i0 = min(int(np.floor(s)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        m[d, i0] += 1.0 - float(s - np.floor(s))
+        m[d, i1] += float(s - np.floor(s))
+    return m
+
+
+@pytest.fixture
+def torch_fidelity(monkeypatch):
+    """torch-fidelity's Inception module and TF1 resize, imported without the package's
+    __init__ (which imports torchvision, which has no CPU wheel beside our torch), and
+    with torch.load held to weights_only=True."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        pytest.skip("torch-fidelity is not installed (make test installs it)")
+    pkg = types.ModuleType("torch_fidelity")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    for name in [m for m in sys.modules if m.startswith("torch_fidelity")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", pkg)
+    inception = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    resize = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, **kw: load(f, **{**kw, "weights_only": True}))
+    yield types.SimpleNamespace(inception=inception, resize=resize)
+    for name in [m for m in sys.modules if m.startswith("torch_fidelity.")]:
+        del sys.modules[name]
+
+
+def test_tf_protocol_preprocess_matches_tensorflow1_and_torch_fidelity(torch_fidelity):
+    rng = np.random.default_rng(2)
+    for shape in [(2, 3, 32, 32), (1, 3, 37, 53), (1, 3, 301, 20), (1, 1, 28, 28)]:
+        img = rng.integers(0, 256, shape, np.uint8)
+        ours = fid_preprocess(torch.from_numpy(img), "tf")
+        assert ours.shape == (shape[0], 3, 299, 299) and ours.dtype == torch.float32
+        # an independent NumPy computation of TF1's resize, then (x - 128) / 128
+        x = np.repeat(img, 3, axis=1) if shape[1] == 1 else img
+        rows, cols = _tf1_1d(shape[2], 299), _tf1_1d(shape[3], 299)
+        ref = (np.einsum("yh,nchw,xw->ncyx", rows, x.astype(np.float64), cols) - 128) / 128
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5, rtol=0)
+        # torch-fidelity's own resize and scaling
+        theirs = torch_fidelity.resize.interpolate_bilinear_2d_like_tensorflow1x(
+            torch.from_numpy(x).float(), size=(299, 299), align_corners=False
+        )
+        np.testing.assert_allclose(ours.numpy(), ((theirs - 128) / 128).numpy(), atol=1e-5)
+        # the two protocols really differ (half-pixel centres, and 2u/255 - 1 vs (u - 128)/128)
+        assert (fid_preprocess(torch.from_numpy(img)) - ours).abs().max() > 0.1
+    # float images in the models' range map to the same values as their uint8 originals
+    img = torch.from_numpy(rng.integers(0, 256, (1, 3, 16, 16), np.uint8))
+    as_float = img.float() / 127.5 - 1.0
+    torch.testing.assert_close(
+        fid_preprocess(as_float, "tf"), fid_preprocess(img, "tf"), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ConfigError, match="pytorch-fid, tf"):
+        fid_preprocess(img, "tensorflow")
+
+
+def test_tf_protocol_features_equal_torch_fidelitys(torch_fidelity, pth_file):
+    """End to end from uint8 images, random weights shared by both: pool3 features and
+    unbiased logits equal to 1e-5 of their scale."""
+    imgs = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 3, 32, 32), np.uint8))
+    theirs_net = torch_fidelity.inception.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=pth_file
+    )
+    with torch.inference_mode():
+        f_ref, l_ref = (t.double().numpy() for t in theirs_net(imgs))
+    tf = inception_extractor(pth_file, verify=False, protocol="tf")
+    f, logits = tf.features_and_logits(imgs)
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    assert rel(f, f_ref) <= 1e-5 and rel(logits, l_ref) <= 1e-5
+    # the default protocol is pytorch-fid's, measurably different at 32 px
+    f_pt = inception_extractor(pth_file, verify=False).features(imgs)
+    assert rel(f_pt, f_ref) > 1e-3
+
+
+def test_protocol_names_the_extractor_and_is_checked(pth_file):
+    default = inception_extractor(pth_file, verify=False)
+    tf = inception_extractor(pth_file, verify=False, protocol="tf")
+    sha8 = _sha256(pth_file)[:8]
+    # the pytorch-fid name is unchanged, so statistics cached before protocols existed
+    # are read as pytorch-fid's; tf's name differs, so its cache key differs
+    assert default.name == f"inception-v3-fid:{sha8}" and default.fid_protocol == "pytorch-fid"
+    assert tf.name == f"inception-v3-fid:{sha8}+tf" and tf.fid_protocol == "tf"
+    with pytest.raises(ConfigError, match="protocol"):
+        inception_extractor(pth_file, verify=False, protocol="pt")
+
+
+def test_pytorch_fid_protocol_features_equal_pytorch_fids(random_state, images, monkeypatch):
+    """pytorch-fid 0.3.0's own extractor, random weights shared by both, fed [0, 1]
+    floats as its data loader gives them. Its module imports torchvision, which has no
+    CPU wheel beside our torch: this runs where a user has both."""
+    pytest.importorskip("torchvision")
+    pfid = pytest.importorskip("pytorch_fid.inception")
+    monkeypatch.setattr(pfid, "load_state_dict_from_url", lambda *a, **k: dict(random_state))
+    theirs = pfid.InceptionV3([3], resize_input=True, normalize_input=True).eval()
+    with torch.inference_mode():
+        f_ref = theirs(images.float() / 255.0)[0].flatten(1).double().numpy()
+    ours = FIDInceptionV3()
+    ours.load_state_dict(random_state)
+    ext = feat.FeatureExtractor("x", ours, 2048, 1008, torch.device("cpu"), "pytorch-fid")
+    f = ext.features(images)
+    assert np.abs(f - f_ref).max() <= 1e-5 * np.abs(f_ref).max()

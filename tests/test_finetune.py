@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import aigc
-from aigc.errors import ConfigError, DataError
+from aigc.api import run_config
+from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.runs import RunDir
 
 from .conftest import RECIPE, TINY, run_cli
@@ -45,7 +46,7 @@ def test_full_finetune_starts_from_the_base_and_records_it(base_run, code_dir, t
     for (k, a), b in zip(zero.model.state_dict().items(), base.model.state_dict().values(),
                          strict=True):  # fmt: skip
         assert torch.equal(a, b), k  # exactly the base's weights
-    cfg = aigc.load_config(Path(out.run_dir) / "config.yaml")
+    cfg = run_config(RunDir(out.run_dir))
     assert Path(cfg.train.init_from) == base_run.resolve() and len(cfg.train.init_sha256) == 64
     assert zero.tokenizer.chars == base.tokenizer.chars  # the base's tokenizer, kept
     out = aigc.finetune(base_run, [f"data.path={code_dir}", *FT], run_dir=tmp_path / "full",
@@ -160,3 +161,43 @@ def test_a_full_finetune_no_longer_needs_its_base(base_run, code_dir, tmp_path):
 
     with pytest.raises(CheckpointError, match="changed since"):
         aigc.load(lora.run_dir)
+
+
+def test_a_lora_run_moved_with_its_base_still_loads_and_a_missing_base_is_named(
+    base_run, code_dir, tmp_path
+):
+    import shutil
+
+    import yaml
+
+    runs = tmp_path / "runs"
+    shutil.copytree(base_run, runs / "base")
+    out = aigc.finetune(runs / "base", [f"data.path={code_dir}", *FT, "train.max_steps=2"],
+                        method="lora", lora_rank=2, progress=False)  # fmt: skip
+    lora = Path(out.run_dir)
+    assert lora == runs / "base-lora"
+    recorded = yaml.safe_load((lora / "config.yaml").read_text())["train"]["init_from"]
+    assert recorded == "../base"  # relative to the run: the pair can move together
+    text = aigc.load(lora).generate("def ", max_new_tokens=12, seed=0)
+
+    # the whole runs folder moved (or mounted elsewhere, as in the Docker instructions)
+    moved = tmp_path / "elsewhere" / "runs"
+    moved.parent.mkdir()
+    runs.rename(moved)
+    assert aigc.load(moved / "base-lora").generate("def ", max_new_tokens=12, seed=0) == text
+
+    # a run written before relative paths: the absolute base is gone, the sibling is found
+    cfg_path = moved / "base-lora" / "config.yaml"
+    data = yaml.safe_load(cfg_path.read_text())
+    data["train"]["init_from"] = str(tmp_path / "old" / "place" / "base")
+    cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert aigc.load(moved / "base-lora").generate("def ", max_new_tokens=12, seed=0) == text
+
+    # no base anywhere: the error names it and the fix, in Python and from the CLI
+    shutil.rmtree(moved / "base")
+    with pytest.raises(CheckpointError, match=r"the base run of .* is missing") as e:
+        aigc.load(moved / "base-lora")
+    assert "put the base run back there, or set train.init_from in" in str(e.value)
+    r = run_cli("sample", str(moved / "base-lora"), "--prompt", "x", "--max-new-tokens", "2")
+    assert r.returncode == 2 and r.stderr.startswith("error: the base run of "), r.stderr
+    assert "has no checkpoint" not in r.stderr

@@ -6,6 +6,7 @@ The CLI and (later) the server are thin layers over these functions.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import operator
 import os
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from aigc.config import Config, load_config
 from aigc.errors import AigcError, CheckpointError, ConfigError, RequestError
-from aigc.runs import MetricsLog, RunDir, atomic_write_text, file_sha256
+from aigc.runs import LOCK_NAME, MetricsLog, RunDir, atomic_write_text, file_sha256, run_lock
 from aigc.tasks import get_task
 from aigc.trainer import (
     DistInfo,
@@ -137,31 +138,45 @@ def train(
         _resolve_paths(new)
 
     dist_info = init_distributed(new.train.device if new else "auto")
+    # one writer per run folder, for the whole command (ranks > 0 never write)
+    lock = run_lock(run.path) if dist_info.is_main else contextlib.nullcontext()
     try:
-        if run.exists():
-            if new is not None:
-                run.check_family(new.family)
-            saved = load_config(run.config_path)
-            if (family := run.info()["family"]) != saved.family:
-                raise CheckpointError(
-                    f"{run.path}: run.json says {family!r}, config.yaml says {saved.family!r}"
-                )
-            if new is None and overrides:
-                new = load_config(saved, overrides)
-            cfg = _merge_for_resume(saved, new, run)
-        else:
-            if resume or new is None:
-                raise CheckpointError(f"{run.path} holds no run to resume")
-            if run.path.exists() and any(run.path.iterdir()):
-                raise CheckpointError(
-                    f"{run.path} exists and is not an aigc run folder; choose another --run-dir"
-                )
-            cfg = new
-            _create_run(cfg, run, dist_info, progress)
-        return _train_in(cfg, run, dist_info, progress)
+        with lock:
+            return _train_locked(run, new, overrides, resume, dist_info, progress)
     finally:
         if dist_info.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train_locked(
+    run: RunDir,
+    new: Config | None,
+    overrides: Sequence[str],
+    resume: bool,
+    dist_info: DistInfo,
+    progress: bool,
+) -> TrainOutcome:
+    if run.exists():
+        if new is not None:
+            run.check_family(new.family)
+        saved = run_config(run)
+        if (family := run.info()["family"]) != saved.family:
+            raise CheckpointError(
+                f"{run.path}: run.json says {family!r}, config.yaml says {saved.family!r}"
+            )
+        if new is None and overrides:
+            new = load_config(saved, overrides)
+        cfg = _merge_for_resume(saved, new, run)
+    else:
+        if resume or new is None:
+            raise CheckpointError(f"{run.path} holds no run to resume")
+        if run.path.exists() and any(p.name != LOCK_NAME for p in run.path.iterdir()):
+            raise CheckpointError(
+                f"{run.path} exists and is not an aigc run folder; choose another --run-dir"
+            )
+        cfg = new
+        _create_run(cfg, run, dist_info, progress)
+    return _train_in(cfg, run, dist_info, progress)
 
 
 def _create_run(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> None:
@@ -178,7 +193,7 @@ def _create_run(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -
         try:
             task_cls.prepare_data(cfg, tmp, progress=progress)  # writes tokenizer.json too
             task_cls.finish_config(cfg, tmp)
-            run.create(cfg.family, cfg.to_yaml())
+            run.create(cfg.family, _config_yaml(cfg, run))
             task_cls.install_data(tmp, run)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -207,12 +222,57 @@ def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> 
     trainer = Trainer(task, cfg, run, dist_info, device, progress=progress)
     resumed = trainer.restore()
     start = trainer.step
+    if resumed and trainer.done():  # nothing to train: the run folder stays as it was
+        return TrainOutcome(run.path, trainer.step, trainer.train_time, {}, start)
     if resumed and dist_info.is_main:
         run.truncate_metrics(start)
     if dist_info.is_main:
-        atomic_write_text(run.config_path, cfg.to_yaml())
+        atomic_write_text(run.config_path, _config_yaml(cfg, run))
     result: TrainResult = trainer.fit()
     return TrainOutcome(run.path, result.step, result.train_time, result.metrics, start)
+
+
+def run_config(run: RunDir) -> Config:
+    """A run's config.yaml, with its base run (``train.init_from``) found and made absolute.
+
+    The base is recorded relative to the run when it was nearby, else absolute. Runs
+    written before that recorded it absolute: when that path is gone (the runs folder
+    moved, or is mounted elsewhere) the folder of the same name beside the run is taken;
+    its weights' sha256 is checked when they are read.
+    """
+    cfg = load_config(run.config_path)
+    if cfg.train.init_from:
+        cfg.train.init_from = str(_find_base(cfg.train.init_from, run.path))
+    return cfg
+
+
+def _find_base(recorded: str, run_path: Path) -> Path:
+    given = Path(recorded)
+    where = given if given.is_absolute() else run_path / given
+    if (where / "run.json").is_file():
+        return where.resolve()
+    beside = run_path.parent / given.name
+    if given.name and (beside / "run.json").is_file():
+        return beside.resolve()
+    raise CheckpointError(
+        f"the base run of {run_path} is missing: train.init_from is {recorded!r} and "
+        f"{where} holds no run; put the base run back there, or set train.init_from in "
+        f"{run_path / 'config.yaml'} to where it is now (its weights' sha256 is checked)"
+    )
+
+
+def _config_yaml(cfg: Config, run: RunDir) -> str:
+    """config.yaml's text. A base run near the run (at most two folders up from it, as
+    runs/base beside runs/base-lora) is recorded relative to the run, so that the runs
+    folder can be moved or mounted elsewhere as a whole."""
+    if not cfg.train.init_from:
+        return cfg.to_yaml()
+    rel = Path(os.path.relpath(Path(cfg.train.init_from).resolve(), run.path.resolve()))
+    if rel.parts.count("..") > 2:
+        return cfg.to_yaml()
+    out = copy.deepcopy(cfg)
+    out.train.init_from = rel.as_posix()
+    return out.to_yaml()
 
 
 def _init_from_base(model: torch.nn.Module, train_cfg: Any, where: Path) -> tuple[int, int]:
@@ -394,12 +454,13 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise RequestError(f"{out.path} exists and is not empty; choose another --out")
     gen = load(src.path, device="cpu", ema=False)  # base + adapters, merged
     cfg.train.init_from, cfg.train.init_sha256, cfg.train.lora_rank = "", "", 0
-    out.create(cfg.family, cfg.to_yaml())
-    shutil.copy2(src.tokenizer_path, out.tokenizer_path)
-    shutil.copytree(src.data_dir, out.data_dir)
-    weights, aliases = module_tensors(gen.model)
-    state = {"family": cfg.family, "tied": aliases, "merged_from": str(src.path.resolve())}
-    out.save_checkpoint(gen.step, {"model": weights}, state)
+    with run_lock(out.path):
+        out.create(cfg.family, cfg.to_yaml())
+        shutil.copy2(src.tokenizer_path, out.tokenizer_path)
+        shutil.copytree(src.data_dir, out.data_dir)
+        weights, aliases = module_tensors(gen.model)
+        state = {"family": cfg.family, "tied": aliases, "merged_from": str(src.path.resolve())}
+        out.save_checkpoint(gen.step, {"model": weights}, state)
     return out.path
 
 
@@ -427,7 +488,7 @@ def load(
     checkpoint; EMA weights when trained with EMA)."""
     run = RunDir(run_dir)
     info = run.info()
-    cfg = load_config(run.config_path)
+    cfg = run_config(run)
     if info["family"] != cfg.family:
         raise CheckpointError(
             f"{run.path}: run.json says {info['family']!r}, config.yaml says {cfg.family!r}"
@@ -601,7 +662,7 @@ class TextGenerator:
             **metrics,
         }
         if save:
-            _save_eval(self.run, result)
+            save_eval(self.run, result)
         return result
 
 
@@ -614,7 +675,7 @@ def _evaluate_split(gen: Any, save: bool) -> dict[str, Any]:
     result = {"step": gen.step, "split": "validation", "count": int(sums["count"]),
               **gen.task.eval_metrics(sums)}  # fmt: skip
     if save:
-        _save_eval(gen.run, result)
+        save_eval(gen.run, result)
     return result
 
 
@@ -888,6 +949,7 @@ class ImageGenerator:
         metrics: Sequence[str] | None = None,
         against: str | None = None,
         inception_weights: str | None = None,
+        fid_protocol: str | None = None,
     ) -> dict[str, Any]:
         """Evaluate the run and save eval.json (and a row in metrics.jsonl).
 
@@ -897,7 +959,9 @@ class ImageGenerator:
         (default data.eval_metrics: fid, kid, pr; also is, dc) in the features of the
         FID Inception network when ``inception_weights`` (or $AIGC_INCEPTION_WEIGHTS) is
         given, else of the run's domain classifier; ``extractor`` in the result names
-        which. Labelled runs also get the classifier's checks: label accuracy
+        which. ``fid_protocol`` (default data.fid_protocol, "pytorch-fid") is how the
+        Inception network's input is resized and scaled: "pytorch-fid", or "tf" as the
+        original TensorFlow code and torch-fidelity do; the result records it. Labelled runs also get the classifier's checks: label accuracy
         (conditional runs), class shares and variety. VAE runs also report held-out
         likelihoods: the negative ELBO and the IWAE bound with iwae_k importance samples
         per image (default 1000), in nats per image and bits per dimension, the KL per
@@ -917,6 +981,15 @@ class ImageGenerator:
             self.config.data.eval_metrics = names
         if inception_weights is not None:
             self.config.data.inception_weights = str(inception_weights)
+            self.task._extractor = None
+        if fid_protocol is not None:
+            from aigc.metrics.features import check_fid_protocol
+
+            try:
+                check_fid_protocol(fid_protocol, "fid_protocol")
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
+            self.config.data.fid_protocol = fid_protocol
             self.task._extractor = None
         self.task.against = against
         if iwae_k is not None and not hasattr(self.task, "iwae_k"):
@@ -938,7 +1011,7 @@ class ImageGenerator:
         result = {"step": self.step, "samples": self.config.data.eval_samples}
         result.update({**self.task.eval_info(), **values})
         if save:
-            _save_eval(self.run, result)
+            save_eval(self.run, result)
         return result
 
 
@@ -953,18 +1026,18 @@ def _is_index(value: Any) -> bool:
     return not isinstance(value, bool)
 
 
-def _save_eval(run: RunDir, result: dict[str, Any]) -> None:
+def save_eval(run: RunDir | str | Path, result: dict[str, Any]) -> None:
     """eval.json (the latest evaluation) and a row in metrics.jsonl (the history):
-    {"step": ..., "eval_<metric>": ...}."""
-    from aigc.runs import MetricsLog
-
+    {"step": ..., "eval_<metric>": ...}. StorageError when the run cannot be written."""
+    if not isinstance(run, RunDir):
+        run = RunDir(run)
     atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2) + "\n")
     log = MetricsLog(run.metrics_path)
     try:
         row = {
             f"eval_{k}": v
             for k, v in result.items()
-            if k != "step" and (isinstance(v, int | float) or k == "extractor")
+            if k != "step" and (isinstance(v, int | float) or k in ("extractor", "fid_protocol"))
         }
         log.write({"step": result["step"], **row})
     finally:

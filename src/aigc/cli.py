@@ -6,15 +6,18 @@ a one- or two-line message and exit code 2. A traceback means a bug.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from aigc.config import RECIPES_DIR, shipped_recipe
-from aigc.errors import AigcError
+from aigc.errors import AigcError, TrainingInterrupted
 
 app = typer.Typer(
     name="aigc",
@@ -29,6 +32,41 @@ app = typer.Typer(
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _q(path: object) -> str:
+    """A path as a shell word for the `next:` hints (quoted when it holds spaces or quotes)."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+@contextlib.contextmanager
+def _says_where_it_stopped() -> Iterator[None]:
+    """Ctrl-C during training: the trainer saved a checkpoint; say where, and how to go on.
+    (Typer turns a KeyboardInterrupt into a silent exit 130, so it is caught here.)"""
+    try:
+        yield
+    except TrainingInterrupted as e:
+        saved = f"saved {e.checkpoint}" if e.checkpoint else "nothing new to save"
+        typer.echo(f"\ninterrupted at step {e.step:,}; {saved}\n"
+                   f"continue with: aigc train {_q(e.run_dir)}", err=True)  # fmt: skip
+        raise typer.Exit(130) from None
+
+
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[ntr\\])")
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line (\\n, \\t, \\r, \\uXXXX, \\\\) as the
+    characters they name; any other backslash stays as typed."""
+
+    def one(m: re.Match) -> str:
+        code = m.group(1)
+        return chr(int(code[1:], 16)) if code[0] == "u" else {"n": "\n", "t": "\t", "r": "\r",
+                                                               "\\": "\\"}[code]  # fmt: skip
+
+    return _ESCAPE.sub(one, text)
 
 
 def resolve_recipe(name: str) -> tuple[Path | None, Path | None]:
@@ -92,9 +130,9 @@ def quickstart(
     typer.echo(
         f"\nThe run folder is {outcome.run_dir}/ (weights, config, metrics.jsonl, TensorBoard in tb/).\n"
         "Try next:\n"
-        f'  aigc sample {outcome.run_dir} --prompt "Lists are"\n'
-        f"  aigc eval {outcome.run_dir}\n"
-        f"  tensorboard --logdir {outcome.run_dir}/tb\n"
+        f'  aigc sample {_q(outcome.run_dir)} --prompt "Lists are"\n'
+        f"  aigc eval {_q(outcome.run_dir)}\n"
+        f"  tensorboard --logdir {_q(f'{outcome.run_dir}/tb')}\n"
         "  aigc train gpt-pydoc-char data.path=my_corpus/ --run-dir runs/mine   # your own text"
     )
     if image_minutes > 0:
@@ -124,8 +162,8 @@ def _quickstart_images(minutes: float, target: Path) -> None:
     typer.echo(
         f"64 generated digits: {grid}\n"
         "Try next:\n"
-        f"  aigc sample {outcome.run_dir} --n 64 --out digits.png --seed 1\n"
-        f"  aigc sample {outcome.run_dir} --interpolate 8 --out walk.png\n"
+        f"  aigc sample {_q(outcome.run_dir)} --n 64 --out digits.png --seed 1\n"
+        f"  aigc sample {_q(outcome.run_dir)} --interpolate 8 --out walk.png\n"
         "  aigc train cgan-digits      # a conditional GAN: aigc sample runs/cgan-digits --class 7"
     )
 
@@ -154,13 +192,15 @@ def train(
     if existing is not None:
         if run_dir is not None and run_dir.resolve() != existing.resolve():
             _fail(f"{recipe} is a run folder; leave out --run-dir to continue it")
-        outcome = aigc.train(
-            None, overrides or [], run_dir=existing, resume=True, progress=not quiet
-        )
+        with _says_where_it_stopped():
+            outcome = aigc.train(
+                None, overrides or [], run_dir=existing, resume=True, progress=not quiet
+            )
     else:
-        outcome = aigc.train(
-            path, overrides or [], run_dir=run_dir, resume=resume, progress=not quiet
-        )
+        with _says_where_it_stopped():
+            outcome = aigc.train(
+                path, overrides or [], run_dir=run_dir, resume=resume, progress=not quiet
+            )
     _report(outcome)
 
 
@@ -180,7 +220,7 @@ def _report(outcome) -> None:
 
     family = RunDir(outcome.run_dir).info()["family"]
     hint = "--prompt '...'" if family == "gpt" else "--n 64 --out grid.png"
-    typer.echo(f"run folder: {outcome.run_dir}/   next: aigc sample {outcome.run_dir} {hint}")
+    typer.echo(f"run folder: {outcome.run_dir}/   next: aigc sample {_q(outcome.run_dir)} {hint}")
 
 
 @app.command()
@@ -197,7 +237,11 @@ def sample(
     ] = None,
     repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages repeats.")] = 1.0,
     stop: Annotated[
-        list[str] | None, typer.Option(help="Stop when this text appears; repeatable.")
+        list[str] | None,
+        typer.Option(
+            help="Stop when this text appears; repeatable. Escapes \\n, \\t, \\r, \\uXXXX "
+            "and \\\\ (a backslash) are understood, so --stop '\\n\\n' stops at a blank line."
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Same seed and settings give the same text.")
@@ -253,7 +297,8 @@ def sample(
     prompts = prompt or [""]
     kw = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
+        repetition_penalty=repetition_penalty, stop=tuple(unescape(s) for s in stop or ()),
+        seed=seed,
     )  # fmt: skip
     if len(prompts) == 1 and stream:
         pieces = gen.stream(prompts[0], **kw)  # checks the request before printing anything
@@ -296,28 +341,40 @@ def eval_(
             "classifier's features."
         ),
     ] = None,
+    fid_protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="How images enter the Inception network: pytorch-fid (as pytorch-fid) or tf "
+            "(TensorFlow 1's resize, as the original FID code and torch-fidelity) "
+            "[data.fid_protocol, pytorch-fid]."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a run and save eval.json: held-out loss, perplexity and bits per character for
     text; for images, a domain classifier's verdict on generated samples, and for VAEs the
     held-out negative ELBO and IWAE bound."""
     import aigc
-    from aigc.api import ImageGenerator
+    from aigc.api import ImageGenerator, save_eval
 
     gen = aigc.load(run, device=device)
     if isinstance(gen, ImageGenerator):
         result = gen.evaluate(
             n=samples, iwae_k=iwae_k, metrics=metrics.split(",") if metrics is not None else None,
-            against=against, inception_weights=inception_weights,
+            against=against, inception_weights=inception_weights, fid_protocol=fid_protocol,
+            save=False,
         )  # fmt: skip
-        if as_json:
-            typer.echo(json.dumps(result, indent=2))
-            return
-        _print_image_eval(run, result)
-        return
-    result = gen.evaluate()
+    else:
+        result = gen.evaluate(save=False)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-        return
+    elif isinstance(gen, ImageGenerator):
+        _print_image_eval(run, result)
+    else:
+        _print_text_eval(run, result)
+    save_eval(gen.run.path, result)  # after printing: a read-only run still shows its numbers
+
+
+def _print_text_eval(run: Path, result: dict) -> None:
     if "accuracy" in result:  # a classifier
         typer.echo(
             f"{run} at step {result['step']}: {result['count']:,} held-out texts\n"
@@ -372,17 +429,19 @@ def finetune(
     labelled by package (classify), Q&A from the Python docs (chat)."""
     import aigc
 
-    outcome = aigc.finetune(
-        base, overrides or [], method=method, run_dir=run_dir, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, lora_targets=[t for t in lora_targets.split(",") if t],
-        task=task, progress=not quiet,
-    )  # fmt: skip
+    with _says_where_it_stopped():
+        outcome = aigc.finetune(
+            base, overrides or [], method=method, run_dir=run_dir, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, lora_targets=[t for t in lora_targets.split(",") if t],
+            task=task, progress=not quiet,
+        )  # fmt: skip
     m = outcome.metrics
     shown = f", held-out loss {m['loss']:.4f}" if "loss" in m else ""
     if "accuracy" in m:
         shown += f", accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
-    nxt = {"classify": f"aigc classify {outcome.run_dir} --text '...'",
-           "chat": f"aigc chat {outcome.run_dir}"}.get(task, f"aigc sample {outcome.run_dir}")  # fmt: skip
+    run_word = _q(outcome.run_dir)
+    nxt = {"classify": f"aigc classify {run_word} --text '...'",
+           "chat": f"aigc chat {run_word}"}.get(task, f"aigc sample {run_word}")  # fmt: skip
     typer.echo(f"done: step {outcome.step}{shown}; run folder: {outcome.run_dir}/   next: {nxt}")
 
 
@@ -544,7 +603,7 @@ def report(
 
 
 def _print_image_eval(run: Path, result: dict) -> None:
-    skip = {"step", "samples", "iwae_k", "extractor"}
+    skip = {"step", "samples", "iwae_k", "extractor", "fid_protocol"}
     typer.echo(f"{run} at step {result['step']}")
     if "nelbo" in result:
         typer.echo(
@@ -557,10 +616,18 @@ def _print_image_eval(run: Path, result: dict) -> None:
         )
         skip |= {"nelbo", "bpd", "iwae_nll", "iwae_bpd", "recon", "kl", "active_units"}
         skip |= {k for k in result if k.startswith("kl_dim/")}
+    judge = {k: v for k, v in result.items() if k.startswith("classifier_accuracy")}
+    skip |= judge.keys() | {"classifier_heldout"}
     rest = {k: v for k, v in result.items() if k not in skip}
     if rest:
         by = result.get("extractor", "the domain classifier")
+        if "fid_protocol" in result:
+            by += f" (FID protocol {result['fid_protocol']})"
         typer.echo(f"  {result['samples']:,} generated images, features and classes from {by}:")
+        if judge:  # how far the judge itself can be trusted, beside what it judged
+            said = ", ".join(f"{k.partition('/')[2] or 'class'} {v:.1%}" for k, v in judge.items())
+            held = int(result.get("classifier_heldout", 0))
+            typer.echo(f"    (the judging classifier's held-out accuracy: {said} on {held} images)")
         for k, v in rest.items():
             typer.echo(f"    {k:<30} {v:.4f}")
 
@@ -601,11 +668,15 @@ def main() -> None:
     except AigcError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:
+        from aigc.runs import STORAGE_ERRNOS, storage_error
+
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        typer.echo(f"error: {storage_error(e, e.filename or 'a file')}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo(
-            "\ninterrupted; the last checkpoint is kept (continue with: aigc train RUN_DIR)",
-            err=True,
-        )
+        typer.echo("\ninterrupted", err=True)
         sys.exit(130)
 
 

@@ -196,8 +196,16 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return obj
 
 
+# Keys that mean the same in another kind of run: text reads data.path, images data.source.
+SAME_MEANING = {"path": "source", "source": "path", "folder": "source", "dir": "source",
+                "file": "path", "files": "path"}  # fmt: skip
+
+
 def _unknown_key_message(full: str, key: str, valid: Iterable[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close and SAME_MEANING.get(key) in valid:
+        close = [SAME_MEANING[key]]
     hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
     return f"unknown config key {full!r}{hint}"
 

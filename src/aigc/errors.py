@@ -30,3 +30,22 @@ class RequestError(AigcError):
 
 class TrainingError(AigcError):
     """Training cannot go on (e.g. the loss stayed non-finite)."""
+
+
+class StorageError(AigcError):
+    """A file cannot be written: the disk is full, the folder is read-only, or access
+    is denied. What was saved before stays whole."""
+
+
+class RunBusyError(CheckpointError):
+    """Another process is writing the run folder (one writer per run)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by Ctrl-C after saving a checkpoint; ``run_dir``, ``step``
+    and ``checkpoint`` say where. A KeyboardInterrupt, so ``except KeyboardInterrupt``
+    still catches it."""
+
+    def __init__(self, run_dir: str, step: int, checkpoint: str | None):
+        super().__init__(run_dir, step, checkpoint)
+        self.run_dir, self.step, self.checkpoint = run_dir, step, checkpoint

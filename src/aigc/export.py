@@ -198,7 +198,8 @@ def _check_output(out: Path, overwrite: bool, kind: str) -> None:
     occupied = any(out.iterdir()) if out.is_dir() else out.is_file() and out.stat().st_size > 0
     if occupied and not overwrite:
         raise RequestError(
-            f"{out} already exists and is not empty; pass overwrite=True to replace it, "
+            f"{out} already exists and is not empty; replace it with --overwrite (Python: "
+            "overwrite=True), "
             "or choose another path"
         )
 

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import re
+import shlex
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -183,14 +184,16 @@ def read_run(path: str | Path) -> RunSummary:
             else:
                 s.notes.append("eval.json does not hold a JSON object; run `aigc eval` again.")
     else:
-        s.notes.append(f"No eval.json: run `aigc eval {run.path}` for final metrics.")
+        s.notes.append(
+            f"No eval.json: run `aigc eval {shlex.quote(str(run.path))}` for final metrics."
+        )
 
     _read_progress(run, s)
     if s.eval_stale:
         at = f"step {s.eval_step:,}" if s.eval_step is not None else "an unknown step"
         s.notes.append(
             f"eval.json was measured at {at}, but the run is now at step {s.step:,}: its "
-            f"metrics are stale and left out of comparisons; run `aigc eval {run.path}` again."
+            f"metrics are stale and left out of comparisons; run `aigc eval {shlex.quote(str(run.path))}` again."
         )
     _find_samples(run, s)
     return s

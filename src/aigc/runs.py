@@ -13,6 +13,7 @@ A run folder is a model::
       checkpoints/
         step-00000500/      model.safetensors, optim.safetensors, state.json, ...
         latest              the name of the newest complete checkpoint
+      .lock                 held (flock) by the one process writing the run
 
 No pickle is written or read. A checkpoint is written into a temporary folder,
 flushed, then renamed, and ``latest`` is replaced atomically, so a crash at any
@@ -22,10 +23,16 @@ instant leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,9 +42,37 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aigc.errors import CheckpointError
+from aigc.errors import CheckpointError, RunBusyError, StorageError
 
 FORMAT_VERSION = 1
+LOCK_NAME = ".lock"
+
+# errno values that mean "this place cannot be written", not a bug
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+
+def storage_error(e: OSError, path: str | Path, what: str = "cannot write") -> StorageError:
+    """The one-line StorageError for an OSError met while writing ``path``."""
+    reason = e.strerror or str(e)
+    hint = {
+        errno.ENOSPC: "free some space and run the command again",
+        errno.EDQUOT: "free some space and run the command again",
+        errno.EROFS: "the file system is read-only; choose a writable folder",
+    }.get(e.errno, "make the folder writable or choose another one")
+    return StorageError(f"{path}: {what} ({reason}); {hint}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_created(path: Path) -> None:
+    """Gives ``path`` the mode an ordinary new file gets (0666 less the umask): safetensors
+    and mkstemp create files readable by their owner only, which a server running as
+    another user could not open."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def fsync_dir(path: Path) -> None:
@@ -59,14 +94,113 @@ def file_sha256(path: Path) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so readers see the old or the new file, never half."""
+    """Writes ``text`` to ``path`` so readers see the old or the new file, never half.
+
+    StorageError (one line, the old file kept, no temporary left) when it cannot be written.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if e.errno in STORAGE_ERRNOS:
+            raise storage_error(e, path) from None
+        raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def run_lock(path: str | Path) -> Iterator[None]:
+    """Holds the one-writer lock of the run folder ``path`` (made if missing) while the
+    block runs.
+
+    An exclusive ``flock`` on ``path/.lock``: the kernel releases it when the process
+    ends however it ends, so a killed run never leaves a stale lock. A second writer
+    gets RunBusyError naming the folder and the holder, and has touched nothing but
+    the (empty) folder. Readers never take it.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a run folder; choose another folder")
+    made = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise storage_error(e, path, "cannot create the run folder") from None
+        raise
+    lock = path / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno in STORAGE_ERRNOS:
+                raise storage_error(e, lock, "cannot take the run's lock") from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusyError(
+                f"{path} is being written by another process ({_holder(lock)}); wait for "
+                "it to finish, or write to another folder (--run-dir)"
+            ) from None
+        # the file may have been removed by a writer that gave the folder up: lock anew
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "command": shlex.join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(holder) + "\n").encode())
+        _clean_leftovers(path)
+        yield
+    finally:
+        # a folder that did not become a run is left as it was found: no lock file,
+        # and gone again if this call made it
+        if not (path / "run.json").exists():
+            with contextlib.suppress(OSError):
+                lock.unlink()
+                if made:
+                    path.rmdir()
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # nobody holds it: a refused command leaves it as it found it
+        os.close(fd)
+
+
+def _holder(lock: Path) -> str:
+    """Who holds ``lock``, from what it wrote there (it writes just after locking, so a
+    reader that came in between waits a moment for it)."""
+    for _ in range(20):
+        try:
+            h = json.loads(lock.read_text(encoding="utf-8"))
+            return f"pid {h['pid']} on {h['host']} since {h['since']}: {h['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "another aigc process"
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Temporary files and folders of writers that died mid-write (the lock says none is
+    alive now)."""
+    for pattern in ("checkpoints/.tmp-*", ".*.tmp-*"):
+        for p in path.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 # ---------------------------------------------------------------------------
@@ -241,21 +375,30 @@ class RunDir:
         name = f"step-{step:08d}"
         final = self.checkpoints_dir / name
         tmp = self.checkpoints_dir / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        sizes = {}
-        for fname, group in tensors.items():
-            path = tmp / f"{fname}.safetensors"
-            save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(path))
-            _fsync_file(path)
-            sizes[path.name] = path.stat().st_size
-        state = {**state, "step": step, "files": sizes}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        _fsync_file(tmp / "state.json")
-        if final.exists():  # same step saved again (e.g. after resume): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            sizes = {}
+            for fname, group in tensors.items():
+                path = tmp / f"{fname}.safetensors"
+                save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(path))
+                chmod_as_created(path)
+                _fsync_file(path)
+                sizes[path.name] = path.stat().st_size
+            state = {**state, "step": step, "files": sizes}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+            _fsync_file(tmp / "state.json")
+            if final.exists():  # same step saved again (e.g. after resume): replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in STORAGE_ERRNOS:
+                raise storage_error(
+                    e, tmp.parent, f"cannot save the checkpoint of step {step}"
+                ) from None
+            raise
         fsync_dir(self.checkpoints_dir)
         atomic_write_text(self.checkpoints_dir / "latest", name + "\n")
         self._prune(keep, name)
@@ -324,11 +467,22 @@ class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl, flushed as it goes."""
 
     def __init__(self, path: Path):
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self.path = path
+        try:
+            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        except OSError as e:
+            if e.errno in STORAGE_ERRNOS:
+                raise storage_error(e, path) from None
+            raise
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+        except OSError as e:
+            if e.errno in STORAGE_ERRNOS:
+                raise storage_error(e, self.path) from None
+            raise
 
     def sync(self) -> None:
         self._f.flush()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from aigc.config import Config, TrainConfig
-from aigc.errors import CheckpointError, ConfigError, TrainingError
+from aigc.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from aigc.runs import MetricsLog, RunDir, flatten_state, unflatten_state
 
 # ---------------------------------------------------------------------------
@@ -504,6 +504,10 @@ class Trainer:
             p = max(p, self.train_time / self.cfg.max_time)
         return p
 
+    def done(self) -> bool:
+        """True when max_steps or max_time is reached: fit() would train no step."""
+        return self._done()
+
     def _done(self) -> bool:
         if self.cfg.max_steps > 0 and self.step >= self.cfg.max_steps:
             return True
@@ -637,8 +641,9 @@ class Trainer:
             # Keep what was learned: the last completed step becomes a checkpoint.
             if main:
                 log.sync()
-            self.save()
-            raise
+            name = self.save()
+            where = str(self.run.checkpoints_dir / name) if name else None
+            raise TrainingInterrupted(str(self.run.path), self.step, where) from None
         finally:
             if bar is not None:
                 bar.close()

@@ -356,7 +356,7 @@ def _read_image_file(path: Path, mode: str, size: int, crop: bool) -> np.ndarray
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(
             f"{path}: unsupported file type; image folders hold {', '.join(IMAGE_SUFFIXES)} files "
-            "(remove it, or pass skip_bad=True to skip such files)"
+            "(remove it, or skip such files with data.skip_bad=true)"
         )
     try:
         with Image.open(path, formats=PIL_FORMATS) as img:
@@ -373,7 +373,7 @@ def _read_image_file(path: Path, mode: str, size: int, crop: bool) -> np.ndarray
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(
             f"{path}: cannot decode image ({e}); replace or remove the file, "
-            "or pass skip_bad=True to skip bad files"
+            "or skip bad files with data.skip_bad=true"
         ) from e
     return array.reshape(size, size, len(mode))
 

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -372,7 +373,39 @@ def _stdlib_documents(stats: ReadStats) -> Iterator[Document]:
 
 
 def _is_jsonl(path: Path, fmt: str) -> bool:
-    return fmt == "jsonl" or (fmt == "auto" and path.suffix.lower() in JSONL_SUFFIXES)
+    if fmt == "jsonl" or (fmt == "auto" and path.suffix.lower() in JSONL_SUFFIXES):
+        return True
+    return fmt == "auto" and path.suffix.lower() == ".json" and _json_lines_in_dot_json(path)
+
+
+def _json_lines_in_dot_json(path: Path) -> bool:
+    """A ``.json`` file under data.format=auto: JSON Lines (an object on its first line) is
+    read as such, with a notice; one JSON document is refused rather than trained on as
+    raw characters without a word; anything else is plain text."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False  # the read itself reports it
+    first = next((line.strip() for line in head.splitlines() if line.strip()), b"")
+    if not first.startswith((b"{", b"[")):
+        return False
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if isinstance(record, dict):
+        warnings.warn(
+            f"{path}: reading it as JSON Lines (one object per line); set data.format=text to "
+            "train on its raw characters instead",
+            stacklevel=2,
+        )
+        return True
+    raise DataError(
+        f"{path}: holds one JSON document, not JSON Lines (one object per line); convert it "
+        "(e.g. jq -c '.[]' in.json > out.jsonl), or set data.format=text to train on its raw "
+        "characters"
+    )
 
 
 def _list_files(src: TextSource) -> list[Path]:

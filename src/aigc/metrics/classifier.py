@@ -28,7 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-CLASSIFIER_VERSION = 1  # part of the cache key: bump when training or architecture change
+CLASSIFIER_VERSION = 2  # part of the cache key: bump when training or architecture change
+# Below this held-out accuracy the judge's verdicts (and FID in its features) are noise
+JUDGE_MIN_ACCURACY = 0.9
+JUDGE_MIN_HELDOUT = 20  # fewer held-out images than this: its accuracy itself is a guess
+
+
+class JudgeWarning(UserWarning):
+    """The domain classifier is too weak, or measured on too few images, to trust what
+    is judged through it (label accuracy, class shares, FID/KID/PR in its features)."""
 
 
 def cache_dir() -> Path:
@@ -90,6 +98,26 @@ class TrainedClassifier:
     accuracy: dict[str, float]  # held-out accuracy per attribute
     classes: dict[str, list[str]]
     key: str  # what it was trained on (data set and settings)
+    heldout: int = 0  # images its accuracy was measured on
+
+    def weaknesses(self) -> list[str]:
+        """Why its verdicts should not be trusted, one sentence each; [] when they can."""
+        out = []
+        weak = {a: v for a, v in self.accuracy.items() if v < JUDGE_MIN_ACCURACY}
+        if weak:
+            said = ", ".join(f"{a} {v:.1%}" for a, v in weak.items())
+            out.append(
+                f"the domain classifier that judges these images scores only {said} on "
+                f"{self.heldout} held-out real images (below {JUDGE_MIN_ACCURACY:.0%}): its "
+                "verdicts and the FID/KID/PR in its features mean little; give it more "
+                "labelled images, or Inception weights (--inception-weights) for FID"
+            )
+        if self.heldout < JUDGE_MIN_HELDOUT:
+            out.append(
+                f"the domain classifier's accuracy was measured on only {self.heldout} "
+                f"held-out images (fewer than {JUDGE_MIN_HELDOUT}): treat its verdicts as rough"
+            )
+        return out
 
 
 def _images_to_tensor(images: np.ndarray) -> Tensor:
@@ -116,6 +144,7 @@ def train_classifier(
     val_fraction: float = 0.15,
     seed: int = 0,
     max_images: int = 20_000,
+    min_steps: int = 300,
 ) -> TrainedClassifier:
     """Trains a DomainClassifier on (N, H, W, C) uint8 images and per-attribute labels.
 
@@ -128,7 +157,7 @@ def train_classifier(
     rng = np.random.default_rng(seed)
     n = min(len(images), max_images)  # a large set: a random subset is plenty
     order = rng.permutation(len(images))[:n]
-    n_val = max(1, round(n * val_fraction))
+    n_val = max(1, round(n * val_fraction), min(JUDGE_MIN_HELDOUT, n // 4))
     val_idx, train_idx = order[:n_val], order[n_val:]
     batch_size = max(1, min(batch_size, len(train_idx)))  # a tiny set still trains
     y_all = {a: torch.from_numpy(np.asarray(v, dtype=np.int64)) for a, v in labels.items()}
@@ -136,7 +165,8 @@ def train_classifier(
         torch.manual_seed(seed)
         model = DomainClassifier(images.shape[-1], {a: len(classes[a]) for a in labels})
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = epochs * max(1, len(train_idx) // batch_size)
+    # a small set gets more passes: at least min_steps updates, whatever its size
+    steps = max(epochs * max(1, len(train_idx) // batch_size), min_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
     done = 0
@@ -161,7 +191,7 @@ def train_classifier(
         a: float((pred[a] == y_all[a][torch.from_numpy(val_idx)]).float().mean()) for a in labels
     }
     model.eval()
-    return TrainedClassifier(model, accuracy, dict(classes), key)
+    return TrainedClassifier(model, accuracy, dict(classes), key, heldout=len(val_idx))
 
 
 def _cache_path(key: str) -> Path:
@@ -178,6 +208,7 @@ def save_classifier(clf: TrainedClassifier, path: Path) -> None:
         "classes": clf.classes,
         "channels": clf.model.channels,
         "version": CLASSIFIER_VERSION,
+        "heldout": clf.heldout,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -200,7 +231,9 @@ def load_classifier(path: Path) -> TrainedClassifier | None:
     except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError):
         return None
     model.eval()
-    return TrainedClassifier(model, meta["accuracy"], classes, meta["key"])
+    return TrainedClassifier(
+        model, meta["accuracy"], classes, meta["key"], heldout=int(meta.get("heldout", 0))
+    )
 
 
 def cached_classifier(

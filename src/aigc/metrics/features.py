@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from aigc.errors import CheckpointError, DataError
+from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.metrics.classifier import TrainedClassifier, _cache_path
 from aigc.runs import file_sha256
 
@@ -73,6 +73,7 @@ class FeatureExtractor:
     feature_dim: int  # D
     num_logits: int  # K
     device: torch.device
+    fid_protocol: str = ""  # the Inception extractor's preprocessing; "" for other networks
 
     def features(self, images: Tensor | np.ndarray, batch_size: int = 50) -> np.ndarray:
         """(N, C, H, W) images -> (N, D) float64 features."""
@@ -283,18 +284,70 @@ class FIDInceptionE(nn.Module):
         return torch.cat([self.branch1x1(x), b3, b3d, bp], 1)
 
 
-def fid_preprocess(images: Tensor) -> Tensor:
-    """What the FID graph is fed: (N, C, H, W) uint8 in [0, 255] or float in [-1, 1],
-    C = 1 or 3 -> (N, 3, 299, 299) float32 in [-1, 1].
+# How images reach the graph. Published FIDs differ in it, and the difference is not
+# small for small images, so every result and cached statistic names its protocol.
+FID_PROTOCOLS = ("pytorch-fid", "tf")
+DEFAULT_FID_PROTOCOL = "pytorch-fid"
 
-    As pytorch-fid: pixels to [0, 1], bilinear resize (align_corners=False), then
-    2x - 1. Grey images are repeated to three channels.
+
+def check_fid_protocol(protocol: str, where: str = "fid_protocol") -> str:
+    """``protocol`` if it is one of FID_PROTOCOLS, else ConfigError naming them."""
+    if protocol not in FID_PROTOCOLS:
+        raise ConfigError(f"{where}={protocol!r}: choose from {', '.join(FID_PROTOCOLS)}")
+    return protocol
+
+
+def _tf1_bilinear_matrix(n_in: int, n_out: int) -> Tensor:
+    """(n_out, n_in) weights of TensorFlow 1's ``resize_bilinear`` (align_corners=False,
+    no half-pixel centres): output pixel d reads source position d * n_in / n_out, and
+    the neighbour past the last pixel is the last pixel. Positions are computed in
+    float32, as TensorFlow computes them (it matters at 1e-5 for ~300-pixel sides)."""
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    src = torch.arange(n_out, dtype=torch.float32) * scale
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = (src - src.floor()).double()
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m.index_put_((torch.arange(n_out), lo), 1.0 - frac, accumulate=True)
+    m.index_put_((torch.arange(n_out), hi), frac, accumulate=True)
+    return m
+
+
+def _resize_bilinear_tf1(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, C, H, W) float -> (N, C, size) resized as TensorFlow 1 does (see
+    _tf1_bilinear_matrix); separable, one matrix product per axis."""
+    rows = _tf1_bilinear_matrix(x.shape[2], size[0]).to(x)
+    cols = _tf1_bilinear_matrix(x.shape[3], size[1]).to(x)
+    return torch.matmul(torch.matmul(rows, x), cols.T)
+
+
+def fid_preprocess(images: Tensor, protocol: str = DEFAULT_FID_PROTOCOL) -> Tensor:
+    """What the FID graph is fed: (N, C, H, W) uint8 in [0, 255] or float in [-1, 1],
+    C = 1 or 3 -> (N, 3, 299, 299) float32 in [-1, 1]. Grey images are repeated to
+    three channels.
+
+    - ``"pytorch-fid"`` (pytorch-fid 0.3): pixels to [0, 1], PyTorch's bilinear resize
+      with half-pixel centres (align_corners=False), then 2x - 1.
+    - ``"tf"`` (the original TTUR code on TensorFlow 1, and torch-fidelity): TF 1's
+      bilinear resize (no half-pixel centres) of the 0..255 values, then (x - 128) / 128.
     """
     _check_images(images)
+    check_fid_protocol(protocol)
+    size = (INCEPTION_SIZE, INCEPTION_SIZE)
+    if protocol == "tf":
+        _check_dtype(images)
+        if images.dtype == torch.uint8:
+            x = images.float()  # 0..255 exactly, as torch-fidelity feeds its graph
+        else:
+            x = (images.float().clamp(-1.0, 1.0) + 1.0) * 127.5
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[2:] != size:
+            x = _resize_bilinear_tf1(x, size)
+        return (x - 128.0) / 128.0
     x = _to_unit_range(images)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    size = (INCEPTION_SIZE, INCEPTION_SIZE)
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return 2.0 * x - 1.0
 
@@ -312,8 +365,9 @@ class FIDInceptionV3(nn.Module):
     feature_dim = 2048
     num_classes = 1008  # the 2015 graph's outputs: 1000 ImageNet classes and 8 unused
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: str = DEFAULT_FID_PROTOCOL) -> None:
         super().__init__()
+        self.protocol = check_fid_protocol(protocol)  # how forward() preprocesses
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
@@ -346,7 +400,7 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 2048)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.pool3(fid_preprocess(images))
+        f = self.pool3(fid_preprocess(images, self.protocol))
         return f, f @ self.fc.weight.T
 
 
@@ -493,23 +547,33 @@ def inception_weights_to_safetensors(src: str | Path, dst: str | Path, verify: b
 
 
 def inception_extractor(
-    path: str | Path | None = None, device: str | torch.device = "cpu", verify: bool = True
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    protocol: str = DEFAULT_FID_PROTOCOL,
 ) -> FeatureExtractor:
     """The standard FID extractor: pool3 (N, 2048) and unbiased logits (N, 1008).
 
     ``path`` is the weights file (``None``: ``$AIGC_INCEPTION_WEIGHTS``); see
-    ``load_fid_inception`` for what is accepted. The name is
+    ``load_fid_inception`` for what is accepted. ``protocol`` is how images are resized
+    and scaled on the way in (``fid_preprocess``: "pytorch-fid" or "tf"). The name is
     ``"inception-v3-fid:<first 8 hex digits of the weights' SHA-256>"``, i.e.
-    ``"inception-v3-fid:6726825d"`` for the published file.
+    ``"inception-v3-fid:6726825d"`` for the published file under the pytorch-fid
+    protocol, with ``"+tf"`` appended under the tf protocol, so statistics cached under
+    one protocol are never read for the other.
     """
+    check_fid_protocol(protocol)
     device = torch.device(device)
     model, sha = load_fid_inception(inception_weights_path(path), verify=verify)
+    model.protocol = protocol
+    suffix = "" if protocol == DEFAULT_FID_PROTOCOL else f"+{protocol}"
     return FeatureExtractor(
-        name=f"inception-v3-fid:{sha[:8]}",
+        name=f"inception-v3-fid:{sha[:8]}{suffix}",
         network=model.to(device),
         feature_dim=FIDInceptionV3.feature_dim,
         num_logits=FIDInceptionV3.num_classes,
         device=device,
+        fid_protocol=protocol,
     )
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 
 from aigc.config import Config
 from aigc.errors import CheckpointError, ConfigError, DataError
+from aigc.metrics.classifier import JudgeWarning
 from aigc.runs import RunDir
 from aigc.trainer import mix_seed
 
@@ -52,6 +54,9 @@ class ImageDataConfig:
     eval_samples: int = 1000  # generated images per evaluation
     eval_metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr"])  # feature metrics
     inception_weights: str = ""  # FID Inception weights file; "" = $AIGC_INCEPTION_WEIGHTS or none
+    fid_protocol: str = (
+        "pytorch-fid"  # Inception preprocessing: pytorch-fid or tf (TTUR, torch-fidelity)
+    )
 
     def validate(self) -> None:
         if not 8 <= self.image_size <= 1024:
@@ -65,6 +70,9 @@ class ImageDataConfig:
         if self.eval_samples < 10:
             raise ConfigError(f"data.eval_samples={self.eval_samples} must be at least 10")
         check_metric_names(self.eval_metrics, "data.eval_metrics")
+        from aigc.metrics.features import check_fid_protocol
+
+        check_fid_protocol(self.fid_protocol, "data.fid_protocol")
 
 
 def check_metric_names(names: list[str], where: str) -> None:
@@ -409,7 +417,8 @@ class ImageTask:
 
             path = self.config.data.inception_weights or os.environ.get(INCEPTION_ENV, "")
             if path:
-                self._extractor = inception_extractor(path, device)
+                protocol = self.config.data.fid_protocol
+                self._extractor = inception_extractor(path, device, protocol=protocol)
             elif self.classifier() is not None:
                 self._extractor = classifier_extractor(self.classifier())
         return self._extractor
@@ -441,6 +450,16 @@ class ImageTask:
             return {}
         stats, real = self.reference(extractor)
         n = self.config.data.eval_samples
+        few = min(stats.n, n)
+        if few < 2 * extractor.feature_dim:
+            warnings.warn(
+                f"{'reference' if stats.n <= n else 'generated'} set of {few} images for "
+                f"{extractor.feature_dim}-dimensional features ({extractor.name}): with fewer "
+                f"than {2 * extractor.feature_dim} the covariances are poorly estimated and "
+                f"FID/KID/PR are unreliable; use more images" + ("" if stats.n <= n else " (--n)"),
+                JudgeWarning,
+                stacklevel=2,
+            )
         images, _ = sample_images(model, n, None, self.config.train.seed + 7_000_003, device)
         fake, logits = extractor.features_and_logits(images.cpu())
         values = feature_metrics(names, FeatureSets(stats, real, fake, logits))
@@ -448,7 +467,12 @@ class ImageTask:
 
     def eval_info(self) -> dict[str, str]:
         """What the evaluation's numbers depend on beyond the run: the feature extractor."""
-        return {"extractor": self._extractor.name} if self._extractor is not None else {}
+        if self._extractor is None:
+            return {}
+        info = {"extractor": self._extractor.name}
+        if self._extractor.fid_protocol:
+            info["fid_protocol"] = self._extractor.fid_protocol
+        return info
 
     # judging generated images -------------------------------------------------
     def judge_sums(
@@ -510,6 +534,9 @@ class ImageTask:
             if f"correct/{a}" in sums:
                 out[f"label_accuracy{suffix}"] = sums[f"correct/{a}"] / max(sums["n"], 1.0)
             out[f"classifier_accuracy{suffix}"] = float(clf.accuracy[a])
+        out["classifier_heldout"] = float(clf.heldout)
+        for why in clf.weaknesses():
+            warnings.warn(why, JudgeWarning, stacklevel=2)
         ratios = []
         real = self._real_pair_distances()
         for c, r in real.items():
