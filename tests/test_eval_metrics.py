@@ -140,7 +140,7 @@ def test_inception_weights_give_inception_features(gan_run, tmp_path, monkeypatc
         gen.evaluate(n=10, fid_protocol="TF")
 
 
-def test_text_eval_reports_sample_diversity_and_memorisation(tmp_path, corpus_file):
+def test_text_eval_reports_sample_diversity_and_memorisation(tmp_path, corpus_file, monkeypatch):
     """Memorisation equals a brute-force check of every 50-character window of the same
     generated texts against the training text."""
     from aigc.metrics.text import code_points_of_tokens, distinct_n
@@ -153,6 +153,12 @@ def test_text_eval_reports_sample_diversity_and_memorisation(tmp_path, corpus_fi
     rows = [r for r in RunDir(out.run_dir).read_metrics() if "val_memorisation" in r]
     assert rows and 0 <= rows[-1]["val_memorisation"] <= 1
     gen = aigc.load(out.run_dir)
+    from aigc.metrics.text import SAMPLE_METRICS
+
+    # a metric a user registers is computed and reported like the built-in ones
+    monkeypatch.setitem(
+        SAMPLE_METRICS, "mean_chars", lambda ts: float(np.mean([len(t) for t in ts]))
+    )
     result = gen.evaluate()
     task = gen.task
     prompt = task.sample_prompts()[-1]
@@ -166,4 +172,5 @@ def test_text_eval_reports_sample_diversity_and_memorisation(tmp_path, corpus_fi
     expected = sum(w in train_text for w in windows) / len(windows)
     assert result["memorisation"] == pytest.approx(expected)
     assert result["distinct_2"] == pytest.approx(distinct_n(texts, 2))
+    assert result["mean_chars"] == pytest.approx(np.mean([len(t) for t in texts]))
     assert {"distinct_1", "distinct_3", "rep_4", "ppl", "bpc"} <= result.keys()

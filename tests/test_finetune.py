@@ -74,11 +74,12 @@ def test_lora_stores_only_adapters_and_loads_merged(base_run, code_dir, tmp_path
     assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
                            for k in changed)  # fmt: skip
     # merged weights give the same logits as base + unmerged adapters
-    from aigc.api import _init_from_base
+    from aigc.finetuning import init_from_base
     from aigc.models.lora import load_lora_state_dict
 
-    unmerged = aigc.load(base_run).model
-    _init_from_base(unmerged, gen.config.train, run.path)
+    unmerged_task = aigc.load(base_run).task
+    init_from_base(unmerged_task, gen.config.train, run.path)
+    unmerged = unmerged_task.model
     load_lora_state_dict(unmerged, saved)
     ids = torch.randint(0, gen.model.cfg.vocab_size, (2, 20))
     with torch.no_grad():

@@ -15,6 +15,7 @@ from aigc.errors import ConfigError
 from aigc.models.gan import GAN, GANConfig
 from aigc.models.layers import slerp
 from aigc.runs import RunDir
+from aigc.tasks.gan import GANTask
 from aigc.trainer import DistInfo, Trainer
 
 TINY = dict(z_dim=8, g_width=4, d_width=4, hidden=[16, 32], embed_dim=4)
@@ -303,7 +304,7 @@ def test_training_step_runs_n_critic_d_updates_then_one_g_update(loss):
     gan = GAN(cfg)
     step = RecordingStep(gan)
     y = labels_for(gan, 4)
-    out = gan.training_step((images(4, 1, 16), y), step)
+    out = gan.training_step({"images": images(4, 1, 16), "labels": y}, step)
     assert step.calls == ["discriminator"] * 3 + ["generator"]
     keys = {"d_loss", "g_loss", "d_real", "d_fake", "d_acc_real", "d_acc_fake"}
     assert set(out) == keys | ({"gp"} if loss == "wgan-gp" else set())
@@ -361,7 +362,7 @@ def test_short_training_moves_the_generator_to_the_data(loss):
     step = AdamStep(gan, lr=1e-3)
     before = fake_mean_error(gan)
     for _ in range(200):
-        gan.training_step((toy_batch(64), None), step)
+        gan.training_step({"images": toy_batch(64)}, step)
     after = fake_mean_error(gan)
     assert before > 0.4 and after < 0.3 * before, (before, after)
 
@@ -395,10 +396,10 @@ def test_trained_critic_scores_data_higher_and_pulls_the_generator_to_it(loss):
     assert fake_mean_error(gan) < 0.8 * before
 
 
-class GANTask:
-    """The least a task must give the real trainer, for the integration test."""
+class StubGANTask(GANTask):
+    """The GAN task with made-up data instead of a run's: what the trainer asks of a
+    task (batches, evaluation, samples, the EMA's module) and nothing else."""
 
-    item_name = "images"
     items_per_batch = 4
 
     def __init__(self, model: GAN):
@@ -406,13 +407,17 @@ class GANTask:
 
     def train_batch(self, step, micro, rank, world):
         g = torch.Generator().manual_seed(step)
-        return torch.rand(4, 1, 16, 16, generator=g) * 2 - 1, torch.randint(3, (4, 1), generator=g)
+        images = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
+        return {"images": images, "labels": torch.randint(3, (4, 1), generator=g)}
 
     def eval_sums(self, model, rank, world, device):
         return {"n": 1.0}
 
     def eval_metrics(self, sums):
         return dict(sums)
+
+    def eval_info(self):
+        return {}
 
     def samples(self, model, step, device):
         return {}
@@ -430,12 +435,12 @@ def test_real_trainer_drives_the_gan_and_restores_it(tmp_path):
         run = RunDir(tmp_path / "run")
         if not run.path.exists():
             run.create("gan", "family: gan\n")
-        return Trainer(GANTask(model), config, run, DistInfo(), torch.device("cpu"), False)
+        return Trainer(StubGANTask(model), config, run, DistInfo(), torch.device("cpu"), False)
 
     torch.manual_seed(0)
     gan = build()
     t = trainer(gan)
-    assert t.ema.module is gan.G  # ema_scope
+    assert t.ema.module is gan.G  # GANTask.ema_module
     assert t.groups["discriminator"].optimizer.param_groups[0]["betas"] == (0.5, 0.999)
     g_before = {k: v.clone() for k, v in gan.G.state_dict().items()}
     t.fit()
@@ -533,7 +538,7 @@ def test_a_diverging_gan_stops_with_the_step_named(tmp_path):
     config = Config(family="gan", data=None, model=gan.cfg, train=train)
     run = RunDir(tmp_path / "run")
     run.create("gan", "family: gan\n")
-    t = Trainer(GANTask(gan), config, run, DistInfo(), torch.device("cpu"), False)
+    t = Trainer(StubGANTask(gan), config, run, DistInfo(), torch.device("cpu"), False)
     with torch.no_grad():
         gan.D.head.weight.fill_(float("inf"))
     d_before = {k: v.clone() for k, v in gan.D.state_dict().items()}

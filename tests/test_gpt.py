@@ -130,7 +130,7 @@ def test_training_step_updates_the_model_group():
             calls.append((group, loss))
 
     x, y = torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))
-    out = model.training_step((x, y), Step())
+    out = model.training_step({"input_ids": x, "targets": y}, Step())
     assert [g for g, _ in calls] == ["model"]
     assert calls[0][1].requires_grad
     assert not out["loss"].requires_grad

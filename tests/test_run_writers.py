@@ -214,3 +214,18 @@ def test_ctrl_c_saves_and_says_where_and_how_to_continue(corpus_file, tmp_path):
     assert f"interrupted at step {step:,}; saved {run / 'checkpoints' / latest}" in err, err
     assert f"continue with: aigc train '{run}'" in err, err
     assert "Traceback" not in err
+
+
+def test_a_mistaken_override_is_named_even_while_the_run_is_busy(corpus_file, tmp_path):
+    """The override is checked before the writer lock: a typo gets its own message, not
+    "being written by another process", whoever holds the run."""
+    from aigc.runs import run_lock
+
+    run = tmp_path / "run"
+    aigc.train(RECIPE, [*TINY, f"data.path={corpus_file}", "train.max_steps=2",
+                        "train.eval_every=0"], run_dir=run, progress=False)  # fmt: skip
+    with run_lock(run):
+        r = run_cli("train", str(run), "train.max_step=5")
+        assert r.returncode == 2 and "did you mean train.max_steps?" in r.stderr, r.stderr
+        r = run_cli("train", str(run), "train.max_steps=5")
+        assert r.returncode == 2 and "being written by another process" in r.stderr, r.stderr

@@ -18,6 +18,7 @@ from torch import nn
 from aigc.config import Config, TrainConfig
 from aigc.errors import ConfigError, TrainingError
 from aigc.runs import RunDir
+from aigc.tasks.base import Task
 from aigc.trainer import EMA, DistInfo, Trainer, lr_factor
 
 
@@ -36,7 +37,7 @@ class TwoPlayer(nn.Module):
         return {"critic": self.critic.parameters(), "generator": self.gen.parameters()}
 
     def training_step(self, batch, step):
-        x, z = batch
+        x, z = batch["x"], batch["z"]
         for _ in range(self.n_critic):
             d_loss = self.critic(self.gen(z).detach()).mean() - self.critic(x).mean()
             step.update("critic", d_loss)
@@ -49,19 +50,36 @@ class TwoPlayer(nn.Module):
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
 
 
-class ToyTask:
+class ToyTask(Task):
+    """The task contract, the least of it: the trainer asks for nothing more."""
+
+    name = "toy"
     item_name = "items"
+    pipeline_class = ""  # never loaded here
+    headline_metric = "n"
+    loss_keys = frozenset({"d_loss", "g_loss"})
 
     def __init__(self, model, batch=8):
         self.model = model
         self.items_per_batch = batch
         self.batch = batch
 
+    @classmethod
+    def prepare_data(cls, config, data_dir, progress=True):
+        raise NotImplementedError
+
+    @classmethod
+    def finish_config(cls, config, files):
+        raise NotImplementedError
+
+    @classmethod
+    def open(cls, config, run, with_data=True):
+        raise NotImplementedError
+
     def train_batch(self, step, micro, rank, world):
         g = torch.Generator().manual_seed(step)
-        return torch.randn(self.batch, 4, generator=g) + 2.0, torch.randn(
-            self.batch, 2, generator=g
-        )
+        x = torch.randn(self.batch, 4, generator=g) + 2.0
+        return {"x": x, "z": torch.randn(self.batch, 2, generator=g)}
 
     def eval_sums(self, model, rank, world, device):
         return {"n": 1.0}

@@ -175,7 +175,7 @@ def test_training_step_updates_once_and_returns_detached_stats():
     torch.manual_seed(0)
     vae = VAE(tiny(image_size=16, conditional=True, num_classes=[2, 3]))
     step = Step(vae)
-    out = vae.training_step((images(4, 1, 16), labels_for(vae, 4)), step)
+    out = vae.training_step({"images": images(4, 1, 16), "labels": labels_for(vae, 4)}, step)
     assert step.calls == ["model"]
     per_dim = {f"kl_dim/{u}" for u in range(4)}
     assert set(out) == {"loss", "elbo", "recon", "kl", "beta", "bpd"} | per_dim
@@ -191,15 +191,18 @@ def test_kl_warmup_and_beta_zero():
     torch.manual_seed(0)
     vae = VAE(tiny(arch="mlp", image_size=8, beta=4.0, kl_warmup_steps=10))
     x = images(4, 1, 8)
-    betas = {i: vae.training_step(x, Step(vae, index=i))["beta"].item() for i in (0, 5, 10, 50)}
+    betas = {
+        i: vae.training_step({"images": x}, Step(vae, index=i))["beta"].item()
+        for i in (0, 5, 10, 50)
+    }
     assert betas == {0: 0.0, 5: 2.0, 10: 4.0, 50: 4.0}
-    out = vae.training_step(x, Step(vae, index=0))
+    out = vae.training_step({"images": x}, Step(vae, index=0))
     assert torch.equal(out["loss"], out["recon"]) and out["kl"] > 0
     vae = VAE(tiny(arch="mlp", image_size=8, beta=0.0))
-    out = vae.training_step(x, Step(vae, index=100))
+    out = vae.training_step({"images": x}, Step(vae, index=100))
     assert torch.equal(out["loss"], out["recon"])
     vae = VAE(tiny(arch="mlp", image_size=8, beta=2.0))
-    out = vae.training_step(x, Step(vae, index=0))
+    out = vae.training_step({"images": x}, Step(vae, index=0))
     assert torch.allclose(out["loss"], out["recon"] + 2 * out["kl"])
 
 
@@ -226,7 +229,7 @@ def trained():
     history = []
     for i in range(150):
         step.index = i
-        history.append(vae.training_step(data, step)["elbo"].item())
+        history.append(vae.training_step({"images": data}, step)["elbo"].item())
     return vae, data, history
 
 
@@ -302,7 +305,7 @@ def test_conv_discretized_logistic_training_lowers_bpd():
     history = []
     for i in range(60):
         step.index = i
-        history.append(vae.training_step(data, step)["bpd"].item())
+        history.append(vae.training_step({"images": data}, step)["bpd"].item())
     assert history[-1] < 0.7 * history[0], (history[0], history[-1])
     # per-image terms do not depend on the rest of the batch (no batch norm)
     torch.manual_seed(2)

@@ -90,7 +90,7 @@ def test_reconstruct_is_for_vae_runs_only(tmp_path):
                       "train.max_steps=1", "data.eval_samples=20"],
                      run_dir=tmp_path / "gan", progress=False)  # fmt: skip
     r = run_cli("sample", str(gan.run_dir), "--reconstruct", "held-out")
-    assert r.returncode == 2 and "only VAEs" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "only VAE runs" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("eval", str(gan.run_dir), "--iwae-k", "10")
     assert r.returncode == 2 and "for VAE runs" in r.stderr and "Traceback" not in r.stderr
 

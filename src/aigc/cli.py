@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from aigc.config import RECIPES_DIR, shipped_recipe
-from aigc.errors import AigcError, TrainingInterrupted
+from aigc.errors import AigcError, RequestError, TrainingInterrupted
 
 app = typer.Typer(
     name="aigc",
@@ -27,11 +27,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _q(path: object) -> str:
@@ -191,7 +186,7 @@ def train(
     path, existing = resolve_recipe(recipe)
     if existing is not None:
         if run_dir is not None and run_dir.resolve() != existing.resolve():
-            _fail(f"{recipe} is a run folder; leave out --run-dir to continue it")
+            raise RequestError(f"{recipe} is a run folder; leave out --run-dir to continue it")
         with _says_where_it_stopped():
             outcome = aigc.train(
                 None, overrides or [], run_dir=existing, resume=True, progress=not quiet
@@ -212,15 +207,18 @@ def _report(outcome) -> None:
             "raise train.max_steps or train.max_time to train further"
         )
         return
-    line = f"done: step {outcome.step}, {outcome.train_time:.0f} s of training"
-    if "loss" in m:
-        line += f", validation loss {m['loss']:.4f} (ppl {m['ppl']:.2f}, {m['bpc']:.3f} bits/char)"
-    typer.echo(line)
     from aigc.runs import RunDir
+    from aigc.tasks import get_task
 
-    family = RunDir(outcome.run_dir).info()["family"]
-    hint = "--prompt '...'" if family == "gpt" else "--n 64 --out grid.png"
-    typer.echo(f"run folder: {outcome.run_dir}/   next: aigc sample {_q(outcome.run_dir)} {hint}")
+    task = get_task(RunDir(outcome.run_dir).info()["family"])
+    line = f"done: step {outcome.step}, {outcome.train_time:.0f} s of training"
+    if task.headline_metric in m:  # the headline, then the next two the task reports
+        more = [(k, v) for k, v in m.items() if k != task.headline_metric][:2]
+        line += f", validation {task.headline_metric} {m[task.headline_metric]:.4f}"
+        line += f" ({', '.join(f'{k} {v:.3f}' for k, v in more)})" if more else ""
+    typer.echo(line)
+    hint = f"aigc sample {_q(outcome.run_dir)} {task.sample_hint}".rstrip()
+    typer.echo(f"run folder: {outcome.run_dir}/   next: {hint}")
 
 
 @app.command()
@@ -274,15 +272,19 @@ def sample(
 ) -> None:
     """Generate from a trained run: text streams to the terminal, images go to --out."""
     import aigc
-    from aigc.api import ImageGenerator
 
     gen = aigc.load(run, device=device)
-    if not isinstance(gen, ImageGenerator) and not hasattr(gen, "stream"):
-        _fail(f"{run} is a classifier; use: aigc classify {run} --text '...'")
-    if isinstance(gen, ImageGenerator):
+    if gen.kind == "classify":
+        raise RequestError(f"{run} is a classifier; use: aigc classify {_q(run)} --text '...'")
+    if gen.kind == "image":
         if prompt:
-            _fail(f"{run} is an image model; --prompt is for text models")
+            raise RequestError(f"{run} is an image model; --prompt is for text models")
         if reconstruct is not None or traverse:
+            verb = "reconstruct" if reconstruct is not None else "traverse"
+            if verb not in gen.verbs:
+                raise RequestError(
+                    f"{run} is a {gen.config.family} run; only VAE runs take --{verb}"
+                )
             if reconstruct is not None:
                 source = None if reconstruct == "held-out" else reconstruct
                 images, name = gen.reconstruct(source, n=min(n, 1000)), "reconstructions.png"
@@ -354,10 +356,10 @@ def eval_(
     text; for images, a domain classifier's verdict on generated samples, and for VAEs the
     held-out negative ELBO and IWAE bound."""
     import aigc
-    from aigc.api import ImageGenerator, save_eval
+    from aigc.api import save_eval
 
     gen = aigc.load(run, device=device)
-    if isinstance(gen, ImageGenerator):
+    if gen.kind == "image":
         result = gen.evaluate(
             n=samples, iwae_k=iwae_k, metrics=metrics.split(",") if metrics is not None else None,
             against=against, inception_weights=inception_weights, fid_protocol=fid_protocol,
@@ -365,34 +367,8 @@ def eval_(
         )  # fmt: skip
     else:
         result = gen.evaluate(save=False)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    elif isinstance(gen, ImageGenerator):
-        _print_image_eval(run, result)
-    else:
-        _print_text_eval(run, result)
+    typer.echo(json.dumps(result, indent=2) if as_json else gen.format_eval(result))
     save_eval(gen.run.path, result)  # after printing: a read-only run still shows its numbers
-
-
-def _print_text_eval(run: Path, result: dict) -> None:
-    if "accuracy" in result:  # a classifier
-        typer.echo(
-            f"{run} at step {result['step']}: {result['count']:,} held-out texts\n"
-            f"  accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
-            f"loss {result['loss']:.4f} nats/text"
-        )
-        return
-    if "bpc" not in result:  # a chat run: the assistant's tokens only
-        typer.echo(
-            f"{run} at step {result['step']}: {result['count']:,} held-out assistant tokens\n"
-            f"  loss {result['loss']:.4f} nats/token   perplexity {result['ppl']:.3f}"
-        )
-        return
-    typer.echo(
-        f"{run} at step {result['step']}: held-out {result['tokens']:,} tokens\n"
-        f"  loss {result['loss']:.4f} nats/token   perplexity {result['ppl']:.3f}   "
-        f"{result['bpc']:.4f} bits/char   {result['bpb']:.4f} bits/byte"
-    )
 
 
 @app.command()
@@ -458,8 +434,6 @@ def classify(
 ) -> None:
     """Classify texts with a classifier run: the label and the class probabilities."""
     import aigc
-    from aigc.api import TextClassifier
-    from aigc.errors import RequestError
 
     texts = [sys.stdin.read() if t == "-" else t for t in (text or [])]
     if not texts:
@@ -467,7 +441,7 @@ def classify(
     if top < 1:
         raise RequestError(f"--top {top} must be at least 1")
     clf = aigc.load(run, device=device)
-    if not isinstance(clf, TextClassifier):
+    if clf.kind != "classify":
         raise RequestError(f"{run} is not a classifier run; aigc finetune BASE --task classify")
     results = clf.classify(texts)
     if as_json:
@@ -493,10 +467,9 @@ def chat(
     """Chat with a chat run in the terminal. Lines starting with / are commands:
     /reset forgets the conversation, /exit (or Ctrl-D) ends it."""
     import aigc
-    from aigc.errors import RequestError
 
     gen = aigc.load(run, device=device)
-    if not getattr(gen, "is_chat", False):
+    if gen.kind != "text" or not gen.is_chat:
         raise RequestError(f"{run} is not a chat run; make one with aigc finetune BASE --task chat")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
@@ -568,7 +541,6 @@ def export(
 ) -> None:
     """Export a GPT run for other tools: a Hugging Face transformers folder (GPT-2
     architecture, fast tokenizer) or an ONNX graph (needs: pip install 'aigc[export]')."""
-    from aigc.errors import RequestError
     from aigc.export import export_hf, export_onnx
 
     if merge or fmt == "run":
@@ -602,39 +574,8 @@ def report(
     )
 
 
-def _print_image_eval(run: Path, result: dict) -> None:
-    skip = {"step", "samples", "iwae_k", "extractor", "fid_protocol"}
-    typer.echo(f"{run} at step {result['step']}")
-    if "nelbo" in result:
-        typer.echo(
-            f"  held-out negative ELBO  {result['nelbo']:10.2f} nats/image  {result['bpd']:.4f} "
-            f"bits/dim\n"
-            f"  IWAE bound, k={int(result['iwae_k']):<6} {result['iwae_nll']:10.2f} nats/image  "
-            f"{result['iwae_bpd']:.4f} bits/dim\n"
-            f"  reconstruction {result['recon']:.2f} + KL {result['kl']:.2f} nats; active latent "
-            f"units {int(result['active_units'])} of {sum(k.startswith('kl_dim/') for k in result)}"
-        )
-        skip |= {"nelbo", "bpd", "iwae_nll", "iwae_bpd", "recon", "kl", "active_units"}
-        skip |= {k for k in result if k.startswith("kl_dim/")}
-    judge = {k: v for k, v in result.items() if k.startswith("classifier_accuracy")}
-    skip |= judge.keys() | {"classifier_heldout"}
-    rest = {k: v for k, v in result.items() if k not in skip}
-    if rest:
-        by = result.get("extractor", "the domain classifier")
-        if "fid_protocol" in result:
-            by += f" (FID protocol {result['fid_protocol']})"
-        typer.echo(f"  {result['samples']:,} generated images, features and classes from {by}:")
-        if judge:  # how far the judge itself can be trusted, beside what it judged
-            said = ", ".join(f"{k.partition('/')[2] or 'class'} {v:.1%}" for k, v in judge.items())
-            held = int(result.get("classifier_heldout", 0))
-            typer.echo(f"    (the judging classifier's held-out accuracy: {said} on {held} images)")
-        for k, v in rest.items():
-            typer.echo(f"    {k:<30} {v:.4f}")
-
-
 def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
                    label: list[str], interpolate: int | None, seed: int | None) -> None:  # fmt: skip
-    from aigc.errors import RequestError
 
     labels: list = list(label)
     if class_ is not None:

@@ -16,6 +16,7 @@ a panel, with its held-out twin (``val_<key>``) drawn on the same axes; the othe
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -28,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aigc.errors import CheckpointError, RequestError
+from aigc.errors import CheckpointError, ConfigError, RequestError
 from aigc.runs import RunDir, atomic_write_text
+from aigc.samples import find_samples
+from aigc.tasks import get_task
 
 MAX_SAMPLE_STEPS = 6  # sample grids / texts shown per run, evenly spaced over training
 MAX_PANELS = 12  # chart panels per figure
@@ -44,8 +47,6 @@ LOSS_WORDS = frozenset({"loss", "elbo", "nelbo", "kl", "recon", "nll"})
 EVAL_PREFIXES = ("val_", "eval_")
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_IMAGE_SAMPLE = re.compile(r"step-(\d+)-(.+)\.png")
-_TEXT_SAMPLE = re.compile(r"step-(\d+)\.txt")
 
 # Nothing may be fetched and no script may run; only inline CSS and data: images.
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -117,6 +118,7 @@ class RunSummary:
     image_samples: dict[str, list[tuple[int, Path]]] = field(default_factory=dict)
     text_samples: list[tuple[int, Path]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    loss_keys: frozenset[str] | None = None  # the task's; None for a task this install lacks
 
     def last_val(self) -> tuple[int | None, dict[str, Any]]:
         """The last held-out row of metrics.jsonl as (step, {name without val_: value})."""
@@ -158,6 +160,8 @@ def read_run(path: str | Path) -> RunSummary:
     info = run.info()  # the clear error for a folder that is not a run
     name = run.path.resolve().name
     s = RunSummary(path=run.path, name=name, family=str(info["family"]), info=info)
+    with contextlib.suppress(ConfigError):
+        s.loss_keys = get_task(s.family).loss_keys
 
     if run.config_path.is_file():
         s.config_text = run.config_path.read_text(encoding="utf-8", errors="replace")
@@ -226,18 +230,10 @@ def _read_progress(run: RunDir, s: RunSummary) -> None:
 
 
 def _find_samples(run: RunDir, s: RunSummary) -> None:
-    if run.samples_dir.is_dir():
-        for p in sorted(run.samples_dir.iterdir()):
-            if not p.is_file():
-                continue
-            if m := _IMAGE_SAMPLE.fullmatch(p.name):
-                s.image_samples.setdefault(m.group(2), []).append((int(m.group(1)), p))
-            elif m := _TEXT_SAMPLE.fullmatch(p.name):
-                s.text_samples.append((int(m.group(1)), p))
-    for v in s.image_samples.values():
-        v.sort()
-    s.text_samples.sort()
-    if not s.image_samples and not s.text_samples:
+    found = find_samples(run.samples_dir)
+    s.image_samples = found.get("image", {})
+    s.text_samples = found.get("text", {}).get("", [])
+    if not found:
         s.notes.append("samples/ holds no samples yet.")
 
 
@@ -255,10 +251,14 @@ def evenly_spaced(items: Sequence[Any], k: int) -> list[Any]:
 # Charts
 
 
-def is_loss_key(key: str) -> bool:
-    """A training scalar that names a loss; per-group or per-unit keys (with "/") are not."""
+def is_loss_key(key: str, loss_keys: frozenset[str] | None = None) -> bool:
+    """A training scalar that is a loss: one of the task's ``loss_keys`` when its task is
+    known, else a key naming a loss word (a run of a task this install lacks). Per-group
+    or per-unit keys (with "/") are not."""
     if "/" in key or key.startswith(EVAL_PREFIXES):
         return False
+    if loss_keys is not None:
+        return key in loss_keys
     return any(word in LOSS_WORDS for word in re.split(r"[_\-.]", key.lower()))
 
 
@@ -281,7 +281,9 @@ def _keys_in_order(rows: Iterable[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def chart_panels(rows: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
+def chart_panels(
+    rows: list[dict[str, Any]], loss_keys: frozenset[str] | None = None
+) -> tuple[list[list[str]], list[str]]:
     """The curves a run's metrics call for: (loss panels, held-out panels).
 
     A loss panel lists a training key and, when logged, its ``val_`` twin; a
@@ -290,7 +292,7 @@ def chart_panels(rows: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]
     """
     keys = _keys_in_order(rows)
     present = set(keys)
-    losses = [k for k in keys if is_loss_key(k)]
+    losses = [k for k in keys if is_loss_key(k, loss_keys)]
     loss_panels = [[k, f"val_{k}"] if f"val_{k}" in present else [k] for k in losses]
     overlaid = {f"val_{k}" for k in losses}
     held_out = [k for k in keys if k.startswith("val_") and k not in overlaid]
@@ -330,7 +332,9 @@ def render_panels(rows: list[dict[str, Any]], panels: list[list[str]]) -> bytes:
     return buf.getvalue()
 
 
-def overlay_panels(runs: Sequence[list[dict[str, Any]]]) -> list[list[str]]:
+def overlay_panels(
+    runs: Sequence[list[dict[str, Any]]], loss_keys: frozenset[str] | None = None
+) -> list[list[str]]:
     """The charts of a comparison: one per metric any run logged, in first-seen order.
 
     A loss panel is ``[key, val_key]`` (training and held-out curves of every run on
@@ -341,7 +345,7 @@ def overlay_panels(runs: Sequence[list[dict[str, Any]]]) -> list[list[str]]:
         for k in _keys_in_order(rows):
             if k not in keys and _series(rows, k)[0]:  # at least one finite point
                 keys.setdefault(k, None)
-    losses = [k for k in keys if is_loss_key(k)]
+    losses = [k for k in keys if is_loss_key(k, loss_keys)]
     panels = [[k, f"val_{k}"] for k in losses]
     twins = {f"val_{k}" for k in losses}
     panels += [[k] for k in keys if k.startswith("val_") and k not in twins]
@@ -448,7 +452,9 @@ def _facts(s: RunSummary) -> list[tuple[str, str]]:
 def _overlay(runs: list[RunSummary], names: list[str]) -> str:
     """Every run's curves overlaid, one chart per metric, with a legend of run colours."""
     series = [(n, s.rows) for n, s in zip(names, runs, strict=True)]
-    panels = overlay_panels([s.rows for s in runs])
+    known = [s.loss_keys for s in runs]
+    loss_keys = None if None in known else frozenset().union(*known)
+    panels = overlay_panels([s.rows for s in runs], loss_keys)
     if not panels:
         return _note("No run has logged a loss or held-out metric yet, so no curves.")
     shown = panels[:MAX_PANELS]
@@ -528,7 +534,7 @@ def _metric_table(s: RunSummary) -> str:
 def _charts(s: RunSummary) -> str:
     if not s.rows:
         return ""
-    loss_panels, held_out = chart_panels(s.rows)
+    loss_panels, held_out = chart_panels(s.rows, s.loss_keys)
     out = ["<h3>Losses</h3>"]
     if loss_panels:
         out.append(_figure(s.rows, loss_panels, "losses"))

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,30 +29,8 @@ from torch import nn
 from aigc.config import Config, TrainConfig
 from aigc.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from aigc.runs import MetricsLog, RunDir, flatten_state, unflatten_state
-
-# ---------------------------------------------------------------------------
-# What the trainer needs from a family's task (see aigc/tasks)
-
-
-class Task(Protocol):
-    """The glue between one family's data and model, as the trainer sees it."""
-
-    model: nn.Module
-    items_per_batch: int  # e.g. tokens in one micro-batch of one process
-    item_name: str  # "tokens", "images"
-
-    def train_batch(self, step: int, micro: int, rank: int, world: int) -> Any: ...
-
-    def eval_sums(self, model: nn.Module, rank: int, world: int, device: torch.device) -> dict:
-        """Additive sums over this rank's share of the validation data."""
-        ...
-
-    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
-
-    def samples(self, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
-        """Named samples: text (str) or an image grid ((H, W, C) uint8 NumPy array)."""
-        ...
-
+from aigc.samples import write_samples
+from aigc.tasks.base import Task
 
 # ---------------------------------------------------------------------------
 # Devices and processes
@@ -253,6 +231,15 @@ def module_tensors(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
+def copy_tensors_into(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies named tensors (an EMA's weights, say) into ``module``'s parameters and
+    buffers of the same names, in place, keeping their devices and dtypes."""
+    live = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            live[name].copy_(t)
+
+
 def load_module_tensors(
     module: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -380,9 +367,7 @@ class Trainer:
             raise ConfigError(
                 "train.ema with frozen weights (LoRA) is not supported; set train.ema=0"
             )
-        scope = getattr(self.model, "ema_scope", None)
-        ema_module = getattr(self.model, scope) if scope else self.model
-        self.ema = EMA(ema_module, self.cfg.ema) if self.cfg.ema > 0 else None
+        self.ema = EMA(self.task.ema_module(), self.cfg.ema) if self.cfg.ema > 0 else None
         self.autocast = self._autocast_context()
         self.step = 0
         self.train_time = 0.0
@@ -552,7 +537,7 @@ class Trainer:
         log = MetricsLog(self.run.metrics_path) if main else None
         writer = _tensorboard(self.run, self.step) if main else None
         bar = (
-            _ProgressBar(cfg, self.step, self.train_time, self.task.item_name, self.progress)
+            _ProgressBar(cfg, self.step, self.train_time, self.task, self.progress)
             if main
             else None
         )
@@ -615,7 +600,7 @@ class Trainer:
                     last_eval = self.evaluate()
                     if main:
                         # what the numbers depend on (e.g. the feature extractor): log only
-                        info = getattr(self.task, "eval_info", dict)()
+                        info = self.task.eval_info()
                         log.write(
                             {
                                 "step": self.step,
@@ -634,7 +619,7 @@ class Trainer:
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or at_end:
                     texts = self.sample()
                     if main:
-                        _write_samples(self.run, self.step, texts, writer)
+                        write_samples(self.run.samples_dir, self.step, texts, writer)
                 if iter_callback is not None:
                     iter_callback(self)
         except KeyboardInterrupt:
@@ -718,35 +703,10 @@ def _tensorboard(run: RunDir, step: int):
     return SummaryWriter(log_dir=str(run.tb_dir), purge_step=step + 1 if step else None)
 
 
-def _write_samples(run: RunDir, step: int, samples: dict[str, Any], writer: Any) -> None:
-    """Texts go to samples/step-N.txt, image grids to samples/step-N-<name>.png; both to TensorBoard."""
-    run.samples_dir.mkdir(exist_ok=True)
-    texts = {k: v for k, v in samples.items() if isinstance(v, str)}
-    images = {k: v for k, v in samples.items() if not isinstance(v, str)}
-    if texts:
-        body = "\n\n".join(f"=== {k} ===\n{v}" for k, v in texts.items())
-        (run.samples_dir / f"step-{step:08d}.txt").write_text(body + "\n", encoding="utf-8")
-    for k, v in texts.items():
-        # TensorBoard renders text as markdown; a code block keeps it verbatim.
-        writer.add_text(f"samples/{k}", "```\n" + v + "\n```", step)
-    if images:
-        from PIL import Image
-
-        for k, grid in images.items():
-            grid = np.asarray(grid, dtype=np.uint8)
-            name = "".join(c if c.isalnum() or c in "-_" else "_" for c in k)
-            Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
-                run.samples_dir / f"step-{step:08d}-{name}.png"
-            )
-            writer.add_image(f"samples/{k}", grid, step, dataformats="HWC")
-
-
 class _ProgressBar:
     """tqdm over steps, or over seconds when training has a time budget."""
 
-    def __init__(
-        self, cfg: TrainConfig, step: int, train_time: float, item_name: str, enabled: bool
-    ):
+    def __init__(self, cfg: TrainConfig, step: int, train_time: float, task: Task, enabled: bool):
         from tqdm.auto import tqdm
 
         self.by_time = cfg.max_time > 0
@@ -761,24 +721,22 @@ class _ProgressBar:
             total=total, initial=initial, desc="train", unit="s" if self.by_time else "step",
             bar_format=fmt, dynamic_ncols=True, mininterval=0.5, disable=not enabled,
         )  # fmt: skip
-        self.item_name = item_name
+        self.item_name = task.item_name
+        self.loss_keys = task.loss_keys
+        self.headline = task.headline_metric
         self.eval_text = ""
 
     def update(self, step: int, train_time: float, scalars: dict[str, float], rate: float) -> None:
         new = min(train_time, self.bar.total) if self.by_time else step
         self.bar.update(new - self.bar.n)
-        # the family's losses: "loss", or e.g. "d_loss" and "g_loss" for a GAN
-        losses = [(k, v) for k, v in scalars.items() if k == "loss" or k.endswith("_loss")][:2]
+        losses = [(k, v) for k, v in scalars.items() if k in self.loss_keys][:2]
         post = f"step {step}" + "".join(f", {k} {v:.3f}" for k, v in losses)
         post += f", {rate:,.0f} {self.item_name}/s{self.eval_text}"
         self.bar.set_postfix_str(post, refresh=False)
 
     def set_eval(self, metrics: dict[str, float]) -> None:
-        # the headline held-out figure: a loss, a VAE's negative ELBO, or a GAN's label accuracy
-        for key in ("loss", "nelbo", "label_accuracy"):
-            if key in metrics:
-                self.eval_text = f", val {key} {metrics[key]:.3f}"
-                return
+        if self.headline in metrics:
+            self.eval_text = f", val {self.headline} {metrics[self.headline]:.3f}"
 
     def close(self) -> None:
         self.bar.close()

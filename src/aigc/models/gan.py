@@ -52,10 +52,8 @@ from aigc.errors import ConfigError
 from aigc.models.layers import (
     LabelEmbedding,
     LatentSampling,
-    check_choices,
     check_image_ready,
-    check_int,
-    check_lists,
+    check_latent_image_config,
     check_pow2_size,
     slerp,
 )
@@ -87,32 +85,13 @@ class GANConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
-        check_choices(self, {"arch": ARCHS, "loss": LOSSES, "cond_d": COND_D})
-        for key, low in (
-            ("z_dim", 1),
-            ("image_size", 0),
-            ("channels", 0),
-            ("embed_dim", 1),
-            ("n_critic", 1),
-            ("g_width", 1),
-            ("d_width", 1),
-        ):
-            check_int(f"model.{key}", getattr(self, key), low)
+        check_latent_image_config(
+            self, {"arch": ARCHS, "loss": LOSSES, "cond_d": COND_D},
+            ints=(("n_critic", 1), ("g_width", 1), ("d_width", 1)),
+            flags=("spectral_norm",), numbers=("gp_weight", "d_dropout"),
+        )  # fmt: skip
         if self.arch == "dcgan":
             check_pow2_size(self.image_size, "dcgan", "doubles a 4x4 map")
-        check_lists(self)
-        for key in ("conditional", "spectral_norm"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"model.{key}={getattr(self, key)!r} must be true or false")
-        if self.num_classes and not self.conditional:
-            raise ConfigError(
-                f"model.num_classes={list(self.num_classes)} is set but model.conditional=false; "
-                f"set model.conditional=true or leave num_classes empty"
-            )
-        for key in ("gp_weight", "d_dropout"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"model.{key}={value!r} must be a number")
         if not (math.isfinite(self.gp_weight) and self.gp_weight >= 0):
             raise ConfigError(f"model.gp_weight={self.gp_weight} must be finite and >= 0")
         if not 0.0 <= self.d_dropout < 1.0:
@@ -277,8 +256,6 @@ def _dcgan_init(module: nn.Module) -> None:
 class GAN(LatentSampling, nn.Module):
     """Generator G and discriminator D with their losses; the trainer keeps an EMA of G."""
 
-    ema_scope = "G"
-
     def __init__(self, cfg: GANConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -379,12 +356,12 @@ class GAN(LatentSampling, nn.Module):
     def training_step(self, batch: Any, step: Any) -> dict[str, Tensor]:
         """n_critic D updates, then one G update (the step contract).
 
-        batch is (images, labels): images (B, C, H, W) in [-1, 1], labels (B, A) int64
-        or None. Every critic update sees the same real images with fresh noise, so
+        batch["images"] is (B, C, H, W) in [-1, 1]; batch["labels"] (B, A) int64, absent
+        for unlabelled data. Every critic update sees the same real images with fresh noise, so
         the batch size D trains on does not depend on n_critic. Noise comes from
         torch's global RNG, which the trainer seeds per step.
         """
-        images, labels = batch if isinstance(batch, tuple | list) else (batch, None)
+        images, labels = batch["images"], batch.get("labels")
         if not self.num_classes:
             labels = None  # labelled data, unconditional model
         totals: dict[str, Tensor] = {}

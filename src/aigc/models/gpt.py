@@ -458,10 +458,10 @@ class GPT(nn.Module):
         """One optimizer group for the whole model (the step contract)."""
         return {"model": list(self.parameters())}
 
-    def training_step(self, batch: tuple[Tensor, Tensor], step: Any) -> dict[str, Tensor]:
-        """Next-token cross-entropy on (inputs, targets), both (B, T)."""
-        x, y = batch
-        _, loss = self(x, y)
+    def training_step(self, batch: dict[str, Tensor], step: Any) -> dict[str, Tensor]:
+        """Next-token cross-entropy of batch["input_ids"] against batch["targets"],
+        both (B, T); targets of -1 are not trained on."""
+        _, loss = self(batch["input_ids"], batch["targets"])
         step.update("model", loss)
         return {"loss": loss.detach()}
 
@@ -524,8 +524,6 @@ class GPTClassifier(GPT):
     names, so a pretrained GPT's weights load into it as they are and only ``score`` is
     new. The LM head stays (it is the token embedding, tied) but is not used."""
 
-    fresh_modules = ("score",)  # what a pretrained GPT lacks: initialised here, always trained
-
     def __init__(self, cfg: GPTClassifierConfig) -> None:
         super().__init__(cfg)
         if cfg.n_classes < 2:
@@ -552,9 +550,10 @@ class GPTClassifier(GPT):
             pooled = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)
         return self.score(pooled)
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], step: Any) -> dict[str, Tensor]:
-        """Cross-entropy of (ids, lengths, labels); also logs the batch accuracy."""
-        idx, lengths, labels = batch
+    def training_step(self, batch: dict[str, Tensor], step: Any) -> dict[str, Tensor]:
+        """Cross-entropy of batch["input_ids"] (B, T) right-padded to batch["lengths"]
+        (B,) against batch["labels"] (B,); also logs the batch accuracy."""
+        idx, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
         logits = self.classify(idx, lengths)
         loss = F.cross_entropy(logits.float(), labels)
         step.update("model", loss)

@@ -68,6 +68,36 @@ def check_lists(cfg: Any) -> None:
         check_int(f"model.num_classes[{i}]", n, 2)
 
 
+def check_latent_image_config(
+    cfg: Any,
+    choices: dict[str, tuple[str, ...]],
+    ints: tuple[tuple[str, int], ...] = (),
+    flags: tuple[str, ...] = (),
+    numbers: tuple[str, ...] = (),
+) -> None:
+    """The checks every latent image model's config shares (z_dim, image_size, channels,
+    embed_dim, hidden, num_classes, conditional), plus a family's own: ``choices``,
+    integer ``ints`` with their lower bounds, boolean ``flags`` and number-valued
+    ``numbers``. ConfigError naming the first bad key."""
+    check_choices(cfg, choices)
+    base = (("z_dim", 1), ("image_size", 0), ("channels", 0), ("embed_dim", 1))
+    for key, low in (*base, *ints):
+        check_int(f"model.{key}", getattr(cfg, key), low)
+    check_lists(cfg)
+    for key in ("conditional", *flags):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ConfigError(f"model.{key}={getattr(cfg, key)!r} must be true or false")
+    if cfg.num_classes and not cfg.conditional:
+        raise ConfigError(
+            f"model.num_classes={list(cfg.num_classes)} is set but model.conditional=false; "
+            f"set model.conditional=true or leave num_classes empty"
+        )
+    for key in numbers:
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"model.{key}={value!r} must be a number")
+
+
 class LabelEmbedding(nn.Module):
     """One learned table per attribute: labels (B, A) int64 -> (B, A, dim)."""
 

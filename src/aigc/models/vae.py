@@ -53,10 +53,8 @@ from aigc.errors import ConfigError
 from aigc.models.layers import (
     LabelEmbedding,
     LatentSampling,
-    check_choices,
     check_image_ready,
-    check_int,
-    check_lists,
+    check_latent_image_config,
     check_pow2_size,
     slerp,
 )
@@ -86,30 +84,14 @@ class VAEConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
-        check_choices(self, {"arch": ARCHS, "likelihood": LIKELIHOODS})
-        for key, low in (
-            ("z_dim", 1),
-            ("image_size", 0),
-            ("channels", 0),
-            ("width", 1),
-            ("embed_dim", 1),
-            ("kl_warmup_steps", 0),
-        ):
-            check_int(f"model.{key}", getattr(self, key), low)
+        check_latent_image_config(
+            self, {"arch": ARCHS, "likelihood": LIKELIHOODS},
+            ints=(("width", 1), ("kl_warmup_steps", 0)), numbers=("beta", "gaussian_std"),
+        )  # fmt: skip
         if self.arch == "conv":
             check_pow2_size(self.image_size, "conv", "halves the image to 4x4")
-        check_lists(self)
-        if not isinstance(self.conditional, bool):
-            raise ConfigError(f"model.conditional={self.conditional!r} must be true or false")
-        if self.num_classes and not self.conditional:
-            raise ConfigError(
-                f"model.num_classes={list(self.num_classes)} is set but model.conditional=false; "
-                f"set model.conditional=true or leave num_classes empty"
-            )
         for key in ("beta", "gaussian_std"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"model.{key}={value!r} must be a number")
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"model.{key}={value} must be finite and >= 0")
 
@@ -354,13 +336,13 @@ class VAE(LatentSampling, nn.Module):
     def training_step(self, batch: Any, step: Any) -> dict[str, Tensor]:
         """One update of the batch-mean recon + beta_t * kl (the step contract).
 
-        batch is (images, labels): images (B, C, H, W) in [-1, 1], labels (B, A) int64
-        or None; beta_t follows step.index. Returns detached scalars, per image: loss
+        batch["images"] is (B, C, H, W) in [-1, 1]; batch["labels"] (B, A) int64, absent
+        for unlabelled data; beta_t follows step.index. Returns detached scalars, per image: loss
         (the weighted objective), elbo (negative ELBO, beta = 1, nats), recon, kl, beta,
         bpd (the negative ELBO in bits per dimension) and kl_dim/u, the KL of latent unit
         u (a unit whose KL stays near 0 has collapsed to the prior).
         """
-        images, labels = batch if isinstance(batch, tuple | list) else (batch, None)
+        images, labels = batch["images"], batch.get("labels")
         if not self.num_classes:
             labels = None  # labelled data, unconditional model
         beta = self.beta_at(int(step.index))

@@ -89,7 +89,7 @@ class ServedModel:
 
     @property
     def chat(self) -> bool:
-        return bool(getattr(self.generator, "is_chat", False))
+        return self.kind == "text" and self.generator.is_chat
 
     def card(self) -> dict[str, Any]:
         """The model's entry in GET /v1/models."""
@@ -117,7 +117,7 @@ def load_models(
     run_dirs: Sequence[str | Path], settings: ServeSettings, metrics: ServeMetrics
 ) -> dict[str, ServedModel]:
     """Every run, loaded and named by its folder; ConfigError for two runs of one name."""
-    from aigc.api import ImageGenerator, TextGenerator, load
+    from aigc.api import load
 
     paths: dict[str, Path] = {}
     for run_dir in run_dirs:
@@ -135,16 +135,14 @@ def load_models(
     for name, path in paths.items():
         gen = load(path, device=settings.device)
         family = gen.config.family
-        served = ServedModel(name, gen, "", family, _created(gen.run))
-        if isinstance(gen, TextGenerator):
-            served.kind = "text"
+        served = ServedModel(name, gen, gen.kind, family, _created(gen.run))
+        if gen.kind == "text":
             decoder = BatchDecoder(gen.model, gen.tokenizer, settings.max_batch_size)
             served.batcher = TextBatcher(
                 name, decoder, metrics, settings.max_batch_size, settings.max_wait_ms,
                 settings.queue_size,
             )  # fmt: skip
-        elif isinstance(gen, ImageGenerator):
-            served.kind = "image"
+        elif gen.kind == "image":
             served.images = ImageRunner(name, metrics, settings.queue_size)
         else:
             raise ConfigError(

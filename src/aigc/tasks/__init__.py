@@ -23,16 +23,48 @@ TASKS: dict[str, str] = {
     "chat": "aigc.tasks.chat:ChatTask",
     "classifier": "aigc.tasks.classify:ClassifyTask",
 }
+ENTRY_POINTS = "aigc.tasks"  # installed packages add tasks under this entry-point group
+_plugins_read = False
+
+
+def register_task(name: str, target: str | type) -> None:
+    """Adds a task: ``name`` is what ``family:`` says in recipes and run folders,
+    ``target`` the Task subclass or its "module:Class". An installed package does the
+    same with an entry point in the ``aigc.tasks`` group, e.g. in pyproject.toml:
+    ``[project.entry-points."aigc.tasks"] mytask = "mypkg.task:MyTask"``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"task name {name!r} must be an identifier")
+    if isinstance(target, type):
+        target = f"{target.__module__}:{target.__qualname__}"
+    TASKS[name] = target
+
+
+def _read_plugins() -> None:
+    global _plugins_read
+    if _plugins_read:
+        return
+    _plugins_read = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        TASKS.setdefault(ep.name, ep.value)
 
 
 def get_task(family: str) -> Any:
     """The task class of ``family``; ConfigError with the closest name if unknown."""
     if family not in TASKS:
+        _read_plugins()
+    if family not in TASKS:
         close = difflib.get_close_matches(family, list(TASKS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(TASKS))}"
         raise ConfigError(f"family={family!r} is not a known model family{hint}")
     module, cls = TASKS[family].split(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"family={family!r}: its task {TASKS[family]} cannot be loaded ({e})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -72,11 +104,3 @@ def load_splits(data_dir: Path, parts: tuple[str, ...]) -> dict[str, tuple]:
                 f"{data_dir}: the {split} split is missing or damaged ({e})"
             ) from None
     return out
-
-
-def install_prepared(tmp_dir: Path, run: Any) -> None:
-    """Moves data prepared in a temporary folder (tokenizer.json included) into a new run."""
-    import shutil
-
-    shutil.move(str(tmp_dir / "tokenizer.json"), run.tokenizer_path)
-    shutil.move(str(tmp_dir), run.data_dir)

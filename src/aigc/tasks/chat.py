@@ -57,7 +57,8 @@ from aigc.errors import CheckpointError, ConfigError, DataError, RequestError
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.models.lora import merged_copy
 from aigc.runs import RunDir
-from aigc.tasks import batch_rows, install_prepared, load_splits
+from aigc.tasks import batch_rows
+from aigc.tasks.base import DataFiles, TokenSplitsTask
 from aigc.tasks.lm import fit_vocab
 
 
@@ -158,27 +159,22 @@ def windows(length: int, block: int) -> list[tuple[int, int, int]]:
         start += half
 
 
-class ChatTask:
+class ChatTask(TokenSplitsTask):
     """Trains a GPT on conversations; evaluates the loss on held-out assistant tokens."""
 
-    family = "chat"
+    name = "chat"
     data_config = ChatDataConfig
     model_config = GPTConfig
+    model_class = GPT
+    split_parts = ("ids", "mask", "windows")
     item_name = "windows"
-
-    def __init__(self, config: Config, run: RunDir, tokenizer: Tokenizer, with_data: bool = True):
-        self.config = config
-        self.run = run
-        self.tokenizer = tokenizer
-        self.model: nn.Module = GPT(config.model)
-        self.items_per_batch = config.train.batch_size
-        self.splits: dict[str, tuple] = {}
-        if with_data:
-            self.load_data()
+    pipeline_class = "aigc.pipelines.text:ChatPipeline"
+    headline_metric = "loss"
+    lora_targets = ("c_attn", "c_proj", "c_fc")
 
     # construction ---------------------------------------------------------------
-    @staticmethod
-    def prepare_data(config: Config, data_dir: Path, progress: bool = True) -> Tokenizer:
+    @classmethod
+    def prepare_data(cls, config: Config, data_dir: Path, progress: bool = True) -> None:
         """Reads, splits and tokenises the conversations; writes ids, masks and windows."""
         d: ChatDataConfig = config.data
         train, val, source = split_chat_data(d)
@@ -233,17 +229,10 @@ class ChatTask:
         if progress:
             print(f"{source}: {len(train)} training and {len(val)} held-out conversations, "
                   f"{stats['tokens']:,} tokens in {stats['windows']} windows", flush=True)  # fmt: skip
-        return tokenizer
 
-    @staticmethod
-    def finish_config(config: Config, data_dir: Path) -> None:
-        fit_vocab(config.model, load_tokenizer(data_dir / "tokenizer.json"))
-
-    @staticmethod
-    def complete_config(config: Config, run: RunDir) -> None:
-        fit_vocab(config.model, load_tokenizer(run.tokenizer_path))
-
-    install_data = staticmethod(install_prepared)
+    @classmethod
+    def finish_config(cls, config: Config, files: DataFiles) -> None:
+        fit_vocab(config.model, load_tokenizer(files.tokenizer_path))
 
     @classmethod
     def open(cls, config: Config, run: RunDir, with_data: bool = True) -> ChatTask:
@@ -252,10 +241,6 @@ class ChatTask:
             raise CheckpointError(f"{run.tokenizer_path} lacks the chat template's tokens")
         fit_vocab(config.model, tokenizer)
         return cls(config, run, tokenizer, with_data)
-
-    def load_data(self) -> None:
-        """Reads the prepared splits (ids, masks, windows) into ``splits``."""
-        self.splits = load_splits(self.run.data_dir, ("ids", "mask", "windows"))
 
     # batches -----------------------------------------------------------------------
     def _batch(self, split: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,13 +258,13 @@ class ChatTask:
             y[i, :n] = np.where(keep, target, -1)
         return torch.from_numpy(x), torch.from_numpy(y)
 
-    def train_batch(
-        self, step: int, micro: int, rank: int, world: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         """Windows drawn at random, a pure function of (seed, step); each (micro-step,
         rank) takes its slice of the step's global batch, as in LMTask.train_batch."""
         n = len(self.splits["train"][2])
-        return self._batch("train", batch_rows(self.config.train, n, step, micro, rank, world))
+        rows = batch_rows(self.config.train, n, step, micro, rank, world)
+        x, y = self._batch("train", rows)
+        return {"input_ids": x, "targets": y}
 
     # evaluation --------------------------------------------------------------------
     def eval_sums(

@@ -35,7 +35,8 @@ from aigc.data.tokenizers import (
 from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.models.gpt import GPTClassifier, GPTClassifierConfig
 from aigc.runs import RunDir
-from aigc.tasks import batch_rows, install_prepared, load_splits
+from aigc.tasks import batch_rows
+from aigc.tasks.base import DataFiles, TokenSplitsTask
 from aigc.tasks.lm import fit_vocab
 
 
@@ -86,29 +87,30 @@ def read_examples(d: ClassifyDataConfig) -> tuple[list[tuple[str, int]], list[tu
     return train, val, names, source
 
 
-class ClassifyTask:
+class ClassifyTask(TokenSplitsTask):
     """Trains a GPTClassifier; evaluates loss, accuracy and macro-F1 on the held-out split."""
 
-    family = "classifier"
+    name = "classifier"
     data_config = ClassifyDataConfig
     model_config = GPTClassifierConfig
+    model_class = GPTClassifier
+    split_parts = ("ids", "offsets", "labels")
     item_name = "texts"
+    pipeline_class = "aigc.pipelines.classify:ClassifyPipeline"
+    headline_metric = "accuracy"
+    lora_targets = ("c_attn", "c_proj", "c_fc")
 
     def __init__(self, config: Config, run: RunDir, tokenizer: Tokenizer, with_data: bool = True):
-        self.config = config
-        self.run = run
-        self.tokenizer = tokenizer
         self.meta = json.loads((run.data_dir / "meta.json").read_text(encoding="utf-8"))
         self.classes: list[str] = self.meta["classes"]
-        self.model: nn.Module = GPTClassifier(config.model)
-        self.items_per_batch = config.train.batch_size
-        self.splits: dict[str, tuple] = {}
-        if with_data:
-            self.load_data()
+        super().__init__(config, run, tokenizer, with_data)
+
+    def fresh_modules(self) -> tuple[str, ...]:
+        return ("score",)  # the head a pretrained GPT lacks: initialised here, always trained
 
     # construction -------------------------------------------------------------
-    @staticmethod
-    def prepare_data(config: Config, data_dir: Path, progress: bool = True) -> Tokenizer:
+    @classmethod
+    def prepare_data(cls, config: Config, data_dir: Path, progress: bool = True) -> None:
         """Reads and splits the labelled texts, and writes their token ids."""
         d: ClassifyDataConfig = config.data
         train, val, names, source = read_examples(d)
@@ -155,7 +157,6 @@ class ClassifyTask:
                 f"{len(names)} classes; {counts['truncated']:,} cut to {block} tokens",
                 flush=True,
             )
-        return tokenizer
 
     @staticmethod
     def _set_sizes(config: Config, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
@@ -167,17 +168,10 @@ class ClassifyTask:
         elif m.n_classes != n:
             raise ConfigError(f"model.n_classes={m.n_classes} but the data has {n} classes")
 
-    @staticmethod
-    def finish_config(config: Config, data_dir: Path) -> None:
-        meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
-        ClassifyTask._set_sizes(config, load_tokenizer(data_dir / "tokenizer.json"), meta)
-
-    @staticmethod
-    def complete_config(config: Config, run: RunDir) -> None:
-        meta = json.loads((run.data_dir / "meta.json").read_text(encoding="utf-8"))
-        ClassifyTask._set_sizes(config, load_tokenizer(run.tokenizer_path), meta)
-
-    install_data = staticmethod(install_prepared)
+    @classmethod
+    def finish_config(cls, config: Config, files: DataFiles) -> None:
+        meta = json.loads((files.data_dir / "meta.json").read_text(encoding="utf-8"))
+        cls._set_sizes(config, load_tokenizer(files.tokenizer_path), meta)
 
     @classmethod
     def open(cls, config: Config, run: RunDir, with_data: bool = True) -> ClassifyTask:
@@ -191,10 +185,6 @@ class ClassifyTask:
         cls._set_sizes(config, tokenizer, meta)
         return cls(config, run, tokenizer, with_data)
 
-    def load_data(self) -> None:
-        """Reads the prepared splits (ids, offsets, labels) into ``splits``."""
-        self.splits = load_splits(self.run.data_dir, ("ids", "offsets", "labels"))
-
     # batches -------------------------------------------------------------------
     def _batch(self, split: str, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Texts ``rows`` of ``split`` right-padded: ids (B, T), lengths (B,), labels (B,)."""
@@ -207,11 +197,14 @@ class ClassifyTask:
         return (torch.from_numpy(out), torch.from_numpy(lengths.astype(np.int64)),
                 torch.from_numpy(labels[rows]))  # fmt: skip
 
-    def train_batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         """Texts drawn at random, a pure function of (seed, step); each (micro-step, rank)
-        takes its slice of the step's global batch, as in LMTask.train_batch."""
+        takes its slice of the step's global batch, as in LMTask.train_batch: input_ids
+        (B, T) right-padded, lengths (B,), labels (B,)."""
         n = len(self.splits["train"][2])
-        return self._batch("train", batch_rows(self.config.train, n, step, micro, rank, world))
+        rows = batch_rows(self.config.train, n, step, micro, rank, world)
+        ids, lengths, labels = self._batch("train", rows)
+        return {"input_ids": ids, "lengths": lengths, "labels": labels}
 
     # evaluation -------------------------------------------------------------------
     def eval_sums(

@@ -19,11 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from aigc.config import Config
 from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.metrics.classifier import JudgeWarning
 from aigc.runs import RunDir
+from aigc.tasks.base import DataFiles, Task
 from aigc.trainer import mix_seed
 
 
@@ -254,16 +254,19 @@ def to_model_batch(images: np.ndarray) -> torch.Tensor:
     return to_tensor(np.array(images))  # a copy: memory-mapped pages are read-only
 
 
-class ImageTask:
+class ImageTask(Task):
     """What every image family's task shares: prepared images in the run folder, the
     model sized from them, batches, label names, and the cached domain classifier.
-    A family's task subclasses it and sets ``family``, ``model_config``, ``model_class``."""
+    A family's task subclasses it and sets ``name``, ``model_config``, ``model_class``,
+    ``pipeline_class``, ``headline_metric`` and ``loss_keys``."""
 
-    family = ""
     data_config = ImageDataConfig
-    model_config: type = object
-    model_class: type = object
+    model_class: ClassVar[type]
     item_name = "images"
+    sample_hint = "--n 64 --out grid.png"
+    resumable_keys = frozenset(
+        {"data.eval_samples", "data.eval_metrics", "data.inception_weights", "data.fid_protocol"}
+    )
 
     def __init__(self, config: Config, run: RunDir, data: ImageData | None, meta: dict[str, Any]):
         self.config = config
@@ -321,17 +324,8 @@ class ImageTask:
         """A family's own checks of its model config against the data (before training)."""
 
     @classmethod
-    def complete_config(cls, config: Config, run: RunDir) -> None:
-        """Fills what follows from an existing run's data (to compare configs on resume)."""
-        cls.finish_config(config, run.data_dir)
-
-    @classmethod
-    def finish_config(cls, config: Config, data_dir: Path) -> None:
-        cls._fit_model_to_data(config, read_meta(data_dir))
-
-    @staticmethod
-    def install_data(tmp_dir: Path, run: RunDir) -> None:
-        shutil.move(str(tmp_dir), run.data_dir)
+    def finish_config(cls, config: Config, files: DataFiles) -> None:
+        cls._fit_model_to_data(config, read_meta(files.data_dir))
 
     @classmethod
     def open(cls, config: Config, run: RunDir, with_data: bool = True) -> ImageTask:
@@ -349,10 +343,10 @@ class ImageTask:
         return {a: list(self.meta["classes"][a]) for a in self.attributes}
 
     # training ---------------------------------------------------------------
-    def train_batch(
-        self, step: int, micro: int, rank: int, world: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A slice of global batch ``step``: epochs of fresh permutations, flips if asked."""
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """A slice of global batch ``step``: epochs of fresh permutations, flips if asked.
+        ``images`` (B, C, H, W) in [-1, 1], and ``labels`` (B, A) int64 for a conditional
+        model."""
         from aigc.data.images import random_flip
 
         B = self.config.train.batch_size
@@ -365,10 +359,10 @@ class ImageTask:
         images = to_model_batch(train[idx])
         if self.config.data.flip:
             images = random_flip(images, np.random.default_rng([seed, step, part, 1]))
-        labels = None
+        batch = {"images": images}
         if self.attributes:
-            labels = torch.from_numpy(self.data.split_labels("train")[idx])  # (B, A)
-        return images, labels
+            batch["labels"] = torch.from_numpy(self.data.split_labels("train")[idx])  # (B, A)
+        return batch
 
     # evaluation -------------------------------------------------------------
     def classifier(self):

@@ -19,11 +19,17 @@ from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.models.lora import merged_copy
 from aigc.runs import RunDir
-from aigc.tasks import batch_rows, install_prepared
+from aigc.tasks import batch_rows
+from aigc.tasks.base import DataFiles, Task
 from aigc.trainer import mix_seed
 
-SAMPLE_KEYS = ("samples", "distinct_1", "distinct_2", "distinct_3", "rep_4", "mem_windows",
-               "mem_hits")  # fmt: skip
+
+def sample_keys() -> tuple[str, ...]:
+    """The keys of LMTask.sample_sums: one per registered sample metric (read at call time,
+    so metrics a user adds to aigc.metrics.text.SAMPLE_METRICS are computed too)."""
+    from aigc.metrics.text import SAMPLE_METRICS
+
+    return ("samples", *SAMPLE_METRICS, "mem_windows", "mem_hits")
 
 
 @dataclass
@@ -72,13 +78,18 @@ def fit_vocab(model: GPTConfig, tokenizer: Tokenizer) -> None:
         )
 
 
-class LMTask:
+class LMTask(Task):
     """Trains a GPT on a token stream; evaluates loss, perplexity and bits per character."""
 
-    family = "gpt"
+    name = "gpt"
     data_config = TextDataConfig
     model_config = GPTConfig
     item_name = "tokens"
+    sample_hint = "--prompt '...'"
+    pipeline_class = "aigc.pipelines.text:TextPipeline"
+    headline_metric = "loss"
+    resumable_keys = frozenset({"data.eval_samples", "data.eval_sample_tokens"})
+    lora_targets = ("c_attn", "c_proj", "c_fc")
 
     def __init__(
         self, config: Config, run: RunDir, corpus: TokenCorpus | None, tokenizer: Tokenizer
@@ -92,14 +103,14 @@ class LMTask:
         self._index = None  # CorpusIndex of the training text, built on first use
 
     # construction -----------------------------------------------------------
-    @staticmethod
-    def prepare_data(config: Config, data_dir: Path, progress: bool = True) -> Tokenizer:
+    @classmethod
+    def prepare_data(cls, config: Config, data_dir: Path, progress: bool = True) -> None:
         """Reads the corpus, trains the tokenizer and writes memory-mapped tokens."""
         d: TextDataConfig = config.data
         base = None
         if config.train.init_from:  # fine-tuning keeps the base run's tokenizer
             base = load_tokenizer(Path(config.train.init_from) / "tokenizer.json")
-        tokenizer, corpus = build_corpus(
+        _, corpus = build_corpus(  # the tokenizer is written beside the data
             d.source(),
             data_dir,
             tokenizer=base,
@@ -109,8 +120,7 @@ class LMTask:
             progress=progress,
             unknown_chars=d.unknown_chars,
         )
-        LMTask._check_sizes(config, corpus, data_dir)
-        return tokenizer
+        cls._check_sizes(config, corpus, data_dir)
 
     @staticmethod
     def _check_sizes(config: Config, corpus: TokenCorpus, where: Path) -> None:
@@ -136,23 +146,15 @@ class LMTask:
             cls._check_sizes(config, corpus, run.data_dir)
         return cls(config, run, corpus, tokenizer)
 
-    @staticmethod
-    def complete_config(config: Config, run: RunDir) -> None:
-        """Fills what follows from an existing run's data (to compare configs on resume)."""
-        fit_vocab(config.model, load_tokenizer(run.tokenizer_path))
-
-    @staticmethod
-    def finish_config(config: Config, data_dir: Path) -> None:
+    @classmethod
+    def finish_config(cls, config: Config, files: DataFiles) -> None:
         """Fills values that follow from the prepared data (the vocabulary size)."""
-        fit_vocab(config.model, load_tokenizer(data_dir / "tokenizer.json"))
-
-    install_data = staticmethod(install_prepared)
+        fit_vocab(config.model, load_tokenizer(files.tokenizer_path))
 
     # training -----------------------------------------------------------------
-    def train_batch(
-        self, step: int, micro: int, rank: int, world: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows of the training tokens, a pure function of (seed, step).
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """Random windows of the training tokens, a pure function of (seed, step):
+        ``input_ids`` and ``targets``, both (B, T).
 
         The step's global batch of ``batch_size * grad_accum * world`` windows is
         drawn identically everywhere and each (micro-step, rank) takes its slice,
@@ -165,7 +167,7 @@ class LMTask:
         buf = torch.from_numpy(
             train[starts[:, None] + np.arange(T + 1)].astype(np.int64)
         )  # (B, T+1)
-        return buf[:, :-1], buf[:, 1:]
+        return {"input_ids": buf[:, :-1], "targets": buf[:, 1:]}
 
     def eval_sums(
         self, model: nn.Module, rank: int, world: int, device: torch.device
@@ -195,14 +197,15 @@ class LMTask:
             nll += self._nll(model, buf)
             count += buf.shape[1] - 1
         # generated texts are judged on rank 0; every rank sends the same keys
-        judged = self.sample_sums(model) if rank == 0 else dict.fromkeys(SAMPLE_KEYS, 0.0)
+        judged = self.sample_sums(model) if rank == 0 else dict.fromkeys(sample_keys(), 0.0)
         return {"nll": float(nll), "count": float(count), **judged}
 
     def sample_sums(self, model: nn.Module) -> dict[str, float]:
         """data.eval_samples texts of data.eval_sample_tokens from fixed seeds, judged for
-        diversity (distinct-1/2/3 of words), repetition (seq-rep-4) and memorisation: the
-        50-character windows found verbatim in the training text (an index, not a scan)."""
-        from aigc.metrics.text import distinct_1_2_3, memorisation_counts, repetition_rate
+        every metric of aigc.metrics.text.SAMPLE_METRICS (distinct-1/2/3 of words,
+        repetition seq-rep-4, and any a user adds) and memorisation: the 50-character
+        windows found verbatim in the training text (an index, not a scan)."""
+        from aigc.metrics.text import SAMPLE_METRICS, memorisation_counts
         from aigc.sampling import SamplingParams, generate
 
         d = self.config.data
@@ -218,8 +221,7 @@ class LMTask:
         mem = memorisation_counts(texts, self.corpus_index())
         return {
             "samples": float(len(texts)),
-            **{k: v * len(texts) for k, v in distinct_1_2_3(texts).items()},
-            "rep_4": repetition_rate(texts, n=4) * len(texts),
+            **{k: float(metric(texts)) * len(texts) for k, metric in SAMPLE_METRICS.items()},
             "mem_windows": float(mem.n_windows),
             "mem_hits": float(mem.n_memorised),
         }
@@ -261,7 +263,7 @@ class LMTask:
         }
         n = sums.get("samples", 0.0)
         if n:
-            for k in ("distinct_1", "distinct_2", "distinct_3", "rep_4"):
+            for k in sample_keys()[1:-2]:
                 out[k] = sums[k] / n
             windows = sums["mem_windows"]
             out["memorisation"] = sums["mem_hits"] / windows if windows else float("nan")

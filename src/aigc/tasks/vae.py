@@ -24,9 +24,12 @@ from aigc.trainer import mix_seed
 class VAETask(ImageTask):
     """Trains a VAE on a run's images; evaluates likelihoods and samples."""
 
-    family = "vae"
+    name = "vae"
     model_config = VAEConfig
     model_class = VAE
+    pipeline_class = "aigc.pipelines.vae:VAEPipeline"
+    headline_metric = "nelbo"
+    loss_keys = frozenset({"loss", "elbo", "nelbo", "recon", "kl"})
     iwae_k = 64  # importance samples per held-out image in evaluations (evaluate() may raise it)
     eval_batch = 128
 
