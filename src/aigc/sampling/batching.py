@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from aigc.errors import RequestError
-from aigc.models.gpt import GPT, KVCache
+from aigc.models.gpt import GPT
+from aigc.models.gpt_cache import KVCache
 from aigc.sampling.text import (
     SamplingParams,
     TokenizerLike,
