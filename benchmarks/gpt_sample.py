@@ -24,7 +24,7 @@ import time
 import torch
 
 from aigc.data.tokenizers import CharTokenizer
-from aigc.models import gpt as gpt_module
+from aigc.models import gpt_cache
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.sampling import SamplingParams, generate
 
@@ -74,12 +74,12 @@ def measure(block: int, tok: CharTokenizer, prompt: str, args: argparse.Namespac
     report("batch 1, KV cache", b1)
     report("batch 1, no cache", b1_plain, f"cache speed-up {b1 / b1_plain:.1f}x")
     report(f"batch {args.batch}, KV cache", bn, f"{bn / b1:.1f}x batch 1 (total tokens/s)")
-    if gpt_module._onednn["on"]:
-        gpt_module._onednn["on"] = False
+    if gpt_cache._onednn["on"]:
+        gpt_cache._onednn["on"] = False
         try:
             stock = median_seconds(lambda: generate(model, tok, prompts, params), args.repeats)
         finally:
-            gpt_module._onednn["on"] = True
+            gpt_cache._onednn["on"] = True
         bs = args.batch * n / stock
         report(f"batch {args.batch}, torch's matmul", bs, f"oneDNN's products {bn / bs:.2f}x this")
 

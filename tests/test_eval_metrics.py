@@ -18,7 +18,8 @@ from aigc.metrics.image import (
     precision_recall,
 )
 from aigc.runs import RunDir
-from aigc.tasks.images import open_data, sample_images, to_model_batch
+from aigc.sampling.latent import sample_images
+from aigc.tasks.images import open_data, to_model_batch
 
 from .conftest import RECIPE, ROOT, TINY, run_cli
 

@@ -217,9 +217,9 @@ def test_cache_slots_move_clear_and_grow_without_touching_other_rows():
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
 @torch.inference_mode()
 def test_onednn_products_give_the_plain_forward(monkeypatch):
-    import aigc.models.gpt as gpt
+    import aigc.models.gpt_cache as gpt_cache
 
-    monkeypatch.setattr(gpt, "ONEDNN_MIN_WEIGHT", 0)  # every product of 2+ rows on oneDNN
+    monkeypatch.setattr(gpt_cache, "ONEDNN_MIN_WEIGHT", 0)  # every product of 2+ rows on oneDNN
     with torch.inference_mode(False):  # weights as a loaded model has them
         model = tiny(bias=True)
     idx = torch.randint(0, V, (3, 12))
@@ -248,14 +248,14 @@ def test_onednn_products_give_the_plain_forward(monkeypatch):
 
 @torch.inference_mode()
 def test_one_row_stays_on_the_default_product(monkeypatch):
-    import aigc.models.gpt as gpt
+    import aigc.models.gpt_cache as gpt_cache
 
-    monkeypatch.setattr(gpt, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(gpt_cache, "ONEDNN_MIN_WEIGHT", 0)
     model = tiny()
     cache = model.make_kv_cache(2)
     model.forward_cached(torch.randint(0, V, (1, 1)), cache)  # one row, one token
     assert cache.weights.lm_head._packed is None
-    monkeypatch.setitem(gpt._onednn, "on", False)  # AIGC_ONEDNN=0
+    monkeypatch.setitem(gpt_cache._onednn, "on", False)  # AIGC_ONEDNN=0
     model.forward_cached(torch.randint(0, V, (2, 3)), cache)
     assert cache.weights.lm_head._packed is None
 

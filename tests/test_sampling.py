@@ -11,7 +11,6 @@ from aigc.models.gpt import GPT, GPTConfig
 from aigc.sampling import (
     BatchDecoder,
     SamplingParams,
-    _Row,
     apply_repetition_penalty,
     choose_next,
     generate,
@@ -20,6 +19,7 @@ from aigc.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from aigc.sampling.text import _Row
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .\n"
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0)

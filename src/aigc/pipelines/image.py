@@ -101,7 +101,7 @@ class ImagePipeline(Pipeline):
     ) -> Any:
         """n images: a (n, C, H, W) float tensor in [-1, 1] (``output="tensor"``), a list of
         PIL images (``"pil"``) or a (n, H, W, C) uint8 array (``"uint8"``)."""
-        from aigc.tasks.images import sample_images
+        from aigc.sampling.latent import sample_images
 
         check_count(n)
         lab = self.labels_for(n, labels)

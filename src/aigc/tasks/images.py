@@ -32,8 +32,8 @@ from aigc.config import Config
 from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.metrics.classifier import JudgeWarning
 from aigc.runs import RunDir
+from aigc.sampling.latent import sample_images
 from aigc.tasks.base import DataFiles, Task
-from aigc.trainer import mix_seed
 
 
 @dataclass
@@ -578,47 +578,3 @@ class ImageTask(Task):
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return self.judge_metrics(sums)
-
-
-def sample_images(
-    model: Any,
-    n: int,
-    labels: torch.Tensor | None,
-    seed: int | None,
-    device: torch.device,
-    batch_size: int = 500,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n images (n, C, H, W) in [-1, 1] and the labels they were asked for.
-
-    labels (n, A) long, or None: a conditional model then draws every label at
-    random, and entries of -1 are drawn at random too. With a seed, image i's noise
-    and random labels come from a generator seeded by (seed, i) alone, so image i
-    is the same whatever n and the batch size are.
-    """
-    z, drawn = _latents(model, n, seed)
-    if model.cfg.conditional:
-        labels = drawn if labels is None else torch.where(labels < 0, drawn, labels)
-    else:
-        labels = None
-    out = []
-    for i in range(0, n, batch_size):
-        lab = None if labels is None else labels[i : i + batch_size].to(device)
-        out.append(model.generate(z[i : i + batch_size].to(device), lab))
-    images = torch.cat(out) if out else torch.zeros(0)
-    return images, labels
-
-
-def _latents(model: Any, n: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Noise (n, z_dim) and random labels (n, A) (None if unconditional), on the CPU."""
-    conditional = model.cfg.conditional
-    if seed is None:
-        z = model.sample_z(n).cpu()
-        return z, model.random_labels(n).cpu() if conditional else None
-    zs, labels = [], []
-    for i in range(n):
-        gen = torch.Generator().manual_seed(mix_seed(seed, i))
-        zs.append(torch.randn(1, model.cfg.z_dim, generator=gen))
-        if conditional:
-            labels.append(torch.stack([torch.randint(k, (1,), generator=gen)
-                                       for k in model.cfg.num_classes], 1))  # fmt: skip
-    return torch.cat(zs), torch.cat(labels) if conditional else None
