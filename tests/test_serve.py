@@ -722,8 +722,8 @@ def test_a_reader_that_fell_behind_gets_the_ready_steps_in_one_write():
     """Steps queued while the stream was busy arrive as one list, in order, and a
     choice's text from them goes out as one chunk, its finish after it."""
     from aigc.sampling import DecodeEvent, SamplingParams
-    from aigc.serve.app import _TextRequest
     from aigc.serve.batching import TextJob
+    from aigc.serve.text import _TextRequest
 
     async def read() -> list[list[DecodeEvent]]:
         job = TextJob([([1], SamplingParams()), ([2], SamplingParams())], stream=True)
