@@ -769,6 +769,64 @@ def test_two_runs_of_one_name_are_refused(runs, tmp_path):
     )
 
 
+def _serve_command():
+    import typer
+
+    from aigc.cli import app
+
+    return typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+
+
+def test_serve_help_lists_every_setting_with_its_variable_and_default():
+    from typer.testing import CliRunner
+
+    from aigc.cli import app
+    from aigc.serve.settings import FLAGS
+
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    lines = {line.split()[1]: line for line in r.output.splitlines() if line.startswith("│ --")}
+    for name, spec in FLAGS.items():
+        line = lines[spec.flag]
+        assert spec.help in line, line
+        default = getattr(ServeSettings(), name)
+        if name == "api_keys":  # repeatable; the variable is read by the command
+            assert f"Also {spec.env} (comma-separated)." in line and "[default" not in line
+        else:
+            assert f"[env var: {spec.env}] [default: {default}]" in line, line
+    assert "[env var: AIGC_API_KEYS_FILE]" in lines["--api-keys-file"]
+    assert "[default: info]" in lines["--log-level"]
+
+
+def test_a_flag_wins_over_its_variable_which_wins_over_the_default(monkeypatch):
+    """And a list setting's variable adds to its flags; a bad value from either fails
+    with one line naming the flag and the variable."""
+    from typer.testing import CliRunner
+
+    from aigc.cli import app
+
+    seen = []
+
+    def stop_here(settings: ServeSettings) -> None:
+        seen.append(settings)
+        raise ConfigError("stopped before binding")
+
+    monkeypatch.setattr(ServeSettings, "validate", stop_here)
+    env = {"AIGC_MAX_N": "3", "AIGC_MAX_WAIT_MS": "7", "AIGC_API_KEYS": "k2, k3"}
+    args = ["serve", "run", "--max-n", "5", "--api-key", "k1", "--request-timeout", "9"]
+    r = CliRunner().invoke(app, args, env=env)
+    assert str(r.exception) == "stopped before binding"
+    got = seen[0]
+    assert (got.max_n, got.max_wait_ms, got.request_timeout_s) == (5, 7.0, 9.0)
+    assert got.api_keys == ["k1", "k2", "k3"]
+    assert got.max_batch_size == ServeSettings().max_batch_size
+    monkeypatch.undo()
+    r = CliRunner().invoke(app, ["serve", "run"], env={"AIGC_MAX_BATCH_SIZE": "0"})
+    assert str(r.exception) == (
+        "--max-batch-size (AIGC_MAX_BATCH_SIZE) = 0 must be an integer of at least 1"
+    )
+
+
 def test_sigterm_lets_a_streaming_request_finish_then_exits_0(runs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIGC_MAX_TOKENS": "5000"}
     proc = subprocess.Popen(
