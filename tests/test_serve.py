@@ -777,6 +777,13 @@ def _serve_command():
     return typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
 
 
+def _shown(default: object) -> str:
+    """A default as the README writes it: 5 for 5.0, none for no API keys."""
+    if isinstance(default, float):
+        return f"{default:g}"
+    return "none" if default == [] else str(default)
+
+
 def test_serve_help_lists_every_setting_with_its_variable_and_default():
     from typer.testing import CliRunner
 
@@ -825,6 +832,38 @@ def test_a_flag_wins_over_its_variable_which_wins_over_the_default(monkeypatch):
     assert str(r.exception) == (
         "--max-batch-size (AIGC_MAX_BATCH_SIZE) = 0 must be an integer of at least 1"
     )
+
+
+def test_the_readme_table_of_flags_is_the_settings():
+    """README, "Serving": the `| flag | variable | default |` table has a row for every
+    setting (its flag, variable and default; a note may follow the default) and for every
+    other flag the command reads from the environment, and no other."""
+    from aigc.serve.settings import FLAGS
+
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| flag | variable | default |")
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        flag, variable, default = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[flag.strip("`")] = (variable.split("`")[1], default)
+    expected = {
+        spec.flag: (spec.env, _shown(getattr(ServeSettings(), name)))
+        for name, spec in FLAGS.items()
+    }
+    settings_flags = {spec.flag for spec in FLAGS.values()}
+    for option in _serve_command().params:
+        if option.envvar and option.opts[0] not in settings_flags:
+            expected[option.opts[0]] = (option.envvar, "" if option.default is None else str(option.default))  # fmt: skip
+    missing, unknown = expected.keys() - rows.keys(), rows.keys() - expected.keys()
+    assert not missing and not unknown, f"README: no row for {missing}; rows for no flag: {unknown}"
+    for flag, (env, default) in expected.items():
+        variable, cell = rows[flag]
+        assert variable == env, f"README: {flag} is read from {env}, not {variable}"
+        assert cell == default or cell.startswith(default + " "), (
+            f"README: the default of {flag} is {default!r}, not {cell!r}"
+        )
 
 
 def test_sigterm_lets_a_streaming_request_finish_then_exits_0(runs):
