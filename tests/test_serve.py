@@ -722,8 +722,8 @@ def test_a_reader_that_fell_behind_gets_the_ready_steps_in_one_write():
     """Steps queued while the stream was busy arrive as one list, in order, and a
     choice's text from them goes out as one chunk, its finish after it."""
     from aigc.sampling import DecodeEvent, SamplingParams
-    from aigc.serve.app import _TextRequest
     from aigc.serve.batching import TextJob
+    from aigc.serve.text import _TextRequest
 
     async def read() -> list[list[DecodeEvent]]:
         job = TextJob([([1], SamplingParams()), ([2], SamplingParams())], stream=True)
@@ -767,6 +767,103 @@ def test_two_runs_of_one_name_are_refused(runs, tmp_path):
     assert r.stderr.strip() == (
         "error: --max-batch-size (AIGC_MAX_BATCH_SIZE) = 0 must be an integer of at least 1"
     )
+
+
+def _serve_command():
+    import typer
+
+    from aigc.cli import app
+
+    return typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+
+
+def _shown(default: object) -> str:
+    """A default as the README writes it: 5 for 5.0, none for no API keys."""
+    if isinstance(default, float):
+        return f"{default:g}"
+    return "none" if default == [] else str(default)
+
+
+def test_serve_help_lists_every_setting_with_its_variable_and_default():
+    from typer.testing import CliRunner
+
+    from aigc.cli import app
+    from aigc.serve.settings import FLAGS
+
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    lines = {line.split()[1]: line for line in r.output.splitlines() if line.startswith("│ --")}
+    for name, spec in FLAGS.items():
+        line = lines[spec.flag]
+        assert spec.help in line, line
+        default = getattr(ServeSettings(), name)
+        if name == "api_keys":  # repeatable; the variable is read by the command
+            assert f"Also {spec.env} (comma-separated)." in line and "[default" not in line
+        else:
+            assert f"[env var: {spec.env}] [default: {default}]" in line, line
+    assert "[env var: AIGC_API_KEYS_FILE]" in lines["--api-keys-file"]
+    assert "[default: info]" in lines["--log-level"]
+
+
+def test_a_flag_wins_over_its_variable_which_wins_over_the_default(monkeypatch):
+    """And a list setting's variable adds to its flags; a bad value from either fails
+    with one line naming the flag and the variable."""
+    from typer.testing import CliRunner
+
+    from aigc.cli import app
+
+    seen = []
+
+    def stop_here(settings: ServeSettings) -> None:
+        seen.append(settings)
+        raise ConfigError("stopped before binding")
+
+    monkeypatch.setattr(ServeSettings, "validate", stop_here)
+    env = {"AIGC_MAX_N": "3", "AIGC_MAX_WAIT_MS": "7", "AIGC_API_KEYS": "k2, k3"}
+    args = ["serve", "run", "--max-n", "5", "--api-key", "k1", "--request-timeout", "9"]
+    r = CliRunner().invoke(app, args, env=env)
+    assert str(r.exception) == "stopped before binding"
+    got = seen[0]
+    assert (got.max_n, got.max_wait_ms, got.request_timeout_s) == (5, 7.0, 9.0)
+    assert got.api_keys == ["k1", "k2", "k3"]
+    assert got.max_batch_size == ServeSettings().max_batch_size
+    monkeypatch.undo()
+    r = CliRunner().invoke(app, ["serve", "run"], env={"AIGC_MAX_BATCH_SIZE": "0"})
+    assert str(r.exception) == (
+        "--max-batch-size (AIGC_MAX_BATCH_SIZE) = 0 must be an integer of at least 1"
+    )
+
+
+def test_the_readme_table_of_flags_is_the_settings():
+    """README, "Serving": the `| flag | variable | default |` table has a row for every
+    setting (its flag, variable and default; a note may follow the default) and for every
+    other flag the command reads from the environment, and no other."""
+    from aigc.serve.settings import FLAGS
+
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| flag | variable | default |")
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        flag, variable, default = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[flag.strip("`")] = (variable.split("`")[1], default)
+    expected = {
+        spec.flag: (spec.env, _shown(getattr(ServeSettings(), name)))
+        for name, spec in FLAGS.items()
+    }
+    settings_flags = {spec.flag for spec in FLAGS.values()}
+    for option in _serve_command().params:
+        if option.envvar and option.opts[0] not in settings_flags:
+            expected[option.opts[0]] = (option.envvar, "" if option.default is None else str(option.default))  # fmt: skip
+    missing, unknown = expected.keys() - rows.keys(), rows.keys() - expected.keys()
+    assert not missing and not unknown, f"README: no row for {missing}; rows for no flag: {unknown}"
+    for flag, (env, default) in expected.items():
+        variable, cell = rows[flag]
+        assert variable == env, f"README: {flag} is read from {env}, not {variable}"
+        assert cell == default or cell.startswith(default + " "), (
+            f"README: the default of {flag} is {default!r}, not {cell!r}"
+        )
 
 
 def test_sigterm_lets_a_streaming_request_finish_then_exits_0(runs):

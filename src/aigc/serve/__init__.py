@@ -5,9 +5,12 @@ folders, with dynamic batching, API keys, limits, metrics and a web playground.
 
     app = create_app(["runs/gpt-pydoc-char"], ServeSettings(api_keys=["secret"]))
 
-app.py builds the FastAPI app, batching.py runs the models' worker threads, schemas.py
-holds the request bodies and the OpenAI error shape, metrics.py the Prometheus
-metrics, settings.py the settings and cli.py the command.
+app.py builds the FastAPI app and its routes; service.py loads the models and holds what
+the routes share (settings, keys, deadlines, shutdown); text.py answers completions and
+chat, images.py image generations; errors.py turns every error into OpenAI's shape,
+middleware.py limits bodies, counts and logs requests; batching.py runs the models'
+worker threads, schemas.py holds the request bodies and the error shape, metrics.py the
+Prometheus metrics, settings.py the settings (each with its flag) and cli.py the command.
 """
 
 from __future__ import annotations

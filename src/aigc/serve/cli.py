@@ -8,122 +8,45 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import os
 import signal
 import socket
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from aigc.errors import ConfigError
-from aigc.serve.settings import API_KEYS_FILE_ENV, OPTIONS, ServeSettings, read_keys_file
+from aigc.serve.settings import API_KEYS_FILE_ENV, FLAGS, ServeSettings, read_keys_file
 
-_D = ServeSettings()  # the defaults, shown in --help
-
-
-def _env(name: str) -> str:
-    return OPTIONS[name][1]
+_TYPES = typing.get_type_hints(ServeSettings)
+_LISTS = [name for name in FLAGS if typing.get_origin(_TYPES[name]) is list]
 
 
 def serve_command(
     runs: Annotated[
         list[Path], typer.Argument(help="Run folders to serve; each is the model of its name.")
     ],
-    host: Annotated[
-        str, typer.Option(envvar=_env("host"), help="Address to listen on (0.0.0.0: all).")
-    ] = _D.host,
-    port: Annotated[
-        int, typer.Option(envvar=_env("port"), help="Port to listen on (0: any free one).")
-    ] = _D.port,
-    api_key: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--api-key",
-            help="A key clients must send as 'Authorization: Bearer KEY'; repeatable. "
-            "Also AIGC_API_KEYS (comma-separated). No key: the service is open.",
-        ),
-    ] = None,
     api_keys_file: Annotated[
         Path | None,
         typer.Option(envvar=API_KEYS_FILE_ENV, help="A file of keys, one per line (# comments)."),
     ] = None,
-    max_batch_size: Annotated[
-        int,
-        typer.Option(envvar=_env("max_batch_size"), help="Rows a text model decodes together."),
-    ] = _D.max_batch_size,
-    max_wait_ms: Annotated[
-        float,
-        typer.Option(
-            envvar=_env("max_wait_ms"), help="An idle model waits this long to fill a batch."
-        ),
-    ] = _D.max_wait_ms,
-    max_tokens: Annotated[
-        int, typer.Option(envvar=_env("max_tokens_limit"), help="Largest max_tokens allowed.")
-    ] = _D.max_tokens_limit,
-    max_n: Annotated[
-        int,
-        typer.Option(envvar=_env("max_n"), help="Most completions or images in one request."),
-    ] = _D.max_n,
-    max_prompt_tokens: Annotated[
-        int, typer.Option(envvar=_env("max_prompt_tokens"), help="Longest prompt, in tokens.")
-    ] = _D.max_prompt_tokens,
-    max_prompt_chars: Annotated[
-        int,
-        typer.Option(envvar=_env("max_prompt_chars"), help="Longest prompt, in characters."),
-    ] = _D.max_prompt_chars,
-    max_body_bytes: Annotated[
-        int,
-        typer.Option(envvar=_env("max_body_bytes"), help="Larger request bodies get 413."),
-    ] = _D.max_body_bytes,
-    queue_size: Annotated[
-        int,
-        typer.Option(
-            envvar=_env("queue_size"), help="Requests that may wait per model; more get 429."
-        ),
-    ] = _D.queue_size,
-    request_timeout: Annotated[
-        float,
-        typer.Option(
-            envvar=_env("request_timeout_s"), help="Seconds a request may take in all (408)."
-        ),
-    ] = _D.request_timeout_s,
-    grace_seconds: Annotated[
-        float,
-        typer.Option(
-            envvar=_env("grace_seconds"),
-            help="On SIGTERM or Ctrl-C: seconds for requests in flight to finish.",
-        ),
-    ] = _D.grace_seconds,
-    device: Annotated[
-        str, typer.Option(envvar=_env("device"), help="auto, cpu, cuda or mps.")
-    ] = _D.device,
-    torch_threads: Annotated[
-        int,
-        typer.Option(
-            envvar=_env("torch_threads"),
-            help="CPU: torch threads for the models (0: one per core but one, left to HTTP).",
-        ),
-    ] = _D.torch_threads,
     log_level: Annotated[
         str, typer.Option(help="debug, info (one line per request), warning or error.")
     ] = "info",
+    **flags: Any,  # one per ServeSettings field, by its name: see _with_setting_options
 ) -> None:
     """Serve runs over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions (chat
     runs) and /v1/images/generations, /v1/models, /health, /metrics and a web playground
     at /. Every flag can also be set by the environment variable shown beside it."""
-    keys = list(api_key or [])
-    keys += [k.strip() for k in os.environ.get(_env("api_keys"), "").split(",") if k.strip()]
+    for name in _LISTS:  # a list's variable adds to the flags given
+        flags[name] = list(flags[name] or [])
+        flags[name] += [x.strip() for x in os.environ.get(FLAGS[name].env, "").split(",") if x.strip()]  # fmt: skip
     if api_keys_file is not None:
-        keys += read_keys_file(api_keys_file)
-    settings = ServeSettings(
-        host=host, port=port, api_keys=keys, max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms, max_tokens_limit=max_tokens, max_n=max_n,
-        max_prompt_tokens=max_prompt_tokens, max_prompt_chars=max_prompt_chars,
-        max_body_bytes=max_body_bytes, queue_size=queue_size,
-        request_timeout_s=request_timeout, grace_seconds=grace_seconds, device=device,
-        torch_threads=torch_threads,
-    )  # fmt: skip
+        flags["api_keys"] += read_keys_file(api_keys_file)
+    settings = ServeSettings(**flags)
     settings.validate()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level {log_level!r}: choose debug, info, warning or error")
@@ -139,11 +62,37 @@ def serve_command(
     shown_host, shown_port = sock.getsockname()[:2]
     for m in service.models.values():
         typer.echo(f"serving {m.name} (a {m.family} {m.kind} model)")
+    keys = settings.api_keys
     access = f"{len(keys)} API key{'s' if len(keys) != 1 else ''} required" if keys else "open"
     typer.echo(f"listening on http://{_url_host(shown_host)}:{shown_port} ({access})")
     if not keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: {settings.host} without --api-key: anyone who reaches it can use it", err=True)  # fmt: skip
     run_server(app, sock, settings, log_level)
+
+
+def _with_setting_options(command: Any) -> inspect.Signature:
+    """The command's signature with an option for every ServeSettings field, as if each
+    were written out: its flag, variable, help and default, after the run folders.
+
+    A list setting is a repeatable flag whose variable holds comma-separated values; the
+    command adds them to the flags' (Typer would split a list's variable on spaces)."""
+    own = list(inspect.signature(command, eval_str=True).parameters.values())
+    runs, rest = own[0], [p for p in own[1:] if p.kind is not p.VAR_KEYWORD]
+    options, defaults = [], ServeSettings()
+    for name, spec in FLAGS.items():
+        kind, default = _TYPES[name], getattr(defaults, name)
+        if name in _LISTS:
+            kind, default = kind | None, None
+            option = typer.Option(spec.flag, help=f"{spec.help} Also {spec.env} (comma-separated).")  # fmt: skip
+        else:
+            option = typer.Option(spec.flag, envvar=spec.env, help=spec.help)
+        options.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                         default=default, annotation=Annotated[kind, option]))  # fmt: skip
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest]
+    return inspect.Signature([runs, *options, *rest], return_annotation=None)
+
+
+serve_command.__signature__ = _with_setting_options(serve_command)  # type: ignore[attr-defined]
 
 
 def bind(host: str, port: int) -> socket.socket:

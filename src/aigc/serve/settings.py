@@ -1,55 +1,127 @@
-"""What `aigc serve` can be told: one dataclass, filled from flags or environment variables."""
+"""What `aigc serve` can be told: one dataclass whose fields each declare, once, their
+default, flag, environment variable, help and the rule their value must follow.
+
+cli.py builds the command's options from these fields, validate() checks them, and a
+test holds the README's table of flags to them.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aigc.errors import ConfigError
 
-# setting -> (flag of `aigc serve`, the environment variable read when the flag is not given)
-OPTIONS = {
-    "host": ("--host", "AIGC_HOST"),
-    "port": ("--port", "AIGC_PORT"),
-    "api_keys": ("--api-key", "AIGC_API_KEYS"),  # the variable: comma-separated keys
-    "max_batch_size": ("--max-batch-size", "AIGC_MAX_BATCH_SIZE"),
-    "max_wait_ms": ("--max-wait-ms", "AIGC_MAX_WAIT_MS"),
-    "max_tokens_limit": ("--max-tokens", "AIGC_MAX_TOKENS"),
-    "max_n": ("--max-n", "AIGC_MAX_N"),
-    "max_prompt_tokens": ("--max-prompt-tokens", "AIGC_MAX_PROMPT_TOKENS"),
-    "max_prompt_chars": ("--max-prompt-chars", "AIGC_MAX_PROMPT_CHARS"),
-    "max_body_bytes": ("--max-body-bytes", "AIGC_MAX_BODY_BYTES"),
-    "queue_size": ("--queue-size", "AIGC_QUEUE_SIZE"),
-    "request_timeout_s": ("--request-timeout", "AIGC_REQUEST_TIMEOUT"),
-    "grace_seconds": ("--grace-seconds", "AIGC_GRACE_SECONDS"),
-    "device": ("--device", "AIGC_DEVICE"),
-    "torch_threads": ("--torch-threads", "AIGC_TORCH_THREADS"),
-}
 API_KEYS_FILE_ENV = "AIGC_API_KEYS_FILE"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting's value must be: a test, and the words its error says it with."""
+
+    test: Callable[[Any], bool]
+    allowed: str  # "... must be {allowed}"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting is given to `aigc serve`."""
+
+    flag: str  # the command's option, e.g. --max-batch-size
+    env: str  # the environment variable read when the flag is not given
+    help: str  # the option's line in --help
+    rule: Rule | None = None  # checked by ServeSettings.validate
+
+
+def setting(default: T, flag: str, env: str, help: str, rule: Rule | None = None) -> T:
+    """A ServeSettings field and its flag (a list default is copied for each instance)."""
+    meta = {"flag": Flag(flag, env, help, rule)}
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata=meta)  # type: ignore[return-value]
+    return field(default=default, metadata=meta)  # type: ignore[return-value]
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+AT_LEAST_1 = Rule(lambda v: _integer(v) and v >= 1, "an integer of at least 1")
+PORT = Rule(lambda v: _integer(v) and 0 <= v <= 65535, "an integer in [0, 65535]")
+NOT_NEGATIVE = Rule(lambda v: _number(v) and v >= 0, "a number of at least 0")
+POSITIVE = Rule(lambda v: _number(v) and v > 0, "a number above 0")
+THREADS = Rule(
+    lambda v: _integer(v) and v >= 0, "an integer of at least 0 (0: one per core but one)"
+)
 
 
 @dataclass
 class ServeSettings:
     """Limits and knobs of the HTTP service. Counts are per model unless said otherwise."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: list[str] = field(default_factory=list)  # empty: no key needed
-    max_batch_size: int = 16  # rows (prompt x n) decoded together by one text model
-    max_wait_ms: float = 5.0  # an idle model waits this long for more requests to batch
-    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask for
-    max_n: int = 16  # the most choices (prompts x n) or images in one request
-    max_prompt_tokens: int = 8192  # per prompt, after tokenizing
-    max_prompt_chars: int = 65_536  # per prompt (chat: the rendered conversation)
-    max_body_bytes: int = 1_048_576  # larger request bodies get 413
-    queue_size: int = 64  # requests waiting for a model; more get 429 with Retry-After
-    request_timeout_s: float = 300.0  # from arrival to the last byte of the answer
-    grace_seconds: float = 30.0  # on SIGTERM, time for requests in flight to finish
-    device: str = "auto"  # where models run: auto, cpu, cuda, mps
-    # torch's intra-op threads; 0 = on CPU one per core but one, which is left to the event
-    # loop and the HTTP work (on 2 cores, 1 thread doubled the tokens/s of the default 2)
-    torch_threads: int = 0
+    host: str = setting("127.0.0.1", "--host", "AIGC_HOST", "Address to listen on (0.0.0.0: all).")
+    port: int = setting(8000, "--port", "AIGC_PORT", "Port to listen on (0: any free one).", PORT)
+    # a list: the flag is repeated, the variable holds comma-separated keys, and both count
+    api_keys: list[str] = setting(  # noqa: RUF009 (setting() returns a dataclasses.field)
+        [], "--api-key", "AIGC_API_KEYS", "A key clients must send as 'Authorization: "
+        "Bearer KEY'; repeatable. No key: the service is open.",
+    )  # fmt: skip
+    max_batch_size: int = setting(
+        16, "--max-batch-size", "AIGC_MAX_BATCH_SIZE",
+        "Rows (prompt x n) a text model decodes together.", AT_LEAST_1,
+    )  # fmt: skip
+    max_wait_ms: float = setting(
+        5.0, "--max-wait-ms", "AIGC_MAX_WAIT_MS",
+        "An idle model waits this long to fill a batch.", NOT_NEGATIVE,
+    )  # fmt: skip
+    max_tokens_limit: int = setting(
+        2048, "--max-tokens", "AIGC_MAX_TOKENS",
+        "Largest max_tokens a request may ask for.", AT_LEAST_1,
+    )  # fmt: skip
+    max_n: int = setting(
+        16, "--max-n", "AIGC_MAX_N",
+        "Most completions (prompts x n) or images in one request.", AT_LEAST_1,
+    )  # fmt: skip
+    max_prompt_tokens: int = setting(
+        8192, "--max-prompt-tokens", "AIGC_MAX_PROMPT_TOKENS",
+        "Longest prompt, in tokens.", AT_LEAST_1,
+    )  # fmt: skip
+    max_prompt_chars: int = setting(
+        65_536, "--max-prompt-chars", "AIGC_MAX_PROMPT_CHARS",
+        "Longest prompt, in characters (chat: the rendered conversation).", AT_LEAST_1,
+    )  # fmt: skip
+    max_body_bytes: int = setting(
+        1_048_576, "--max-body-bytes", "AIGC_MAX_BODY_BYTES",
+        "Larger request bodies get 413.", AT_LEAST_1,
+    )  # fmt: skip
+    queue_size: int = setting(
+        64, "--queue-size", "AIGC_QUEUE_SIZE",
+        "Requests that may wait per model; more get 429 with Retry-After.", AT_LEAST_1,
+    )  # fmt: skip
+    request_timeout_s: float = setting(
+        300.0, "--request-timeout", "AIGC_REQUEST_TIMEOUT",
+        "Seconds a request may take, from arrival to its last byte (408).", POSITIVE,
+    )  # fmt: skip
+    grace_seconds: float = setting(
+        30.0, "--grace-seconds", "AIGC_GRACE_SECONDS",
+        "On SIGTERM or Ctrl-C: seconds for requests in flight to finish.", NOT_NEGATIVE,
+    )  # fmt: skip
+    device: str = setting(
+        "auto", "--device", "AIGC_DEVICE", "Where models run: auto, cpu, cuda or mps."
+    )
+    # 0 leaves a core to the event loop and the HTTP work (on 2 cores, 1 torch thread
+    # doubled the tokens/s of the default 2)
+    torch_threads: int = setting(
+        0, "--torch-threads", "AIGC_TORCH_THREADS",
+        "CPU: torch threads for the models (0: one per core but one, left to HTTP).", THREADS,
+    )  # fmt: skip
 
     def threads(self) -> int | None:
         """The torch thread count to set on a CPU device, or None to leave torch's own."""
@@ -62,32 +134,12 @@ class ServeSettings:
 
     def validate(self) -> None:
         """ConfigError naming the first bad setting, its flag and its variable."""
-
-        def bad(name: str, allowed: str) -> ConfigError:
-            flag, var = OPTIONS[name]
-            return ConfigError(f"{flag} ({var}) = {getattr(self, name)!r} must be {allowed}")
-
-        for name in ("max_batch_size", "max_tokens_limit", "max_n", "max_prompt_tokens",
-                     "max_prompt_chars", "max_body_bytes", "queue_size"):  # fmt: skip
+        for name, spec in FLAGS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "an integer of at least 1")
-        if (
-            isinstance(self.torch_threads, bool)
-            or not isinstance(self.torch_threads, int)
-            or (self.torch_threads < 0)
-        ):
-            raise bad("torch_threads", "an integer of at least 0 (0: one per core but one)")
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise bad("port", "an integer in [0, 65535]")
-        if not 0 <= self.port <= 65535:
-            raise bad("port", "an integer in [0, 65535]")
-        for name in ("max_wait_ms", "grace_seconds"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise bad(name, "a number of at least 0")
-        if not _is_number(self.request_timeout_s) or self.request_timeout_s <= 0:
-            raise bad("request_timeout_s", "a number above 0")
+            if spec.rule is not None and not spec.rule.test(value):
+                raise ConfigError(
+                    f"{spec.flag} ({spec.env}) = {value!r} must be {spec.rule.allowed}"
+                )
         if not isinstance(self.api_keys, list) or not all(
             isinstance(k, str) and k and k.strip() == k and " " not in k for k in self.api_keys
         ):
@@ -95,6 +147,10 @@ class ServeSettings:
                 "API keys must be non-empty strings without spaces (--api-key, "
                 "--api-keys-file, AIGC_API_KEYS)"
             )
+
+
+# setting -> its flag, in the order of the fields (and of `aigc serve --help`)
+FLAGS: dict[str, Flag] = {f.name: f.metadata["flag"] for f in fields(ServeSettings)}
 
 
 def read_keys_file(path: str | Path) -> list[str]:
@@ -108,7 +164,3 @@ def read_keys_file(path: str | Path) -> list[str]:
     if not keys:
         raise ConfigError(f"--api-keys-file {path} holds no keys (one key per line)")
     return keys
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
