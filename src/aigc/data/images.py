@@ -56,7 +56,7 @@ IGNORED_NAMES = ("Thumbs.db", "desktop.ini")
 # Sub-folder names that mean "a split of the data", not "a class".
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "valid", "validation")}
 _PARALLEL_FROM = 64  # image files; fewer are decoded on the calling thread
-CHUNK_BYTES = 1 << 24  # decoded pixels a stream holds at once (16 MiB)
+CHUNK_BYTES = 1 << 22  # decoded pixels a stream holds at once (4 MiB)
 _READ_BLOCK = 1 << 20  # bytes read from a file at once
 
 # IDX (MNIST family): "train-images-idx3-ubyte.gz", also "train-images.idx3-ubyte".
