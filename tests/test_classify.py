@@ -34,24 +34,34 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_right_padding_does_not_change_a_texts_logits(pooling):
+    """A text's logits depend neither on the right padding after it (its value or length)
+    nor on its batch companions, and they are the head applied to the pooled final hidden
+    states of its real tokens (the last one's, or their mean), computed here layer by layer
+    for every row."""
     torch.manual_seed(0)
-    cfg = GPTClassifierConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16,
+    cfg = GPTClassifierConfig(vocab_size=20, block_size=24, n_layer=2, n_head=2, n_embd=16,
                               n_classes=3, pooling=pooling)  # fmt: skip
     model = GPTClassifier(cfg).eval()
     rows = [torch.randint(0, 20, (n,)) for n in (5, 11, 16)]
-    batch = torch.zeros(3, 16, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+
+    def padded(order: list[int], width: int, pad: int) -> torch.Tensor:
+        batch = torch.full((len(order), width), pad, dtype=torch.long)
+        for i, k in enumerate(order):
+            batch[i, : len(rows[k])] = rows[k]
+        return batch
+
+    together = model.classify(padded([0, 1, 2], 16, pad=7), lengths)
+    # other companions in another order, padded further with another value
+    shuffled = model.classify(padded([2, 0, 1], 24, pad=0), lengths[[2, 0, 1]])
+    torch.testing.assert_close(shuffled, together[[2, 0, 1]], rtol=1e-5, atol=1e-5)
     for i, r in enumerate(rows):
-        batch[i, : len(r)] = r
-        batch[i, len(r) :] = 7  # padding of any value
-    together = model.classify(batch, torch.tensor([5, 11, 16]))
-    for i, r in enumerate(rows):
-        alone = model.classify(r[None], torch.tensor([len(r)]))
+        alone = model.classify(r[None], lengths[i : i + 1])
         torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-5)
-    # mean pooling is the average of the final hidden states; last is the last one
-    h = model.transformer.ln_f(model.transformer.h[1](model.transformer.h[0](
-        model.transformer.wte(rows[0][None]) + model.transformer.wpe.weight[:5])))  # fmt: skip
-    pooled = h[0].mean(0) if pooling == "mean" else h[0, -1]
-    torch.testing.assert_close(together[0], model.score(pooled), rtol=1e-5, atol=1e-5)
+        t = model.transformer
+        h = t.ln_f(t.h[1](t.h[0](t.wte(r[None]) + t.wpe.weight[: len(r)])))[0]  # real tokens
+        pooled = h.mean(0) if pooling == "mean" else h[-1]
+        torch.testing.assert_close(together[i], model.score(pooled), rtol=1e-5, atol=1e-5)
 
 
 def test_classifier_config_checks():
@@ -132,6 +142,13 @@ def test_lora_classifier_trains_adapters_and_the_head_only(base_run, tmp_path):
     assert clf.config.model.pooling == "mean"
     before = clf.evaluate(save=False)
     assert before == aigc.load(out.run_dir).evaluate(save=False)  # load is deterministic
+    # classify() right-pads a batch to its longest text: no text's answer depends on that
+    texts = ["x", "sort the list of numbers", "open the file and read every line of it", "ab"]
+    alone = [clf.classify(t) for t in texts]
+    for batch_size in (2, 4):
+        for got, one in zip(clf.classify(texts, batch_size=batch_size), alone, strict=True):
+            assert got["label"] == one["label"]
+            assert got["probs"] == pytest.approx(one["probs"], abs=1e-6)
 
 
 def test_random_init_classifier_learns_an_easy_task_end_to_end(tmp_path):

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import aigc
 from aigc.runs import RunDir
+from aigc.tasks.images import ImageDataConfig, prepare
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs-0.1"
 RUNS = sorted(p.name for p in FIXTURES.iterdir() if (p / "run.json").is_file())
@@ -82,3 +84,20 @@ def test_an_old_run_evaluates_and_continues(old_run):
     out = aigc.train(None, [f"train.max_steps={before + 2}"], run_dir=old_run, progress=False)
     assert out.resumed_from == before and out.step == before + 2
     assert _step(old_run) == before + 2
+
+
+IMAGE_RUNS = [r for r in RUNS if (FIXTURES / r / "data" / "images.npy").is_file()]
+
+
+@pytest.mark.parametrize("name", IMAGE_RUNS)
+def test_an_old_runs_images_are_prepared_again_bit_for_bit(name, tmp_path):
+    """0.1.0 read a set whole, now it is streamed to disk: the same files come out."""
+    config = yaml.safe_load((FIXTURES / name / "config.yaml").read_text())
+    prepare(ImageDataConfig(**config["data"]), tmp_path, seed=config["train"]["seed"])
+    old = FIXTURES / name / "data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in old.iterdir())
+    for f in ("images.npy", "labels.npy"):
+        assert (tmp_path / f).read_bytes() == (old / f).read_bytes(), f
+    assert json.loads((tmp_path / "meta.json").read_text()) == json.loads(
+        (old / "meta.json").read_text()
+    )

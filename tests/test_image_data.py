@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
+import json
 import struct
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+import aigc.data.images as image_data
 from aigc.data.images import (
     ImageSet,
     image_grid,
+    image_stream,
     load_image_set,
     random_flip,
     save_png,
@@ -24,6 +30,16 @@ from aigc.data.images import (
 )
 from aigc.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, caption, generate_shapes
 from aigc.errors import ConfigError, DataError
+from aigc.tasks.images import ImageDataConfig, prepare
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Streams in chunks of a few images and file blocks of 7 bytes, so that small test
+    sources cross every chunk and block boundary."""
+    monkeypatch.setattr(image_data, "CHUNK_BYTES", 5000)
+    monkeypatch.setattr(image_data, "_READ_BLOCK", 7)
+
 
 # --------------------------------------------------------------------------- digits
 
@@ -312,8 +328,11 @@ def write_idx(folder: Path, prefix: str, images, labels, gz: bool) -> Path:
     return folder / pairs[0][0]
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["whole", "tiny-chunks"])
 @pytest.mark.parametrize("gz", [False, True])
-def test_idx_reads_back_exactly(tmp_path, gz):
+def test_idx_reads_back_exactly(tmp_path, gz, small, request):
+    if small:
+        request.getfixturevalue("tiny_chunks")
     rng = np.random.default_rng(1)
     train = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
     test = rng.integers(0, 256, (2, 28, 28), dtype=np.uint8)
@@ -331,7 +350,10 @@ def test_idx_reads_back_exactly(tmp_path, gz):
     assert rgb.images.shape == (5, 32, 32, 3)
 
 
-def test_idx_truncated_wrong_magic_and_mismatched_labels(tmp_path):
+@pytest.mark.parametrize("small", [False, True], ids=["whole", "tiny-chunks"])
+def test_idx_truncated_wrong_magic_and_mismatched_labels(tmp_path, small, request):
+    if small:
+        request.getfixturevalue("tiny_chunks")
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
     path = write_idx(tmp_path, "train", images, [0, 1, 2, 3], gz=False)
     expected = 16 + 4 * 28 * 28
@@ -359,6 +381,19 @@ def test_idx_truncated_wrong_magic_and_mismatched_labels(tmp_path):
     write_idx(tmp_path, "train", images, [0, 1, 2], gz=False)
     with pytest.raises(DataError, match=r"3 labels but .* 4 images"):
         load_image_set(path)
+
+    path.write_bytes(idx_bytes(images) + b"extra")
+    with pytest.raises(DataError, match=rf"longer than its header says.*{expected + 5:,}"):
+        load_image_set(path)
+
+
+def test_idx_gzip_of_several_members_with_zero_padding(tmp_path, tiny_chunks):
+    images = np.random.default_rng(5).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    path = write_idx(tmp_path, "train", images, [7, 8, 9], gz=True)
+    data = idx_bytes(images)
+    path.write_bytes(gzip.compress(data[:1000]) + b"\0" * 9 + gzip.compress(data[1000:]) + b"\0")
+    ds = load_image_set(path, image_size=28, channels=1)
+    assert np.array_equal(ds.images[..., 0], images) and ds.labels["class"].tolist() == [7, 8, 9]
 
 
 # --------------------------------------------------------------------------- CIFAR binary
@@ -482,6 +517,126 @@ def test_pickled_cifar_is_refused(tmp_path):
         (c100 / name).write_bytes(b"\x80\x04.")
     with pytest.raises(DataError, match="binary version"):
         load_image_set(c100)
+
+
+# --------------------------------------------------------------------------- prepared into a run
+
+
+def in_memory_prepared(d: ImageDataConfig, seed: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """What preparing ``d`` gave when the set was read whole (aigc 0.1): images and labels,
+    training images first, and the number of files skipped."""
+    ds = load_image_set(
+        d.source, image_size=d.image_size, channels=d.channels or 3, crop=d.crop,
+        skip_bad=d.skip_bad, n=d.n, seed=seed,
+    )  # fmt: skip
+    pixels = ds.images
+    if d.channels == 0 and pixels.shape[-1] == 3 and (pixels == pixels[..., :1]).all():
+        pixels = pixels[..., :1]
+    if d.binarize:
+        pixels = np.where(pixels >= 128, 255, 0).astype(np.uint8)
+    train, val = split_indices(len(pixels), d.val_fraction, seed)
+    order = np.concatenate([train, val])
+    labels = np.stack([ds.labels[a][order] for a in ds.labels], 1) if ds.labels else None
+    return np.ascontiguousarray(pixels[order]), labels, ds.skipped
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def make_sources(root: Path) -> dict[str, Path]:
+    """A class folder (nested, mixed sizes and a bad file), a flat grey folder, MNIST gzipped
+    IDX and a CIFAR-10 folder, each of some dozens of images."""
+    rng = np.random.default_rng(11)
+    for c in ("ant", "bee", "cow"):
+        for i in range(25):
+            folder = root / "classes" / c / ("deep" if i % 4 == 0 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = rng.integers(12, 40, 2)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    (root / "classes" / "bee" / "05b.png").write_bytes(b"not an image")
+    (root / "grey").mkdir()
+    for i in range(70):  # >= 64 files: decoded on the thread pool
+        pixels = rng.integers(0, 256, (18, 18), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "grey" / f"{i:02d}.png")
+    idx = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    write_idx(root / "mnist", "train", idx, rng.integers(0, 10, 50), gz=True)
+    batches = {
+        f"data_batch_{b}.bin": (rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+                                rng.integers(0, 10, 30).tolist())
+        for b in (1, 2)
+    }  # fmt: skip
+    write_cifar10(root / "cifar", batches)
+    return {k: root / k for k in ("classes", "grey", "mnist", "cifar")}
+
+
+@pytest.mark.parametrize(
+    "source, options",
+    [
+        ("classes", {"skip_bad": True, "image_size": 16}),
+        ("classes", {"skip_bad": True, "image_size": 12, "channels": 1, "crop": False}),
+        ("grey", {"image_size": 12}),  # channels 0: a grey source keeps one channel
+        ("grey", {"image_size": 12, "channels": 3, "binarize": True}),
+        ("mnist", {"image_size": 28}),
+        ("cifar", {"val_fraction": 0.2, "image_size": 20}),
+        ("shapes", {"n": 90, "image_size": 16, "binarize": True}),
+    ],
+)
+def test_prepare_streams_the_arrays_the_whole_set_gave(tmp_path, monkeypatch, source, options):
+    sources = make_sources(tmp_path / "src")
+    d = ImageDataConfig(source=str(sources.get(source, source)), **options)
+    images, labels, skipped = in_memory_prepared(d, seed=3)
+
+    monkeypatch.setattr(image_data, "CHUNK_BYTES", 5000)  # a few images a chunk
+    monkeypatch.setattr(image_data, "_READ_BLOCK", 7)
+    data = prepare(d, tmp_path / "data", seed=3)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    assert files.pop("images.npy") == npy_bytes(images)  # header and pixels, bit for bit
+    if labels is not None:
+        assert files.pop("labels.npy") == npy_bytes(labels)
+    meta = json.loads(files.pop("meta.json"))
+    assert files == {}  # no scratch or temporary file is left
+    assert meta["sha256"] == hashlib.sha256(images.tobytes()).hexdigest()
+    assert meta["skipped"] == skipped == (1 if source == "classes" else 0)
+    assert meta["spec"]["channels"] == images.shape[-1]
+    assert meta["binary"] == bool(np.isin(images, (0, 255)).all())
+    assert isinstance(data.images, np.memmap) and not data.images.flags.writeable
+
+
+def test_prepare_holds_a_chunk_not_the_set(tmp_path, monkeypatch):
+    for i in range(150):  # 150 x 64 x 64 x 3 = 1.8 MB decoded
+        pixels = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i:03d}.png")
+    decoded = 150 * 64 * 64 * 3
+    monkeypatch.setattr(image_data, "CHUNK_BYTES", 32 * 1024)  # about 3 images
+    tracemalloc.start()  # numpy reports its arrays' memory to tracemalloc
+    try:
+        prepare(ImageDataConfig(source=str(tmp_path), image_size=64), tmp_path / "data", seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < decoded / 4, f"peak {peak:,} bytes for a set of {decoded:,}"
+
+
+def test_a_failed_prepare_leaves_no_scratch_files(tmp_path):
+    sources = make_sources(tmp_path / "src")
+    with pytest.raises(DataError, match=r"05b\.png.*cannot decode"):
+        prepare(ImageDataConfig(source=str(sources["classes"])), tmp_path / "data", seed=0)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_image_stream_yields_chunks_then_what_they_are(tmp_path, tiny_chunks):
+    sources = make_sources(tmp_path / "src")
+    stream = image_stream(sources["classes"], image_size=16, skip_bad=True)
+    chunks = list(stream)
+    assert len(chunks) > 1 and all(len(c) <= 5000 // (16 * 16 * 3) for c in chunks)
+    assert stream.info.skipped == 1 and stream.info.classes == {"class": ["ant", "bee", "cow"]}
+    whole = load_image_set(sources["classes"], image_size=16, skip_bad=True)
+    assert np.array_equal(np.concatenate(chunks), whole.images)
+    assert np.array_equal(stream.info.labels["class"], whole.labels["class"])
 
 
 # --------------------------------------------------------------------------- options and helpers

@@ -12,12 +12,16 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatch
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
@@ -139,9 +143,27 @@ def test_models_list_each_run_with_its_kind_and_classes(client, server):
     assert client.models.retrieve("cgan").id == "cgan"
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and {m["id"] for m in health["models"]} == set(cards)
+
+
+def test_the_playground_page_and_what_it_links_are_served(server):
+    """The playground ships in the package (aigc/serve/static, declared as package data),
+    so GET / must be it, and every file it links under /static/ must be served as is."""
+    static = files("aigc.serve") / "static"
+    assert static.joinpath("index.html").is_file(), "aigc/serve/static/index.html is missing"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["aigc"]
+    for name in ("index.html", "app.js", "style.css"):
+        assert any(fnmatch(f"serve/static/{name}", pattern) for pattern in shipped), name
+
     page = httpx.get(f"{server.url}/")
-    if (ROOT / "src" / "aigc" / "serve" / "static" / "index.html").is_file():
-        assert page.status_code == 200 and "html" in page.headers["content-type"]
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text == static.joinpath("index.html").read_text(encoding="utf-8")
+    links = set(re.findall(r'(?:href|src)="(/static/[^"]+)"', page.text))
+    assert links >= {"/static/app.js", "/static/style.css"}
+    for link in sorted(links):
+        asset = httpx.get(f"{server.url}{link}")
+        assert asset.status_code == 200, link
+        assert asset.content == static.joinpath(link.removeprefix("/static/")).read_bytes()
 
 
 # ---------------------------------------------------------------------------

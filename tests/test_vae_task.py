@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
 import aigc
 from aigc.api import ImageGenerator
 from aigc.runs import RunDir
+from aigc.tasks.images import open_data, to_model_batch
 
 from .conftest import ROOT
 
@@ -39,8 +43,8 @@ def test_vae_run_reports_likelihoods_and_writes_samples(tmp_path):
     assert n_val == 180
     # bits per dimension follow from nats per image over 32*32 pixels
     assert abs(final["val_bpd"] * 1024 * np.log(2) - final["val_nelbo"]) < 1e-9 * final["val_nelbo"]
-    assert final["val_iwae_nll"] <= final["val_nelbo"] + 1.0  # the bound is at least as tight
-    assert 0 <= final["val_active_units"] <= 4
+    # the IWAE bound is at least as tight as the ELBO (seeded: no slack beyond rounding)
+    assert final["val_iwae_nll"] <= final["val_nelbo"] + 1e-9 * final["val_nelbo"]
     assert sorted(p.name for p in run.samples_dir.glob("step-00000004-*.png")) == [
         "step-00000004-grid.png",
         "step-00000004-reconstructions.png",
@@ -52,6 +56,42 @@ def test_vae_run_reports_likelihoods_and_writes_samples(tmp_path):
     again = aigc.load(out.run_dir).evaluate(n=50, iwae_k=64)  # training's evaluations use 64
     assert again["nelbo"] == final["val_nelbo"]  # the held-out numbers are seeded
     assert again["iwae_nll"] == final["val_iwae_nll"]
+
+
+def held_out_mean_variances(gen: ImageGenerator) -> torch.Tensor:
+    """Var over the held-out images of each unit's posterior mean E_q[z_u | x] (z_dim,)."""
+    images = open_data(gen.run.data_dir).val_images
+    with torch.no_grad():
+        mu, _ = gen.model.encode(to_model_batch(images))
+    return mu.double().var(0, unbiased=False)
+
+
+def test_active_units_are_the_units_whose_posterior_means_vary(tmp_path):
+    """Active units (Burda et al. 2016, 5.2) counted here from the held-out posterior
+    means; then on an encoder made to have exactly two: units 0 and 2 given a constant
+    mean far from the prior's (inactive, though their KL is large), 1 and 3 spread out."""
+    out = aigc.train(ROOT / "configs" / "vae-conv-digits.yaml", TINY, run_dir=tmp_path / "run",
+                     progress=False)  # fmt: skip
+    final = RunDir(out.run_dir).read_metrics()[-1]
+    gen = aigc.load(out.run_dir)
+    var = held_out_mean_variances(gen)
+    assert (abs(var - 0.01) > 1e-4).all()  # none so near the threshold that rounding decides
+    assert final["val_active_units"] == int((var > 0.01).sum())
+
+    mu_layer = gen.model.encoder.net[-1]  # Linear -> (mu, logvar), z_dim each
+    with torch.no_grad():
+        for u in (0, 2):
+            mu_layer.weight[u] = 0.0
+            mu_layer.bias[u] = 1.0
+        for u in (1, 3):
+            mu_layer.weight[u] *= 1000.0
+    var = held_out_mean_variances(gen)
+    assert var[0] == var[2] == 0 and var[1] > 0.1 and var[3] > 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the judge's small-sample warnings
+        result = gen.evaluate(n=20, iwae_k=1, metrics=[], save=False)
+    assert result["kl_dim/0"] > 0.4 and result["kl_dim/2"] > 0.4
+    assert result["active_units"] == 2
 
 
 def test_reconstruct_and_traverse_from_python_and_cli(tmp_path):
@@ -124,6 +164,36 @@ def test_iwae_bound_never_worse_than_the_elbo_on_a_trained_run(tmp_path):
     assert bounds[100]["iwae_k"] == 100
     originals = gen.reconstruct("digits", n=8)[:8]  # other data is binarised like the run's
     assert set(originals.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_iwae_bound_converges_to_the_likelihood_found_by_quadrature(tmp_path):
+    """With one latent dimension -log p(x) = -log ∫ p(x|z) N(z; 0, 1) dz is a 1-D
+    integral, summed here on a fine grid with Bernoulli probabilities written out: the
+    held-out IWAE bound never falls below it (beyond noise), tightens with k and at
+    k = 1000 is within 0.01 nats of it; the negative ELBO lies above it."""
+    out = aigc.train(ROOT / "configs" / "vae-mlp-digits.yaml",
+                     ["data.image_size=8", "model.hidden=[32]", "model.z_dim=1",
+                      "train.max_steps=150", "train.warmup_steps=10", "train.batch_size=32",
+                      "train.checkpoint_every=0", "train.sample_every=0", "train.log_every=50",
+                      "data.eval_samples=20"],
+                     run_dir=tmp_path / "run", progress=False)  # fmt: skip
+    gen = aigc.load(out.run_dir)
+    pixels = (to_model_batch(open_data(gen.run.data_dir).val_images).flatten(1) > 0).double()
+    grid = torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64)  # z, spacing 0.001
+    with torch.no_grad():
+        logits = gen.model.decode(grid[:, None].float())[0].flatten(1).double()  # (G, D)
+    log_lik = pixels @ F.logsigmoid(logits).T + (1 - pixels) @ F.logsigmoid(-logits).T  # (N, G)
+    log_prior = -0.5 * (grid**2 + math.log(2 * math.pi))
+    dz = float(grid[1] - grid[0])
+    nll = -(torch.logsumexp(log_lik + log_prior, dim=1) + math.log(dz)).mean().item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the judge's small-sample warnings
+        bounds = {k: gen.evaluate(n=20, iwae_k=k, metrics=[], save=False) for k in (1, 10, 1000)}
+    assert bounds[1]["nelbo"] > nll
+    for k, b in bounds.items():
+        assert b["iwae_nll"] > nll - 0.01, (k, b["iwae_nll"], nll)
+    assert bounds[1000]["iwae_nll"] < bounds[1]["iwae_nll"] - 0.01  # more samples, tighter
+    assert abs(bounds[1000]["iwae_nll"] - nll) < 0.01, (bounds[1000]["iwae_nll"], nll)
 
 
 def test_vae_bad_input_is_refused_before_training(tmp_path):

@@ -1,7 +1,8 @@
 """Image sets for the GAN and VAE families: embedded sources and real formats, as uint8 arrays.
 
 ``load_image_set`` turns a source into an ``ImageSet`` of same-sized (N, H, W, C)
-uint8 images with integer labels. Sources:
+uint8 images with integer labels; ``image_stream`` reads the same images a chunk
+at a time, so that a set larger than memory can be written to disk. Sources:
 
 - ``"digits"`` (the default): scikit-learn's 1,797 handwritten 8×8 digits, no download.
 - ``"shapes"``: procedural coloured shapes with four labels and a caption each
@@ -31,6 +32,7 @@ import math
 import os
 import re
 import zlib
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,6 +56,8 @@ IGNORED_NAMES = ("Thumbs.db", "desktop.ini")
 # Sub-folder names that mean "a split of the data", not "a class".
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "valid", "validation")}
 _PARALLEL_FROM = 64  # image files; fewer are decoded on the calling thread
+CHUNK_BYTES = 1 << 22  # decoded pixels a stream holds at once (4 MiB)
+_READ_BLOCK = 1 << 20  # bytes read from a file at once
 
 # IDX (MNIST family): "train-images-idx3-ubyte.gz", also "train-images.idx3-ubyte".
 IDX_IMAGES = re.compile(r"(?P<prefix>.*)images[.-]idx3[.-]ubyte(\.gz)?", re.IGNORECASE)
@@ -143,6 +147,64 @@ class ImageSet:
         )
 
 
+@dataclass
+class ImageSetInfo:
+    """What an ImageSet holds besides its pixels (the fields of ``ImageSet`` but ``images``)."""
+
+    labels: dict[str, np.ndarray]
+    classes: dict[str, list[str]]
+    captions: list[str] | None
+    source: str
+    skipped: int = 0
+
+
+class ImageStream:
+    """A source's images a chunk at a time, so that a set larger than memory can be written out.
+
+    Iterate it once: it yields (m, H, W, C) uint8 chunks of about ``CHUNK_BYTES``, in the
+    order ``load_image_set`` returns the images; once it is exhausted, ``info`` holds
+    their labels, classes, captions, source and skip count. Its errors are those of
+    ``load_image_set``, but one found late (a truncated file) may come after some chunks.
+    """
+
+    def __init__(self, reader: Generator[np.ndarray, None, ImageSetInfo]):
+        self._reader = reader  # yields the chunks, returns the info
+        self.info: ImageSetInfo | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        self.info = yield from self._reader
+
+    def map(self, convert: Callable[[np.ndarray], np.ndarray]) -> ImageStream:
+        """This stream with ``convert`` (a per-image conversion) applied to every chunk."""
+
+        def converted() -> Generator[np.ndarray, None, ImageSetInfo]:
+            while True:
+                try:
+                    chunk = next(self._reader)
+                except StopIteration as end:
+                    return end.value
+                yield convert(chunk)
+
+        return ImageStream(converted())
+
+    def collect(self) -> ImageSet:
+        """All the images in memory, as one ImageSet."""
+        images = np.concatenate(list(self))
+        info = self.info
+        return ImageSet(images, info.labels, info.classes, info.captions, info.source, info.skipped)
+
+
+def chunk_rows(image_bytes: int) -> int:
+    """How many images of ``image_bytes`` bytes make a chunk of about ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // max(1, image_bytes))
+
+
+def _whole(images: np.ndarray, info: ImageSetInfo) -> Generator[np.ndarray, None, ImageSetInfo]:
+    """A set already in memory, as a stream of one chunk."""
+    yield images
+    return info
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -157,7 +219,7 @@ def load_image_set(
     n: int = 10000,
     seed: int = 0,
 ) -> ImageSet:
-    """Read ``source`` as ``image_size``² images with ``channels`` channels.
+    """Read ``source`` as ``image_size``² images with ``channels`` channels, all in memory.
 
     source: None or "digits", "shapes", or a path: an image folder, an IDX images
         file (its labels file found beside it by name), a folder of IDX files
@@ -171,6 +233,35 @@ def load_image_set(
         The embedded sources have no split and ignore it.
     n, seed: number of images and seed of "shapes".
     """
+    return image_stream(
+        source,
+        image_size=image_size,
+        channels=channels,
+        crop=crop,
+        skip_bad=skip_bad,
+        split=split,
+        n=n,
+        seed=seed,
+    ).collect()
+
+
+def image_stream(
+    source: str | os.PathLike | None,
+    *,
+    image_size: int = 32,
+    channels: int = 3,
+    crop: bool = True,
+    skip_bad: bool = False,
+    split: str = "train",
+    n: int = 10000,
+    seed: int = 0,
+) -> ImageStream:
+    """The images ``load_image_set`` reads (same arguments), a chunk at a time.
+
+    Image files are decoded a chunk at a time, MNIST IDX (gzipped or not) and CIFAR
+    files read a block at a time and "shapes" drawn a chunk at a time; "digits" is
+    one small chunk.
+    """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
         raise ConfigError(f"data.image_size must be an integer >= 4, got {image_size!r}")
     if channels not in CHANNELS:
@@ -180,19 +271,18 @@ def load_image_set(
 
     if source is None or source == "digits":
         images, labels = _digits_raw()
-        return ImageSet(
-            images=_prepare(images, image_size, channels, crop),
+        info = ImageSetInfo(
             labels={"class": labels.copy()},
             classes={"class": [str(i) for i in range(10)]},
             captions=None,
             source="digits (scikit-learn handwritten digits, 1,797 images of 8x8)",
         )
+        return ImageStream(_whole(_prepare(images, image_size, channels, crop), info))
     if source == "shapes":
-        from aigc.data.shapes import generate_shapes
+        from aigc.data.shapes import shapes_stream
 
-        result = generate_shapes(n, image_size=image_size, seed=seed)
-        result.images = _to_channels(result.images, channels)
-        return result
+        stream = shapes_stream(n, image_size=image_size, seed=seed)
+        return stream if channels == 3 else stream.map(lambda x: _to_channels(x, channels))
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -205,28 +295,31 @@ def load_image_set(
         raise DataError(f"{path} is the pickled Python version of CIFAR; {CIFAR_BINARY_HELP}")
     opts = {"image_size": image_size, "channels": channels, "crop": crop}
     if path.is_file():
-        return _load_file(path, skip_bad=skip_bad, **opts)
+        return ImageStream(_file_reader(path, **opts))
     names = {p.name for p in path.iterdir()}
     if any(CIFAR10_BATCH.fullmatch(name) for name in names) or "test_batch.bin" in names:
-        return _load_cifar10_folder(path, split, skip_bad, **opts)
+        return ImageStream(_cifar10_folder_reader(path, split, skip_bad, **opts))
     if "train.bin" in names or "test.bin" in names:
-        return _load_cifar100_file(path / f"{split}.bin", **opts)
+        return ImageStream(_cifar100_reader(path / f"{split}.bin", **opts))
     if any(IDX_IMAGES.fullmatch(name) for name in names):
-        return _load_idx(_idx_images_in(path, split), **opts)
-    return _load_image_folder(path, split, skip_bad=skip_bad, **opts)
+        return ImageStream(_idx_chunks(_idx_images_in(path, split), **opts))
+    return ImageStream(_image_folder_reader(path, split, skip_bad=skip_bad, **opts))
 
 
-def _load_file(path: Path, *, skip_bad: bool, **opts) -> ImageSet:
+Reader = Generator[np.ndarray, None, ImageSetInfo]  # yields chunks, returns what they are
+
+
+def _file_reader(path: Path, **opts) -> Reader:
     """A single file given as the source: IDX images or one CIFAR binary file."""
     name = path.name
     if IDX_IMAGES.fullmatch(name):
-        return _load_idx(path, **opts)
+        return _idx_chunks(path, **opts)
     if IDX_LABELS.fullmatch(name):
         raise DataError(f"{path} is an IDX labels file; pass its images file (*-images-idx3-ubyte)")
     if CIFAR10_BATCH.fullmatch(name) or name == "test_batch.bin":
-        return _load_cifar10_files([path], skip_bad=False, **opts)
+        return _cifar10_chunks([path], skip_bad=False, **opts)
     if name in ("train.bin", "test.bin"):
-        return _load_cifar100_file(path, **opts)
+        return _cifar100_reader(path, **opts)
     if name.endswith((".tar.gz", ".tgz", ".tar", ".zip")):
         raise DataError(f"{path} is an archive; extract it and pass the extracted folder")
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -258,9 +351,9 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- image folders
 
 
-def _load_image_folder(
+def _image_folder_reader(
     root: Path, split: str, *, image_size: int, channels: int, crop: bool, skip_bad: bool
-) -> ImageSet:
+) -> Reader:
     root = _split_folder(root, split)
     children = sorted(p for p in root.iterdir() if not _ignored(p))
     loose = [p for p in children if p.is_file()]
@@ -282,7 +375,6 @@ def _load_image_folder(
         files = [(f, i) for i, name in enumerate(class_names) for f in by_class[name]]
     else:
         files = [(f, -1) for f in loose]
-
     mode = CHANNELS[channels]
 
     def read(item: tuple[Path, int]) -> np.ndarray | None:
@@ -293,34 +385,37 @@ def _load_image_folder(
                 return None
             raise
 
-    if len(files) < _PARALLEL_FROM:
-        arrays = [read(item) for item in files]
-    else:  # Pillow releases the GIL while decoding and resizing
-        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    def chunks() -> Reader:
+        # Pillow releases the GIL while decoding and resizing
+        parallel = len(files) >= _PARALLEL_FROM
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) if parallel else None
+        per_chunk = chunk_rows(image_size * image_size * channels)
+        kept_labels = []
         try:
-            arrays = list(pool.map(read, files))
+            for start in range(0, len(files), per_chunk):
+                batch = files[start : start + per_chunk]
+                arrays = list(pool.map(read, batch)) if pool else [read(item) for item in batch]
+                keep = [i for i, a in enumerate(arrays) if a is not None]
+                kept_labels.extend(batch[i][1] for i in keep)
+                if keep:
+                    yield np.stack([arrays[i] for i in keep])
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        skipped = len(files) - len(kept_labels)
+        if not kept_labels:
+            raise DataError(
+                f"{root}: none of its {len(files)} files could be read ({skipped} skipped)"
+            )
+        what = f"{len(class_names)} classes" if class_names else "unlabelled"
+        if by_class:
+            labels = {"class": np.array(kept_labels, dtype=np.int64)}
+            classes = {"class": class_names}
+        else:
+            labels, classes = {}, {}
+        return ImageSetInfo(labels, classes, None, f"{root} (image folder, {what})", skipped)
 
-    keep = [i for i, a in enumerate(arrays) if a is not None]
-    skipped = len(files) - len(keep)
-    if not keep:
-        raise DataError(f"{root}: none of its {len(files)} files could be read ({skipped} skipped)")
-    images = np.stack([arrays[i] for i in keep])
-    what = f"{len(class_names)} classes" if class_names else "unlabelled"
-    if by_class:
-        labels = {"class": np.array([files[i][1] for i in keep], dtype=np.int64)}
-        classes = {"class": class_names}
-    else:
-        labels, classes = {}, {}
-    return ImageSet(
-        images=images,
-        labels=labels,
-        classes=classes,
-        captions=None,
-        source=f"{root} (image folder, {what})",
-        skipped=skipped,
-    )
+    return chunks()
 
 
 def _split_folder(root: Path, split: str) -> Path:
@@ -436,42 +531,57 @@ def _idx_labels_for(images_path: Path) -> Path | None:
     return (same_gz or found)[0]
 
 
-def _load_idx(path: Path, *, image_size: int, channels: int, crop: bool) -> ImageSet:
-    images = _read_idx(path, ndim=3, what="images")[..., None]  # (N, rows, cols, 1)
+def _idx_chunks(path: Path, *, image_size: int, channels: int, crop: bool) -> Reader:
+    """An IDX images file read a block at a time, its labels file (beside it) at the end."""
+    out_bytes = image_size * image_size * channels
+    n = 0
+    for raw in _idx_items(path, ndim=3, what="images", out_item_bytes=out_bytes):
+        yield _prepare(raw[..., None], image_size, channels, crop)  # (m, rows, cols, 1) in
+        n += len(raw)
+    if n == 0:  # a header of 0 images: still a set, of none
+        yield np.zeros((0, image_size, image_size, channels), dtype=np.uint8)
     labels_path = _idx_labels_for(path)
     if labels_path is None:
         labels, classes, note = {}, {}, "no labels file beside it, unlabelled"
     else:
-        y = _read_idx(labels_path, ndim=1, what="labels").astype(np.int64)
-        if len(y) != len(images):
+        items = list(_idx_items(labels_path, ndim=1, what="labels"))
+        y = np.concatenate(items).astype(np.int64) if items else np.zeros(0, np.int64)
+        if len(y) != n:
             raise DataError(
-                f"{labels_path} has {len(y):,} labels but {path.name} has {len(images):,} images; "
+                f"{labels_path} has {len(y):,} labels but {path.name} has {n:,} images; "
                 "use the labels file of the same split"
             )
         n_classes = max(10, int(y.max(initial=0)) + 1)
         labels, classes = {"class": y}, {"class": [str(i) for i in range(n_classes)]}
         note = f"labels from {labels_path.name}"
-    return ImageSet(
-        images=_prepare(images, image_size, channels, crop),
-        labels=labels,
-        classes=classes,
-        captions=None,
-        source=f"{path} (IDX, {note})",
-    )
+    return ImageSetInfo(labels, classes, None, f"{path} (IDX, {note})")
 
 
-def _read_idx(path: Path, *, ndim: int, what: str) -> np.ndarray:
-    """An IDX file of unsigned bytes with ``ndim`` dimensions, size-checked against its header.
+def _idx_items(
+    path: Path, *, ndim: int, what: str, out_item_bytes: int = 0
+) -> Generator[np.ndarray, None, None]:
+    """The items of an IDX file of unsigned bytes with ``ndim`` dimensions (an image of
+    rows x cols, or one label), as (m, *dims[1:]) uint8 chunks of about ``CHUNK_BYTES``
+    (counting an item as ``out_item_bytes`` when that is larger). Its size is checked
+    against its header once it has been read through, so a truncated file fails late.
 
     Header: two zero bytes, the element type (0x08 = unsigned byte), the number of
     dimensions, then each dimension as a big-endian 32-bit integer.
     """
-    data, gz_truncated = _read_maybe_gzip(path)
+    blocks = _file_blocks(path)
+    header = 4 + 4 * ndim
+    data = bytearray()  # the header, then items not yet yielded
+    ended = gz_truncated = False
+    while len(data) < header and not ended:
+        try:
+            data += next(blocks)
+        except StopIteration as end:
+            ended, gz_truncated = True, end.value
     expected_magic = (IDX_UBYTE << 8) | ndim  # 2051 for images, 2049 for labels
-    if gz_truncated and len(data) < 4 + 4 * ndim:
+    if gz_truncated and len(data) < header:
         raise DataError(
             f"{path}: truncated: the gzip stream ends after {len(data)} bytes, inside the "
-            f"{4 + 4 * ndim}-byte IDX header; download it again"
+            f"{header}-byte IDX header; download it again"
         )
     if len(data) < 4 or data[:2] != b"\0\0" or data[3] != ndim:
         raise DataError(
@@ -482,36 +592,74 @@ def _read_idx(path: Path, *, ndim: int, what: str) -> np.ndarray:
         raise DataError(
             f"{path}: IDX element type 0x{data[2]:02x} is not supported (only unsigned bytes, 0x08)"
         )
-    header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(data[4:header].ljust(4 * ndim, b"\0"), ">u4"))
+    dims = tuple(int(d) for d in np.frombuffer(bytes(data[4:header]).ljust(4 * ndim, b"\0"), ">u4"))
     expected = header + math.prod(dims)
-    if len(data) != expected:
-        fault = "truncated" if len(data) < expected else "longer than its header says"
+    size = len(data)  # bytes read so far
+    del data[:header]
+    item = math.prod(dims[1:])
+    per_chunk = chunk_rows(max(item, out_item_bytes))
+    left = dims[0] if item else 0  # items not yet yielded
+    while True:
+        while left and len(data) >= min(per_chunk, left) * item:
+            k = min(per_chunk, left)
+            yield np.frombuffer(bytes(data[: k * item]), np.uint8).reshape(k, *dims[1:])
+            del data[: k * item]
+            left -= k
+        if ended:
+            break
+        try:
+            block = next(blocks)
+        except StopIteration as end:
+            ended, gz_truncated = True, end.value
+            continue
+        size += len(block)
+        if left:  # bytes past the header's items are only counted
+            data += block
+    if size != expected:
+        fault = "truncated" if size < expected else "longer than its header says"
         where = " after decompressing (the gzip stream ends early)" if gz_truncated else ""
         raise DataError(
             f"{path}: {fault}: its header ({' x '.join(map(str, dims))}) needs {expected:,} bytes, "
-            f"it has {len(data):,}{where}; download it again"
+            f"it has {size:,}{where}; download it again"
         )
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+    if dims[0] and not item:
+        raise DataError(f"{path}: its header ({' x '.join(map(str, dims))}) gives empty {what}")
 
 
-def _read_maybe_gzip(path: Path) -> tuple[bytes, bool]:
-    """The file's bytes, gunzipped when it starts with the gzip magic; and whether gzip ended early."""
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw, False
-    parts, rest = [], raw
-    try:
-        while rest:  # a gzip file may hold several members
-            d = zlib.decompressobj(wbits=31)
-            parts.append(d.decompress(rest))
-            parts.append(d.flush())
-            if not d.eof:
-                return b"".join(parts), True
-            rest = d.unused_data.lstrip(b"\0")  # some tools pad with zeros
-    except zlib.error as e:
-        raise DataError(f"{path}: corrupt gzip data ({e}); download it again") from e
-    return b"".join(parts), False
+def _file_blocks(path: Path) -> Generator[bytes, None, bool]:
+    """The file's bytes a block at a time, gunzipped when it starts with the gzip magic;
+    returns whether a gzip stream ended early (its end-of-stream marker missing)."""
+    with open(path, "rb") as f:
+        block = f.read(_READ_BLOCK)
+        if block[:2] != b"\x1f\x8b":
+            while block:
+                yield block
+                block = f.read(_READ_BLOCK)
+            return False
+        member = None  # decompressor of the gzip member being read; a file may hold several
+        try:
+            while True:
+                if not block:
+                    block = f.read(_READ_BLOCK)
+                    if not block:
+                        break
+                if member is None:
+                    block = block.lstrip(b"\0")  # some tools pad with zeros between members
+                    if not block:
+                        continue
+                    member = zlib.decompressobj(wbits=31)
+                out = member.decompress(block)
+                if out:
+                    yield out
+                if member.eof:
+                    block, member = member.unused_data, None
+                else:
+                    block = b""
+            if member is not None and (out := member.flush()):
+                yield out
+        except zlib.error as e:
+            raise DataError(f"{path}: corrupt gzip data ({e}); download it again") from e
+        return member is not None
 
 
 # --------------------------------------------------------------------------- CIFAR binary
@@ -530,7 +678,7 @@ def _is_pickled_cifar(path: Path) -> bool:
     return False
 
 
-def _load_cifar10_folder(folder: Path, split: str, skip_bad: bool, **opts) -> ImageSet:
+def _cifar10_folder_reader(folder: Path, split: str, skip_bad: bool, **opts) -> Reader:
     if split == "train":
         batches = [p for p in folder.iterdir() if CIFAR10_BATCH.fullmatch(p.name)]
         files = sorted(batches, key=lambda p: int(CIFAR10_BATCH.fullmatch(p.name)[1]))
@@ -539,29 +687,29 @@ def _load_cifar10_folder(folder: Path, split: str, skip_bad: bool, **opts) -> Im
     if not files:
         want = "data_batch_1.bin .. data_batch_5.bin" if split == "train" else "test_batch.bin"
         raise DataError(f"{folder} has no CIFAR-10 {split} files ({want})")
-    return _load_cifar10_files(files, skip_bad=skip_bad, **opts)
+    return _cifar10_chunks(files, skip_bad=skip_bad, **opts)
 
 
-def _load_cifar10_files(
+def _cifar10_chunks(
     files: list[Path], *, skip_bad: bool, image_size: int, channels: int, crop: bool
-) -> ImageSet:
-    images, labels, skipped = [], [], 0
+) -> Reader:
+    labels, skipped = [], 0
     for path in files:
-        try:
-            x, y = _read_cifar_records(path, n_label_bytes=1, limits=(10,), name="CIFAR-10")
+        try:  # a bad file is found before any of its images is yielded, so it skips whole
+            y = _cifar_labels(path, n_label_bytes=1, limits=(10,), name="CIFAR-10")
         except DataError:
             if not skip_bad:
                 raise
             skipped += 1
             continue
-        images.append(x)
         labels.append(y[:, 0])
-    if not images:
+        for x in _cifar_images(path, n_label_bytes=1, out_item_bytes=image_size**2 * channels):
+            yield _prepare(x, image_size, channels, crop)
+    if not labels:
         raise DataError(f"none of {', '.join(str(p) for p in files)} could be read")
     names = _class_names(files[0].parent / "batches.meta.txt", 10)
     where = files[0] if len(files) == 1 else files[0].parent
-    return ImageSet(
-        images=_prepare(np.concatenate(images), image_size, channels, crop),
+    return ImageSetInfo(
         labels={"class": np.concatenate(labels)},
         classes={"class": names},
         captions=None,
@@ -570,26 +718,39 @@ def _load_cifar10_files(
     )
 
 
-def _load_cifar100_file(path: Path, *, image_size: int, channels: int, crop: bool) -> ImageSet:
+def _cifar100_reader(path: Path, *, image_size: int, channels: int, crop: bool) -> Reader:
     if not path.is_file():
         raise DataError(f"{path} not found: a CIFAR-100 binary folder holds train.bin and test.bin")
-    x, y = _read_cifar_records(path, n_label_bytes=2, limits=(20, 100), name="CIFAR-100")
-    return ImageSet(
-        images=_prepare(x, image_size, channels, crop),
-        labels={"class": y[:, 1], "coarse": y[:, 0]},  # record: coarse byte, fine byte
-        classes={
-            "class": _class_names(path.parent / "fine_label_names.txt", 100),
-            "coarse": _class_names(path.parent / "coarse_label_names.txt", 20),
-        },
-        captions=None,
-        source=f"{path} (CIFAR-100 binary)",
-    )
+
+    def chunks() -> Reader:
+        y = _cifar_labels(path, n_label_bytes=2, limits=(20, 100), name="CIFAR-100")
+        for x in _cifar_images(path, n_label_bytes=2, out_item_bytes=image_size**2 * channels):
+            yield _prepare(x, image_size, channels, crop)
+        return ImageSetInfo(
+            labels={"class": y[:, 1], "coarse": y[:, 0]},  # record: coarse byte, fine byte
+            classes={
+                "class": _class_names(path.parent / "fine_label_names.txt", 100),
+                "coarse": _class_names(path.parent / "coarse_label_names.txt", 20),
+            },
+            captions=None,
+            source=f"{path} (CIFAR-100 binary)",
+        )
+
+    return chunks()
 
 
-def _read_cifar_records(
+def _cifar_records(path: Path, record: int, out_item_bytes: int = 0) -> Iterator[np.ndarray]:
+    """(m, record) uint8 chunks of a file of fixed-size records, about ``CHUNK_BYTES`` each."""
+    per_chunk = chunk_rows(max(record, out_item_bytes))
+    with open(path, "rb") as f:
+        while block := f.read(per_chunk * record):
+            yield np.frombuffer(block, np.uint8).reshape(-1, record)
+
+
+def _cifar_labels(
     path: Path, *, n_label_bytes: int, limits: tuple[int, ...], name: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 32, 32, 3) uint8 images and (N, n_label_bytes) int64 labels of a CIFAR .bin file."""
+) -> np.ndarray:
+    """(N, n_label_bytes) int64 labels of a CIFAR .bin file, its size and labels checked."""
     record = n_label_bytes + CIFAR_PIXELS
     size = path.stat().st_size
     if size == 0 or size % record:
@@ -599,8 +760,9 @@ def _read_cifar_records(
             f"{n_label_bytes} label byte(s) + {CIFAR_PIXELS:,} pixel bytes; {whole + 1:,} records "
             f"= {(whole + 1) * record:,} bytes): the file is truncated or not {name} binary"
         )
-    rows = np.fromfile(path, dtype=np.uint8).reshape(-1, record)
-    labels = rows[:, :n_label_bytes].astype(np.int64)
+    labels = np.concatenate(
+        [rows[:, :n_label_bytes].astype(np.int64) for rows in _cifar_records(path, record)]
+    )
     for j, limit in enumerate(limits):
         bad = np.flatnonzero(labels[:, j] >= limit)
         if bad.size:
@@ -609,9 +771,15 @@ def _read_cifar_records(
                 f"{path}: label {labels[i, j]} of record {i} (byte {i * record + j:,}) is not below "
                 f"{limit}; is this {name} binary?"
             )
-    # Each record stores the red plane, then green, then blue, row-major: (N, C, H, W) -> (N, H, W, C)
-    images = rows[:, n_label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels
+    return labels
+
+
+def _cifar_images(path: Path, *, n_label_bytes: int, out_item_bytes: int) -> Iterator[np.ndarray]:
+    """(m, 32, 32, 3) uint8 chunks of the images of a CIFAR .bin file (checked by _cifar_labels)."""
+    for rows in _cifar_records(path, n_label_bytes + CIFAR_PIXELS, out_item_bytes):
+        # Each record stores the red plane, then green, then blue, row-major: (N, C, H, W) -> (N, H, W, C)
+        images = rows[:, n_label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        yield np.ascontiguousarray(images)
 
 
 def _class_names(path: Path, count: int) -> list[str]:

@@ -19,9 +19,11 @@ image (with a margin) and the whole shape inside the image.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import numpy as np
 
-from aigc.data.images import ImageSet
+from aigc.data.images import ImageSet, ImageSetInfo, ImageStream
 from aigc.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -97,6 +99,11 @@ def generate_shapes(n: int, image_size: int = 32, seed: int = 0) -> ImageSet:
     Labels: ``shape``, ``colour``, ``size``, ``position`` (indices into ``SHAPES``,
     ``COLOURS``, ``SIZES``, ``POSITIONS``), each drawn uniformly and independently.
     """
+    return shapes_stream(n, image_size, seed).collect()
+
+
+def shapes_stream(n: int, image_size: int = 32, seed: int = 0) -> ImageStream:
+    """The images of ``generate_shapes`` drawn ``_CHUNK`` at a time (labels and captions at once)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"data.n (number of shapes images) must be an integer >= 1, got {n!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
@@ -115,16 +122,8 @@ def generate_shapes(n: int, image_size: int = 32, seed: int = 0) -> ImageSet:
     cy = _place(position // 3, extent, u[:, 6])  # row 0..2, top to bottom
     rgb = np.clip(PALETTE[colour] + COLOUR_JITTER * (2 * u[:, 7:10] - 1), 0, 255)
 
-    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    for a in range(0, n, _CHUNK):
-        b = min(a + _CHUNK, n)
-        cover = _coverage(shape[a:b], cx[a:b], cy[a:b], radius[a:b], image_size)  # (m, S, S)
-        pixels = cover[..., None] * rgb[a:b, None, None, :].astype(np.float32)  # (m, S, S, 3)
-        images[a:b] = np.rint(pixels).astype(np.uint8)
-
     captions = [caption(*row) for row in zip(shape, colour, size, position, strict=True)]
-    return ImageSet(
-        images=images,
+    info = ImageSetInfo(
         labels={"shape": shape, "colour": colour, "size": size, "position": position},
         classes={
             "shape": list(SHAPES),
@@ -135,6 +134,16 @@ def generate_shapes(n: int, image_size: int = 32, seed: int = 0) -> ImageSet:
         captions=captions,
         source=f"shapes (n={n}, {image_size}x{image_size}, seed={seed})",
     )
+
+    def chunks() -> Generator[np.ndarray, None, ImageSetInfo]:
+        for a in range(0, n, _CHUNK):
+            b = min(a + _CHUNK, n)
+            cover = _coverage(shape[a:b], cx[a:b], cy[a:b], radius[a:b], image_size)  # (m, S, S)
+            pixels = cover[..., None] * rgb[a:b, None, None, :].astype(np.float32)  # (m, S, S, 3)
+            yield np.rint(pixels).astype(np.uint8)
+        return info
+
+    return ImageStream(chunks())
 
 
 def _place(cell: np.ndarray, extent: np.ndarray, u: np.ndarray) -> np.ndarray:

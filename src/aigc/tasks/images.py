@@ -1,8 +1,8 @@
 """Image data in a run folder, shared by the image families (GAN now, VAE next).
 
 ``prepare`` reads the configured source once (embedded ``digits`` or ``shapes``,
-an image folder, MNIST IDX or CIFAR binary files), holds out a deterministic
-validation share and writes it into the run's ``data/`` folder:
+an image folder, MNIST IDX or CIFAR binary files), a chunk at a time, holds out a
+deterministic validation share and writes it into the run's ``data/`` folder:
 
     data/images.npy    (N, H, W, C) uint8, training images first, then validation
     data/labels.npy    (N, A) int64, one column per labelled attribute (absent if unlabelled)
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -125,68 +127,94 @@ def _source_spec(d: ImageDataConfig) -> str:
 
 
 def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
-    """Reads the source, splits it and writes it into ``data_dir``."""
-    from aigc.data.images import binarize, is_binary, load_image_set, split_indices
+    """Reads the source, splits it and writes it into ``data_dir``.
+
+    The images never sit in memory all at once (DESIGN.md, "Devices and scale"): they
+    are decoded a chunk at a time into a scratch file in the source's order, then
+    copied from it into images.npy, training images first, a chunk at a time.
+    """
+    from aigc.data.images import binarize, image_stream, is_binary, split_indices
 
     source = _source_spec(d)
     if source not in ("digits", "shapes") and not Path(source).exists():
         raise DataError(f"data.source={d.source!r}: no such file or folder (or use digits, shapes)")
-    channels = d.channels or 3
-    images = load_image_set(
+    stream = image_stream(
         source,
         image_size=d.image_size,
-        channels=channels,
+        channels=d.channels or 3,
         crop=d.crop,
         skip_bad=d.skip_bad,
         split=d.split,
         n=d.n,
         seed=seed,
     )
-    if len(images) < 2:
-        raise DataError(f"{images.source}: {len(images)} image(s); at least 2 are needed")
-    pixels = images.images
-    if d.channels == 0 and pixels.shape[-1] == 3 and _is_grey(pixels):
-        pixels = np.ascontiguousarray(pixels[..., :1])  # a grey source keeps one channel
-    if d.binarize:
-        pixels = binarize(pixels)
-    attributes = list(images.labels)
-    if d.labels:
-        unknown = [a for a in d.labels if a not in attributes]
-        if unknown:
-            have = ", ".join(attributes) or "none: the images are unlabelled"
-            raise ConfigError(
-                f"data.labels: {unknown[0]!r} is not an attribute of {images.source} ({have})"
-            )
-        attributes = list(d.labels)
-    train_idx, val_idx = split_indices(len(images), d.val_fraction, seed)
-    order = np.concatenate([train_idx, val_idx])
     data_dir.mkdir(parents=True, exist_ok=True)
-    pixels = np.ascontiguousarray(pixels[order])
-    np.save(data_dir / "images.npy", pixels, allow_pickle=False)
+    scratch = data_dir / "images.decoded.tmp"
+    try:
+        n, shape, grey = 0, None, d.channels == 0
+        with open(scratch, "wb") as f:
+            for chunk in stream:
+                n, shape = n + len(chunk), chunk.shape[1:]
+                grey = grey and shape[-1] == 3 and _is_grey(chunk)
+                f.write(np.ascontiguousarray(chunk).data)
+        found = stream.info
+        if n < 2:
+            raise DataError(f"{found.source}: {n} image(s); at least 2 are needed")
+        attributes = list(found.labels)
+        if d.labels:
+            unknown = [a for a in d.labels if a not in attributes]
+            if unknown:
+                have = ", ".join(attributes) or "none: the images are unlabelled"
+                raise ConfigError(
+                    f"data.labels: {unknown[0]!r} is not an attribute of {found.source} ({have})"
+                )
+            attributes = list(d.labels)
+        train_idx, val_idx = split_indices(n, d.val_fraction, seed)
+        order = np.concatenate([train_idx, val_idx])
+        in_val = np.zeros(n, dtype=bool)
+        in_val[val_idx] = True
+        channels = 1 if grey else shape[-1]  # a grey source keeps one channel
+        digest, binary = hashlib.sha256(), True
+
+        def ordered_chunks():  # train_idx and val_idx are sorted: two passes in file order
+            nonlocal binary
+            for val in (False, True):
+                for start, chunk in _read_chunks(scratch, shape):
+                    chunk = chunk[in_val[start : start + len(chunk)] == val, ..., :channels]
+                    if d.binarize:
+                        chunk = binarize(chunk)
+                    chunk = np.ascontiguousarray(chunk)
+                    digest.update(chunk.data)
+                    binary = binary and is_binary(chunk)
+                    yield chunk
+
+        write_npy(data_dir / "images.npy", (n, *shape[:2], channels), ordered_chunks())
+    finally:
+        scratch.unlink(missing_ok=True)
     labels = None
     if attributes:
         labels = np.stack(
-            [np.asarray(images.labels[a], dtype=np.int64)[order] for a in attributes], 1
+            [np.asarray(found.labels[a], dtype=np.int64)[order] for a in attributes], 1
         )
         np.save(data_dir / "labels.npy", labels, allow_pickle=False)
     meta = {
-        "source": images.source,
+        "source": found.source,
         "spec": {"source": source, "split": d.split, "image_size": d.image_size,
-                 "channels": int(pixels.shape[-1]), "crop": d.crop, "n": d.n,
+                 "channels": int(channels), "crop": d.crop, "n": d.n,
                  "binarize": d.binarize},
-        "binary": is_binary(pixels),
+        "binary": binary,
         "attributes": attributes,
-        "classes": {a: list(images.classes[a]) for a in attributes},
+        "classes": {a: list(found.classes[a]) for a in attributes},
         "n_train": len(train_idx),
         "n_val": len(val_idx),
-        "skipped": int(images.skipped),
-        "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
+        "skipped": int(found.skipped),
+        "sha256": digest.hexdigest(),
     }  # fmt: skip
-    if images.captions is not None:
-        meta["captions"] = [images.captions[i] for i in order]
+    if found.captions is not None:
+        meta["captions"] = [found.captions[i] for i in order]
     (data_dir / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
-    if images.skipped:
-        print(f"data: skipped {images.skipped} unreadable file(s) in {images.source}", flush=True)
+    if found.skipped:
+        print(f"data: skipped {found.skipped} unreadable file(s) in {found.source}", flush=True)
     return open_data(data_dir)
 
 
@@ -194,6 +222,48 @@ def _is_grey(pixels: np.ndarray) -> bool:
     return bool(
         (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
     )
+
+
+def _read_chunks(path: Path, shape: tuple[int, ...]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of its first image, (m, *shape) uint8 chunk) of a raw file of images, in order."""
+    from aigc.data.images import chunk_rows
+
+    image_bytes = math.prod(shape)
+    per_chunk = chunk_rows(image_bytes)
+    with open(path, "rb") as f:
+        start = 0
+        while block := f.read(per_chunk * image_bytes):
+            chunk = np.frombuffer(block, np.uint8).reshape(-1, *shape)
+            yield start, chunk
+            start += len(chunk)
+
+
+def write_npy(path: Path, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> None:
+    """Writes uint8 ``chunks`` (in order, filling ``shape``) as the .npy file ``path``,
+    under a temporary name renamed when complete.
+
+    numpy lays the file out (``open_memmap``: the header np.save writes, then the
+    array); the chunks are written into it with plain writes, not through the
+    mapping, whose written pages would stay in this process's memory (resident set).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        layout = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        offset, end = layout.offset, layout.offset + layout.nbytes
+        del layout
+        with open(tmp, "r+b") as f:
+            f.seek(offset)
+            for chunk in chunks:
+                f.write(np.ascontiguousarray(chunk, dtype=np.uint8).data)
+            if f.tell() != end:
+                filled = f"{f.tell() - offset:,} of {end - offset:,}"
+                raise ValueError(f"{path}: the chunks filled {filled} bytes")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def open_data(data_dir: Path) -> ImageData:
