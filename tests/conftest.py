@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,27 @@ def serve_runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
             aigc.train(ROOT / "configs" / f"{recipe}.yaml", [*model, *image],
                        run_dir=root / name, progress=False)  # fmt: skip
     return {name: root / name for name in ("gpt", "chat", "cgan", "vae")}
+
+
+def start_server(args: list[str], env: dict[str, str] | None = None) -> tuple[Any, str]:
+    """`python -m aigc serve ARGS` in a subprocess, as a user starts it; returns the process
+    and its base URL once /health answers (30 s at most). The caller stops the process."""
+    import time
+
+    import httpx
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "aigc", "serve", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    url = next((line.split()[2] for line in proc.stdout if line.startswith("listening on ")), None)
+    if url is None:
+        proc.wait(30)
+        raise AssertionError(f"the server did not start: {proc.stderr.read()}")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the server did not answer /health in 30 s"
+            time.sleep(0.05)

@@ -14,8 +14,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -34,7 +32,7 @@ from aigc.errors import ConfigError
 from aigc.serve.app import create_app, prompt_to_labels
 from aigc.serve.settings import ServeSettings
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, start_server
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -889,42 +887,9 @@ def test_the_readme_table_of_flags_is_the_settings():
 
 
 def test_sigterm_lets_a_streaming_request_finish_then_exits_0(runs):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIGC_MAX_TOKENS": "5000"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aigc",
-            "serve",
-            str(runs["gpt"]),
-            "--port",
-            "0",
-            "--grace-seconds",
-            "30",
-            "--device",
-            "cpu",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = start_server([str(runs["gpt"]), "--port", "0", "--grace-seconds", "30",
+                              "--device", "cpu"], env={"AIGC_MAX_TOKENS": "5000"})  # fmt: skip
     try:
-        url = None
-        for line in proc.stdout:
-            if line.startswith("listening on "):
-                url = line.split()[2]
-                break
-        assert url, proc.stderr.read()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
         body = {"model": "gpt", "prompt": "a", "max_tokens": 4000, "stream": True, "seed": 0}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -947,26 +912,10 @@ def test_shutdown_past_the_grace_period_answers_every_request_in_one_log_line(ru
     """A stream and a whole request still running when --grace-seconds is over: the
     stream ends with an error event in OpenAI's shape and [DONE], the other gets a 503,
     the log says so in one line, and the process exits 0 with no traceback."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIGC_MAX_TOKENS": "1000000"}
-    cmd = [sys.executable, "-m", "aigc", "serve", str(runs["gpt"]), "--port", "0",
-           "--grace-seconds", "1", "--device", "cpu", "--max-batch-size", "4"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc, url = start_server([str(runs["gpt"]), "--port", "0", "--grace-seconds", "1",
+                              "--device", "cpu", "--max-batch-size", "4"],
+                             env={"AIGC_MAX_TOKENS": "1000000"})  # fmt: skip
     try:
-        url = None
-        for line in proc.stdout:
-            if line.startswith("listening on "):
-                url = line.split()[2]
-                break
-        assert url, proc.stderr.read()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
         long = {"model": "gpt", "prompt": "a", "max_tokens": 1_000_000, "seed": 0}
         whole: dict = {}
 

@@ -9,7 +9,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ import aigc
 from aigc.runs import RunDir
 from aigc.tasks import TASKS, register_task
 
-from .conftest import ROOT
+from .conftest import ROOT, start_server
 
 RECIPE = Path(__file__).parent / "toy" / "toy-shapes.yaml"
 
@@ -88,19 +87,8 @@ def test_the_toy_family_works_from_the_cli_report_and_server(toy_run, plugin_pat
     page = (tmp_path / "report.html").read_text()
     assert "toy" in page and "nll" in page
     # served: an image model on the images endpoint
-    proc = subprocess.Popen([sys.executable, "-m", "aigc", "serve", str(toy_run), "--port", "0"],
-                            cwd=ROOT, env=_env(plugin_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc, url = start_server([str(toy_run), "--port", "0"], env=_env(plugin_path))
     try:
-        url = next(line.split()[2] for line in proc.stdout if line.startswith("listening on "))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
         body = {"model": toy_run.name, "prompt": "red, circle", "n": 2, "seed": 1}
         r = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
         assert r.status_code == 200, r.text
