@@ -15,8 +15,10 @@ from aigc.schedulers.base import Scheduler, SchedulerOutput
 __all__ = ["SCHEDULERS", "Scheduler", "SchedulerOutput", "get_scheduler"]
 
 # scheduler name -> "module:Class", a subclass of Scheduler; imported on first use.
-# None yet: the first diffusion family brings its rules.
-SCHEDULERS: dict[str, str] = {}
+SCHEDULERS: dict[str, str] = {
+    "ddpm": "aigc.schedulers.ddpm:DDPMScheduler",
+    "ddim": "aigc.schedulers.ddim:DDIMScheduler",
+}
 
 
 def get_scheduler(name: str) -> type[Scheduler]:
