@@ -94,6 +94,8 @@ GPT = ["train.eval_every=0", "train.checkpoint_every=1", *TINY]
 GAN = [*IMAGES, "model.z_dim=8", "model.g_width=8", "model.d_width=8", "train.checkpoint_every=1"]
 VAE = [*IMAGES, "model.z_dim=4", "model.width=4", "train.checkpoint_every=1"]
 TOY = ["train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=1"]
+DIFFUSION = [*IMAGES, "model.width=8", "model.channel_mults=[1,2]", "model.groups=4",
+             "model.sample_steps=3", "train.checkpoint_every=1"]  # fmt: skip
 
 TASK_ENTRIES: dict[str, Entry] = {
     "gpt": Entry(_train(RECIPE, lambda ctx: [*GPT, f"data.path={ctx['corpus']}"]), _texts),
@@ -102,6 +104,7 @@ TASK_ENTRIES: dict[str, Entry] = {
     "gan": Entry(_train(CONFIGS / "cgan-shapes.yaml", GAN), _images),
     "vae": Entry(_train(CONFIGS / "betavae-shapes.yaml", VAE), _images),
     "toy": Entry(_train(ROOT / "tests" / "toy" / "toy-shapes.yaml", TOY), _images),
+    "diffusion": Entry(_train(CONFIGS / "ddpm-digits.yaml", DIFFUSION), _images),
 }
 
 

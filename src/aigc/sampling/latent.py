@@ -32,7 +32,7 @@ def sample_images(
     and random labels come from a generator seeded by (seed, i) alone, so image i
     is the same whatever n and the batch size are.
     """
-    z, drawn = _latents(model, n, seed)
+    z, drawn = draw_latents(model, n, seed)
     if model.cfg.conditional:
         labels = drawn if labels is None else torch.where(labels < 0, drawn, labels)
     else:
@@ -45,7 +45,7 @@ def sample_images(
     return images, labels
 
 
-def _latents(model: Any, n: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_latents(model: Any, n: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Noise (n, z_dim) and random labels (n, A) (None if unconditional), on the CPU."""
     conditional = model.cfg.conditional
     if seed is None:

@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "vae": "aigc.tasks.vae:VAETask",
     "chat": "aigc.tasks.chat:ChatTask",
     "classifier": "aigc.tasks.classify:ClassifyTask",
+    "diffusion": "aigc.tasks.diffusion:DiffusionTask",
 }
 ENTRY_POINTS = "aigc.tasks"  # installed packages add tasks under this entry-point group
 _plugins_read = False
