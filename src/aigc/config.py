@@ -149,6 +149,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (arg, *_) = typing.get_args(tp) or (Any,)
         items = [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a mapping")
+        (_, arg) = typing.get_args(tp) or (str, Any)
+        return {k: _coerce(v, arg, f"{key}.{k}") for k, v in value.items()}
     if tp is type(None):
         if value is None:
             return None

@@ -12,12 +12,26 @@ eps = eps(x, null) + w (eps(x, y) - eps(x, null)).
 
 Training objective (``prediction_type``): the noise ("epsilon", Ho et al. eq. 14),
 x_0 ("sample") or v (Salimans & Ho 2022), optionally weighted by min-SNR-gamma (Hang et
-al. 2023: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v).
+al. 2023: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v); or
+EDM's preconditioned denoiser (Karras et al. 2022, Table 1): D(x; sigma) = c_skip x +
+c_out F(c_in x, c_noise), trained at log-normal sigmas with the weight lambda(sigma) =
+1 / c_out^2. Whatever the objective, the model answers schedulers in the same units
+(VP input at a training timestep, output in the scheduler's parameterisation), so every
+scheduler samples every model.
+
+Text-to-image: a caption's tokens are encoded by a small bidirectional Transformer
+trained with the U-Net, or by a frozen aigc GPT (model.text_encoder, as DALL-E 2 and
+Imagen use a frozen pretrained text encoder); the U-Net reads the token states through
+cross-attention at the low resolutions and their mean through the time embedding
+(Imagen, Saharia et al. 2022, §2.1 and App. F). Captions are dropped to the empty
+caption with probability ``cond_drop`` for classifier-free guidance, and a negative
+prompt takes the empty caption's place at sampling.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +71,20 @@ class DiffusionConfig:
     sampler: str = "ddim"  # the scheduler evaluation and `generate` use by default
     sample_steps: int = 50  # its steps
     guidance: float = 1.0  # classifier-free guidance scale at sampling; 1 = none
+    preconditioning: str = "none"  # "edm": Karras et al. 2022's denoiser and sigma law
+    sigma_data: float = 0.5  # EDM: the data's standard deviation
+    p_mean: float = -1.2  # EDM: training ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
+    text: bool = False  # condition on captions (text-to-image)
+    text_encoder: str = ""  # "" = a Transformer trained with the U-Net; or a GPT run (frozen)
+    text_width: int = 128  # the trained text encoder's width
+    text_layers: int = 2
+    text_heads: int = 4
+    text_context: int = 0  # tokens per caption, the start token included; 0 = from the data
+    text_vocab_size: int = 0  # set from the run's tokenizer
+    text_start_id: int = -1  # the token every caption starts with; set from the tokenizer
+    text_gpt: dict[str, Any] = field(default_factory=dict)  # the frozen GPT's config (set)
+    cross_attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
 
     @property
     def z_dim(self) -> int:
@@ -64,11 +92,12 @@ class DiffusionConfig:
         return self.channels * self.image_size**2
 
     def validate(self) -> None:
-        check_choices(self, {"beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES})
+        check_choices(self, {"beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES,
+                             "preconditioning": PRECONDITIONINGS})  # fmt: skip
         for key, low in (("image_size", 0), ("channels", 0), ("width", 1), ("num_res_blocks", 1),
                          ("groups", 1), ("num_train_timesteps", 2), ("sample_steps", 1)):  # fmt: skip
             check_int(f"model.{key}", getattr(self, key), low)
-        for key in ("dropout", "cond_drop", "min_snr_gamma", "guidance"):
+        for key in ("dropout", "cond_drop", "min_snr_gamma", "guidance", "sigma_data", "p_std"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"model.{key}={value!r} must be a number >= 0")
@@ -76,6 +105,30 @@ class DiffusionConfig:
             raise ConfigError(f"model.conditional={self.conditional!r} must be true or false")
         if self.num_classes and not self.conditional:
             raise ConfigError("model.num_classes is set but model.conditional=false")
+        if not isinstance(self.text, bool):
+            raise ConfigError(f"model.text={self.text!r} must be true or false")
+        if self.text and self.conditional:
+            raise ConfigError(
+                "model.text=true and model.conditional=true: condition on captions or on "
+                "class labels, not both (captions can name the class)"
+            )
+        if self.text_encoder and not self.text:
+            raise ConfigError("model.text_encoder is set but model.text=false")
+        for key in ("text_width", "text_layers", "text_heads"):
+            check_int(f"model.{key}", getattr(self, key), 1)
+        if self.text_width % self.text_heads:
+            raise ConfigError(
+                f"model.text_width={self.text_width} must be a multiple of model.text_heads"
+            )
+        if self.preconditioning == "edm" and (
+            self.prediction_type != "epsilon" or self.min_snr_gamma
+        ):
+            raise ConfigError(
+                "model.preconditioning=edm trains EDM's own target and weight; leave "
+                "model.prediction_type and model.min_snr_gamma at their defaults"
+            )
+        if self.preconditioning == "edm" and self.sigma_data <= 0:
+            raise ConfigError(f"model.sigma_data={self.sigma_data} must be > 0")
         for i, n in enumerate(self.num_classes):
             check_int(f"model.num_classes[{i}]", n, 2)
         check_pow2_size(self.image_size, "unet", "halves the image per resolution")
@@ -94,6 +147,14 @@ class DiffusionConfig:
 
     def check_ready(self) -> None:
         check_image_ready(self)
+        if self.text and (self.text_vocab_size < 1 or self.text_context < 2):
+            raise ConfigError(
+                "model.text_vocab_size and model.text_context are set from the run's "
+                "tokenizer and captions; build the model through its task"
+            )
+
+
+PRECONDITIONINGS = ("none", "edm")
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -144,16 +205,131 @@ class AttentionBlock(nn.Module):
         return x + self.out(h.transpose(1, 2).reshape(B, C, H, W))
 
 
-class UNet(nn.Module):
-    """x_t (B, C, H, W), timesteps (B,), labels (B, A) or None -> (B, C, H, W)."""
+class CrossAttention(nn.Module):
+    """Multi-head attention from the H*W positions (queries) to a caption's token states
+    (keys and values), with a residual; padding tokens are masked out."""
 
-    def __init__(self, cfg: DiffusionConfig, num_classes: list[int]) -> None:
+    def __init__(self, channels: int, context_dim: int, groups: int) -> None:
+        super().__init__()
+        self.heads = max(1, channels // 32)
+        self.norm = nn.GroupNorm(groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, context: TextContext) -> Tensor:
+        B, C, H, W = x.shape
+        nh = self.heads
+        q = self.q(self.norm(x)).reshape(B, nh, C // nh, H * W).transpose(2, 3)  # (B, nh, HW, c)
+        L = context.states.size(1)
+        k, v = self.kv(context.states).reshape(B, L, 2, nh, C // nh).permute(2, 0, 3, 1, 4)
+        mask = context.mask[:, None, None, :]  # (B, 1, 1, L): True = attend
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, HW, c)
+        return x + self.out(h.transpose(2, 3).reshape(B, C, H, W))
+
+
+@dataclass
+class TextContext:
+    """An encoded caption batch: token states (B, L, D), mask (B, L) True for real tokens
+    (at least one per row), and their mean (B, D)."""
+
+    states: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+    @classmethod
+    def of(cls, states: Tensor, mask: Tensor) -> TextContext:
+        m = mask[..., None].to(states.dtype)
+        return cls(states, mask, (states * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+    def cat(self, other: TextContext) -> TextContext:
+        """Both batches in one, the shorter padded (masked out) to the longer length."""
+        L = max(self.states.size(1), other.states.size(1))
+
+        def pad(c: TextContext) -> tuple[Tensor, Tensor]:
+            extra = L - c.states.size(1)
+            return F.pad(c.states, (0, 0, 0, extra)), F.pad(c.mask, (0, extra), value=False)
+
+        (s1, m1), (s2, m2) = pad(self), pad(other)
+        return TextContext(torch.cat([s1, s2]), torch.cat([m1, m2]),
+                           torch.cat([self.pooled, other.pooled]))  # fmt: skip
+
+
+class TextEncoder(nn.Module):
+    """A small bidirectional Transformer (pre-norm, GELU) over caption tokens, trained
+    with the U-Net. ids (B, L) int64 with -1 = padding -> TextContext."""
+
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        super().__init__()
+        d = cfg.text_width
+        self.tok = nn.Embedding(cfg.text_vocab_size, d)
+        self.pos = nn.Parameter(torch.randn(cfg.text_context, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, cfg.text_heads, 4 * d, cfg.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)  # fmt: skip
+        self.blocks = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.dim = d
+
+    def forward(self, ids: Tensor) -> TextContext:
+        mask = ids >= 0
+        h = self.tok(ids.clamp(min=0)) + self.pos[: ids.size(1)]  # (B, L, D)
+        h = self.norm(self.blocks(h, src_key_padding_mask=~mask))
+        return TextContext.of(h, mask)
+
+
+class FrozenGPTEncoder(nn.Module):
+    """A trained aigc GPT's final hidden states (after its last layer norm), never trained:
+    its weights are copied from model.text_encoder into this run when it is made."""
+
+    def __init__(self, gpt_config: dict[str, Any]) -> None:
+        super().__init__()
+        from aigc.models.gpt import GPT, GPTConfig
+
+        self.gpt = GPT(GPTConfig(**gpt_config))
+        self.dim = self.gpt.cfg.n_embd
+
+    def forward(self, ids: Tensor) -> TextContext:
+        mask = ids >= 0  # padding sits after the tokens: causal attention never sees it
+        tr = self.gpt.transformer
+        with torch.no_grad():
+            x = tr.wte(ids.clamp(min=0)) + tr.wpe.weight[: ids.size(1)]
+            for block in tr.h:
+                x = block(x)
+            return TextContext.of(tr.ln_f(x), mask)
+
+
+def _run(block: nn.Module, h: Tensor, emb: Tensor, context: TextContext | None) -> Tensor:
+    if isinstance(block, ResBlock):
+        return block(h, emb)
+    if isinstance(block, CrossAttention):
+        return block(h, context)
+    return block(h)
+
+
+class UNet(nn.Module):
+    """x_t (B, C, H, W), timesteps (B,), labels (B, A) or None, a TextContext or None
+    -> (B, C, H, W)."""
+
+    def __init__(self, cfg: DiffusionConfig, num_classes: list[int], context_dim: int = 0) -> None:
         super().__init__()
         w, g = cfg.width, cfg.groups
         t_dim = 4 * w
         self.time_mlp = nn.Sequential(nn.Linear(w, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         # one row more per attribute: the "null" label of classifier-free guidance
         self.label_tables = nn.ModuleList(nn.Embedding(n + 1, t_dim) for n in num_classes)
+        if context_dim:  # the caption's mean joins the time embedding (Imagen App. F)
+            self.text_pool = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, t_dim))
+
+        def attention(c: int, res: int) -> list[nn.Module]:
+            out: list[nn.Module] = []
+            if res in cfg.attn_resolutions:
+                out.append(AttentionBlock(c, g))
+            if context_dim and res in cfg.cross_attn_resolutions:
+                out.append(CrossAttention(c, context_dim, g))
+            return out
+
         self.inp = nn.Conv2d(cfg.channels, w, 3, padding=1)
         self.down = nn.ModuleList()
         chans, c, res = [w], w, cfg.image_size
@@ -161,16 +337,16 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 blocks = [ResBlock(c, w * mult, t_dim, g, cfg.dropout)]
                 c = w * mult
-                if res in cfg.attn_resolutions:
-                    blocks.append(AttentionBlock(c, g))
+                blocks += attention(c, res)
                 self.down.append(nn.ModuleList(blocks))
                 chans.append(c)
             if level < len(cfg.channel_mults) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
                 chans.append(c)
                 res //= 2
+        mid_cross = [CrossAttention(c, context_dim, g)] if context_dim else []
         self.mid = nn.ModuleList(
-            [ResBlock(c, c, t_dim, g, cfg.dropout), AttentionBlock(c, g),
+            [ResBlock(c, c, t_dim, g, cfg.dropout), AttentionBlock(c, g), *mid_cross,
              ResBlock(c, c, t_dim, g, cfg.dropout)]
         )  # fmt: skip
         self.up = nn.ModuleList()
@@ -178,8 +354,7 @@ class UNet(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 blocks = [ResBlock(c + chans.pop(), w * mult, t_dim, g, cfg.dropout)]
                 c = w * mult
-                if res in cfg.attn_resolutions:
-                    blocks.append(AttentionBlock(c, g))
+                blocks += attention(c, res)
                 if level and i == cfg.num_res_blocks:
                     blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     blocks.append(nn.Conv2d(c, c, 3, padding=1))
@@ -192,27 +367,39 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
         self.width = w
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        labels: Tensor | None = None,
+        context: TextContext | None = None,
+    ) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.width))  # (B, 4w)
         for a, table in enumerate(self.label_tables):
             emb = emb + table(labels[:, a])
+        if context is not None:
+            emb = emb + self.text_pool(context.pooled)
         h = self.inp(x)
         skips = [h]
         for blocks in self.down:
             for b in blocks:
-                h = b(h, emb) if isinstance(b, ResBlock) else b(h)
+                h = _run(b, h, emb, context)
             skips.append(h)
         for b in self.mid:
-            h = b(h, emb) if isinstance(b, ResBlock) else b(h)
+            h = _run(b, h, emb, context)
         for blocks in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             for b in blocks:
-                h = b(h, emb) if isinstance(b, ResBlock) else b(h)
+                h = _run(b, h, emb, context)
         return self.out(h)
 
 
 class Diffusion(LatentSampling, nn.Module):
-    """The denoiser and the training schedule; ``generate`` runs a scheduler from noise."""
+    """The denoiser and the training schedule; ``generate`` runs a scheduler from noise.
+
+    Conditions: ``labels`` (B, A) int64 for a class-conditional model; ``text`` (B, L)
+    int64 caption tokens, -1 = padding, each row starting with ``cfg.text_start_id``,
+    for a text-conditional one (the empty caption is the start token alone)."""
 
     def __init__(self, cfg: DiffusionConfig) -> None:
         super().__init__()
@@ -220,41 +407,130 @@ class Diffusion(LatentSampling, nn.Module):
         cfg.check_ready()
         self.cfg = cfg
         self.num_classes = list(cfg.num_classes) if cfg.conditional else []
-        self.unet = UNet(cfg, self.num_classes)
-        self.register_buffer(
-            "alphas_cumprod", self.scheduler("ddpm").alphas_cumprod.float(), persistent=False
-        )
+        self.text_encoder: nn.Module | None = None
+        if cfg.text:
+            self.text_encoder = FrozenGPTEncoder(cfg.text_gpt) if cfg.text_gpt else TextEncoder(cfg)
+        dim = self.text_encoder.dim if self.text_encoder is not None else 0
+        self.unet = UNet(cfg, self.num_classes, context_dim=dim)
+        abar = self.scheduler("ddpm").alphas_cumprod
+        self.register_buffer("alphas_cumprod", abar.float(), persistent=False)
+        # ln sigma_t of the training schedule, sigma_t = sqrt((1 - abar_t) / abar_t): the
+        # noise level an EDM model reads at a scheduler's timestep t
+        self.register_buffer("log_sigmas", (0.5 * ((1 - abar) / abar).log()).float(),
+                             persistent=False)  # fmt: skip
 
     @property
     def device(self) -> torch.device:
         return self.unet.inp.weight.device
 
     def scheduler(self, name: str | None = None, **overrides: Any):
-        """A scheduler of the training schedule: ``name`` (default cfg.sampler)."""
+        """A scheduler of the training schedule: ``name`` (default cfg.sampler). An EDM
+        model answers with x_0 (the "sample" parameterisation)."""
         c = self.cfg
+        kind = "sample" if c.preconditioning == "edm" else c.prediction_type
         kw = {"num_train_timesteps": c.num_train_timesteps, "beta_schedule": c.beta_schedule,
-              "prediction_type": c.prediction_type, **overrides}  # fmt: skip
+              "prediction_type": kind, **overrides}  # fmt: skip
         return get_scheduler(name or c.sampler)(**kw)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"model": list(self.parameters())}
+        """One group; a frozen GPT text encoder's weights are left out (never trained)."""
+        frozen = isinstance(self.text_encoder, FrozenGPTEncoder)
+        skip = {id(p) for p in self.text_encoder.parameters()} if frozen else set()
+        return {"model": [p for p in self.parameters() if id(p) not in skip]}
 
     def _null(self, n: int) -> Tensor:
         return torch.tensor(self.num_classes, device=self.device).expand(n, -1)
 
+    def null_text(self, n: int, length: int = 1) -> Tensor:
+        """n empty captions (n, length): the start token, then padding."""
+        ids = torch.full((n, length), -1, dtype=torch.long, device=self.device)
+        ids[:, 0] = self.cfg.text_start_id
+        return ids
+
+    def encode_text(self, ids: Tensor) -> TextContext:
+        """Caption tokens (B, L) -> their TextContext (check_text first for user input)."""
+        return self.text_encoder(ids.to(self.device))
+
+    def check_text(self, ids: Tensor | None, n: int) -> None:
+        """ValueError unless ids suit n samples of this model (None for a non-text one)."""
+        if not self.cfg.text:
+            if ids is not None:
+                raise ValueError("this model is not text-conditional; it takes no prompt")
+            return
+        if ids is None:
+            return
+        c = self.cfg
+        if ids.dim() != 2 or ids.size(0) != n or not 1 <= ids.size(1) <= c.text_context:
+            raise ValueError(f"text ids must be ({n}, L) with 1 <= L <= {c.text_context}")
+        if ids.min() < -1 or ids.max() >= c.text_vocab_size or (ids[:, 0] < 0).any():
+            raise ValueError(f"text ids must be in [0, {c.text_vocab_size}), -1 padding after")
+
+    # -- the denoiser in a scheduler's units --------------------------------------
+    def _precondition(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """c_skip, c_out, c_in, c_noise of EDM (Karras et al. 2022, Table 1), sigma (B,)."""
+        sd = self.cfg.sigma_data
+        s2 = sigma**2 + sd**2
+        return sd**2 / s2, sigma * sd / s2.sqrt(), 1 / s2.sqrt(), sigma.log() / 4
+
+    def _edm_net(self, x: Tensor, sigma: Tensor, labels, context) -> tuple[Tensor, Tensor, Tensor]:
+        """F's output, c_skip and c_out at VE input x = x_0 + sigma n, sigma (B,)."""
+        c_skip, c_out, c_in, c_noise = (v.view(-1, 1, 1, 1) for v in self._precondition(sigma))
+        # c_noise = ln(sigma) / 4, times 1000 for the same sinusoidal embedding as t
+        f = self.unet(c_in * x, 1000 * c_noise.view(-1), labels, context)
+        return f, c_skip, c_out
+
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """sigma of the training schedule at (fractional) timesteps t (B,), interpolating
+        ln sigma linearly between integer steps."""
+        t = t.float().clamp(0, self.cfg.num_train_timesteps - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.cfg.num_train_timesteps - 1)
+        w = t - lo.float()
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+
+    def net(self, x: Tensor, t: Tensor, labels: Tensor | None, context) -> Tensor:
+        """The output a scheduler expects for VP input x at timesteps t (B,): the network
+        itself, or for an EDM model its x_0 estimate D(x sqrt(1 + sigma^2); sigma)."""
+        if self.cfg.preconditioning != "edm":
+            return self.unet(x, t, labels, context)
+        sigma = self.sigma_at(t.to(x.device))
+        ve = x * (1 + sigma**2).sqrt().view(-1, 1, 1, 1)
+        f, c_skip, c_out = self._edm_net(ve, sigma, labels, context)
+        return c_skip * ve + c_out * f
+
+    # -- training --------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], step: Any) -> dict[str, Tensor]:
-        """The denoising loss at uniformly drawn timesteps (Ho et al. 2020, Algorithm 1)."""
+        """The denoising loss at uniformly drawn timesteps (Ho et al. 2020, Algorithm 1),
+        or at log-normal sigmas for EDM (Karras et al. 2022, §5 and Table 1)."""
         x0 = batch["images"]
         B = x0.size(0)
         labels = batch.get("labels") if self.num_classes else None
-        if labels is not None and self.cfg.cond_drop > 0:  # classifier-free guidance
-            drop = torch.rand(B, device=x0.device) < self.cfg.cond_drop
+        drop = (
+            torch.rand(B, device=x0.device) < self.cfg.cond_drop
+            if self.cfg.cond_drop > 0 else torch.zeros(B, dtype=torch.bool, device=x0.device)
+        )  # fmt: skip
+        if labels is not None:  # classifier-free guidance: some conditions dropped
             labels = torch.where(drop[:, None], self._null(B), labels)
-        t = torch.randint(0, self.cfg.num_train_timesteps, (B,), device=x0.device)
+        context = None
+        if self.cfg.text:
+            ids = batch["text"]
+            ids = torch.where(drop[:, None], self.null_text(B, ids.size(1)), ids)
+            context = self.encode_text(ids)
         noise = torch.randn_like(x0)
+        if self.cfg.preconditioning == "edm":
+            c = self.cfg
+            sigma = (torch.randn(B, device=x0.device) * c.p_std + c.p_mean).exp()
+            xn = x0 + sigma.view(B, 1, 1, 1) * noise
+            f, c_skip, c_out = self._edm_net(xn, sigma, labels, context)
+            # lambda(sigma) c_out^2 = 1: the weighted D-loss is F's plain MSE to its target
+            target = (x0 - c_skip * xn) / c_out
+            loss = ((f.float() - target.float()) ** 2).mean()
+            step.update("model", loss)
+            return {"loss": loss.detach()}
+        t = torch.randint(0, self.cfg.num_train_timesteps, (B,), device=x0.device)
         a = self.alphas_cumprod[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # eq. 4
-        pred = self.unet(xt, t, labels)
+        pred = self.unet(xt, t, labels, context)
         kind = self.cfg.prediction_type
         target = {"epsilon": noise, "sample": x0,
                   "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[kind]  # fmt: skip
@@ -269,16 +545,33 @@ class Diffusion(LatentSampling, nn.Module):
         step.update("model", loss)
         return {"loss": loss.detach()}
 
-    def denoise(self, x: Tensor, t: Tensor, labels: Tensor | None, guidance: float) -> Tensor:
+    # -- sampling ----------------------------------------------------------------------
+    def denoise(
+        self,
+        x: Tensor,
+        t: Tensor,
+        labels: Tensor | None,
+        guidance: float | Tensor,
+        context: TextContext | None = None,
+        uncond: TextContext | None = None,
+    ) -> Tensor:
         """The network's output at (x, t), guided (Ho & Salimans 2022, eq. 6) when
-        ``guidance`` != 1 for a conditional model."""
-        tt = t.expand(x.size(0)) if t.dim() == 0 else t
-        if labels is None or guidance == 1.0:
-            return self.unet(x, tt.to(x.device), labels)
-        both = self.unet(torch.cat([x, x]), torch.cat([tt, tt]).to(x.device),
-                         torch.cat([labels, self._null(len(x))]))  # fmt: skip
-        cond, uncond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        ``guidance`` != 1 for a conditional model (a float, or (B,) one per row). For text, ``uncond`` is the empty
+        caption's context, or a negative prompt's."""
+        tt = (t.expand(x.size(0)) if t.dim() == 0 else t).to(x.device)
+        if isinstance(guidance, Tensor):  # one scale per row (requests batched together)
+            guidance = guidance.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+        elif guidance == 1.0:
+            return self.net(x, tt, labels, context)
+        if labels is None and context is None:
+            return self.net(x, tt, labels, context)
+        if context is not None:
+            both = self.net(torch.cat([x, x]), torch.cat([tt, tt]), None, context.cat(uncond))
+        else:
+            both = self.net(torch.cat([x, x]), torch.cat([tt, tt]),
+                            torch.cat([labels, self._null(len(x))]), None)  # fmt: skip
+        cond, unc = both.chunk(2)
+        return unc + guidance * (cond - unc)
 
     @torch.no_grad()
     def generate(
@@ -287,12 +580,23 @@ class Diffusion(LatentSampling, nn.Module):
         labels: Tensor | None = None,
         scheduler: Any = None,
         steps: int | None = None,
-        guidance: float | None = None,
+        guidance: float | Tensor | None = None,
         generator: torch.Generator | None = None,
+        text: Tensor | None = None,
+        negative: Tensor | None = None,
+        callback: Callable[[int, int, Tensor], None] | None = None,
     ) -> Tensor:
         """Images (n, C, H, W) in [-1, 1] from starting noise z (n, z_dim) (x_T), by
-        ``scheduler`` (a name or instance; default cfg.sampler) over ``steps`` steps."""
-        self.check_labels(labels, z.size(0))
+        ``scheduler`` (a name or instance; default cfg.sampler) over ``steps`` steps.
+
+        text (n, L): caption tokens for a text model (None: the empty caption);
+        negative (n, L): a negative prompt's tokens, in the empty caption's place in
+        guidance. callback(i, count, x0_estimate) after each of the scheduler's calls.
+        """
+        n = z.size(0)
+        self.check_labels(labels, n)
+        self.check_text(text, n)
+        self.check_text(negative, n)
         c = self.cfg
         s = scheduler if scheduler is not None and not isinstance(scheduler, str) else (
             self.scheduler(scheduler)
@@ -304,9 +608,18 @@ class Diffusion(LatentSampling, nn.Module):
         was = self.training
         self.eval()
         try:
-            for t in s.timesteps:
-                out = self.denoise(s.scale_model_input(x, t), t, lab, w)
-                x = s.step(out, t, x, generator=generator).prev_sample
+            context = uncond = None
+            if c.text:
+                context = self.encode_text(text if text is not None else self.null_text(n))
+                uncond = self.encode_text(negative if negative is not None else self.null_text(n))
+            count = len(s.timesteps)
+            for i, t in enumerate(s.timesteps):
+                out = self.denoise(s.scale_model_input(x, t), t, lab, w, context, uncond)
+                result = s.step(out, t, x, generator=generator)
+                x = result.prev_sample
+                if callback is not None:
+                    est = result.pred_original_sample
+                    callback(i + 1, count, (est if est is not None else x).clamp(-1.0, 1.0))
         finally:
             self.train(was)
         return x.clamp(-1.0, 1.0)

@@ -42,6 +42,7 @@ class ImageOutput:
     images: torch.Tensor
     labels: torch.Tensor | None = None
     seed: int | None = None
+    prompts: list[str] | None = None  # a text-to-image model's prompt per image
 
 
 class EvalResult(dict):

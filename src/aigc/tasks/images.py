@@ -503,9 +503,12 @@ class ImageTask(Task):
         key = {"extractor": extractor.name, "spec": name, "count": len(images)}
         return reference_statistics(key, lambda: extractor.features(to_model_batch(images)))
 
-    def feature_sums(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """data.eval_metrics of data.eval_samples generated images against the reference,
-        as {"feature/<name>": value}; empty when there is no extractor or no metric."""
+    def feature_sums(
+        self, model: nn.Module, device: torch.device, images: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """data.eval_metrics of data.eval_samples generated images (or ``images``, (N, C,
+        H, W) in [-1, 1]) against the reference, as {"feature/<name>": value}; empty when
+        there is no extractor or no metric."""
         from aigc.metrics.image import FeatureSets, feature_metrics
 
         names = self.config.data.eval_metrics
@@ -513,7 +516,7 @@ class ImageTask(Task):
         if extractor is None:
             return {}
         stats, real = self.reference(extractor)
-        n = self.config.data.eval_samples
+        n = self.config.data.eval_samples if images is None else len(images)
         few = min(stats.n, n)
         if few < 2 * extractor.feature_dim:
             warnings.warn(
@@ -524,7 +527,8 @@ class ImageTask(Task):
                 JudgeWarning,
                 stacklevel=2,
             )
-        images, _ = sample_images(model, n, None, self.config.train.seed + 7_000_003, device)
+        if images is None:
+            images, _ = sample_images(model, n, None, self.config.train.seed + 7_000_003, device)
         fake, logits = extractor.features_and_logits(images.cpu())
         values = feature_metrics(names, FeatureSets(stats, real, fake, logits))
         return {f"feature/{k}": float(v) for k, v in values.items()}
