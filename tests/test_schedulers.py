@@ -90,8 +90,9 @@ def check_scheduler(cls: type[Scheduler], steps: int = 10) -> None:
 
     first = run(scheduler)
     t = scheduler.timesteps
-    assert t.dim() == 1 and len(t) == steps and t.device.type == "cpu"
-    assert (t[1:] < t[:-1]).all()  # decreasing noise
+    assert t.dim() == 1 and len(t.unique()) == steps and t.device.type == "cpu"
+    # decreasing noise; a level is repeated only by a rule that evaluates it twice (Heun)
+    assert (t[1:] <= t[:-1]).all()
     # the same config and generator state give the same samples, run again included
     for again in (run(twin), run(scheduler)):
         for a, b in zip(first, again, strict=True):

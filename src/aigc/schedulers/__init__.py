@@ -18,6 +18,9 @@ __all__ = ["SCHEDULERS", "Scheduler", "SchedulerOutput", "get_scheduler"]
 SCHEDULERS: dict[str, str] = {
     "ddpm": "aigc.schedulers.ddpm:DDPMScheduler",
     "ddim": "aigc.schedulers.ddim:DDIMScheduler",
+    "euler": "aigc.schedulers.euler:EulerScheduler",
+    "heun": "aigc.schedulers.heun:HeunScheduler",
+    "dpm++2m": "aigc.schedulers.dpmsolver:DPMSolverMultistepScheduler",
 }
 
 

@@ -58,7 +58,9 @@ class Scheduler(ABC):
     2022 sigmas) override both.
     """
 
-    timesteps: Tensor  # (num_inference_steps,) set by set_timesteps: decreasing noise
+    # set by set_timesteps: one entry per network evaluation, non-increasing noise;
+    # (num_inference_steps,) unless the rule evaluates twice at a level (Heun)
+    timesteps: Tensor
 
     # the standard deviation of x_T, the noise sampling starts from (randn * this)
     init_noise_sigma: float = 1.0
@@ -69,7 +71,9 @@ class Scheduler(ABC):
     ) -> None:
         """Choose the `num_inference_steps` timesteps sampling visits and store them in
         `self.timesteps` (1-D, that length, on `device`; default CPU), in the order they
-        are visited: strictly decreasing noise. Called before the first `step`; called
+        are visited: strictly decreasing noise. A rule that evaluates the network twice
+        at a noise level (Heun's corrector) repeats that timestep, one entry per call of
+        `step`, and says how many entries it makes. Called before the first `step`; called
         again, it starts over. ValueError for a count the rule cannot serve."""
 
     @abstractmethod

@@ -74,10 +74,14 @@ class DiscreteScheduler(Scheduler):
         return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
 
     def _x0_eps(self, model_output: Tensor, t: int, sample: Tensor) -> tuple[Tensor, Tensor]:
-        """x_0 and eps from the network's output at t, by its parameterisation: eps
-        (Ho et al. eq. 15 inverted), x_0 itself, or v = sqrt(abar) eps - sqrt(1 - abar) x_0
+        """x_0 and eps from the network's output at timestep t (see `_x0_eps_at`)."""
+        return self._x0_eps_at(model_output, self._abar(t), sample)
+
+    def _x0_eps_at(self, model_output: Tensor, a: float, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """x_0 and eps from the network's output at the noise level abar = a, for the VP
+        sample x = sqrt(a) x_0 + sqrt(1 - a) eps, by the output's parameterisation: eps
+        (Ho et al. eq. 15 inverted), x_0 itself, or v = sqrt(a) eps - sqrt(1 - a) x_0
         (Salimans & Ho 2022, §4)."""
-        a = self._abar(t)
         sa, s1 = math.sqrt(a), math.sqrt(1 - a)
         if self.prediction_type == "epsilon":
             eps = model_output
