@@ -1,9 +1,11 @@
-"""Captions (digits, image folders with a metadata.jsonl or metadata.csv): captions stay
-with their images through chunked decoding, skip_bad and the split."""
+"""Captions (digits, image folders with a metadata.jsonl or metadata.csv) and held-out
+compositions (data.holdout): captions stay with their images through chunked decoding,
+skip_bad and the split; held-out combinations land in validation only."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,9 +14,11 @@ import pytest
 from PIL import Image
 
 import aigc.data.images as image_data
-from aigc.data.images import load_image_set
-from aigc.errors import DataError
-from aigc.tasks.images import ImageDataConfig, prepare
+from aigc.config import load_config
+from aigc.data.images import load_image_set, split_indices
+from aigc.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, generate_shapes
+from aigc.errors import ConfigError, DataError
+from aigc.tasks.images import ImageDataConfig, prepare, validation_holdout_mask
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -185,3 +189,160 @@ def test_csv_quoted_commas_and_both_metadata_files(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(GOOD + "\n")
     with pytest.raises(DataError, match=r"both metadata\.jsonl and metadata\.csv"):
         load_image_set(tmp_path, image_size=8)
+
+
+# --------------------------------------------------------------------------- held-out compositions
+
+N_SHAPES = 400
+
+
+def shapes_config(**kw) -> ImageDataConfig:
+    return ImageDataConfig(source="shapes", n=N_SHAPES, image_size=8, **kw)
+
+
+def test_holdout_moves_exactly_the_matching_images_to_validation(tmp_path):
+    held = ["colour=red,shape=circle", "size=large, position=centre"]
+    data = prepare(shapes_config(holdout=held), tmp_path / "held", seed=5)
+    plain = prepare(shapes_config(), tmp_path / "plain", seed=5)
+
+    # which images match, counted from the generator's own labels, by name
+    ds = generate_shapes(N_SHAPES, image_size=8, seed=5)
+    names = [
+        (SHAPES[s], COLOURS[c], SIZES[z], POSITIONS[p])
+        for s, c, z, p in zip(
+            *(ds.labels[a] for a in ("shape", "colour", "size", "position")), strict=True
+        )
+    ]
+    match = np.array([(c == "red" and s == "circle") or (z == "large" and p == "centre")
+                      for s, c, z, p in names])  # fmt: skip
+    train, val = split_indices(N_SHAPES, 0.1, 5)
+    assert 0 < match.sum() < N_SHAPES // 4
+    assert data.meta["holdout"] == [
+        {"colour": "red", "shape": "circle"},
+        {"size": "large", "position": "centre"},
+    ]
+    assert data.meta["n_holdout"] == match.sum()
+    assert data.meta["holdout_moved"] == match[train].sum()
+    assert data.n_train == len(train) - match[train].sum()
+    assert len(data.val_images) == len(val) + match[train].sum()
+
+    # the training images are the plain run's, less the matching ones, in the same order
+    kept = np.concatenate(
+        [train[~match[train]], np.sort(np.concatenate([val, train[match[train]]]))]
+    )
+    assert np.array_equal(data.images, ds.images[kept])
+    assert data.meta["captions"] == [ds.captions[i] for i in kept]
+    assert np.array_equal(plain.images, ds.images[np.concatenate([train, val])])
+
+    mask = validation_holdout_mask(data.meta, np.asarray(data.labels))
+    assert np.array_equal(mask, match[kept[data.n_train :]])
+    assert mask.sum() == match.sum()
+    assert not validation_holdout_mask(plain.meta, np.asarray(plain.labels)).any()
+    for k in np.flatnonzero(mask):  # the captions say the same
+        text = data.meta["captions"][data.n_train + k]
+        assert "red circle" in text or ("large" in text and "centre" in text)
+
+    again = prepare(shapes_config(holdout=held), tmp_path / "again", seed=5)
+    assert (tmp_path / "again/images.npy").read_bytes() == (
+        tmp_path / "held/images.npy"
+    ).read_bytes()
+    assert again.meta == data.meta
+
+
+def test_no_holdout_prepares_the_same_data_and_meta(tmp_path):
+    """An empty holdout changes nothing; one that matches no image moves nothing and only
+    adds its own keys to meta.json (the fixtures of tests/test_compat.py check the rest)."""
+    plain = prepare(shapes_config(), tmp_path / "plain", seed=2)
+    prepare(shapes_config(holdout=[]), tmp_path / "empty", seed=2)
+    assert (tmp_path / "plain/meta.json").read_bytes() == (
+        tmp_path / "empty/meta.json"
+    ).read_bytes()
+    assert not any(k.startswith(("holdout", "n_holdout")) for k in plain.meta)
+    ds = generate_shapes(N_SHAPES, image_size=8, seed=2)
+    # a combination of all four attributes that no image has
+    columns = (ds.labels[a] for a in ("shape", "colour", "size", "position"))
+    combos = set(zip(*columns, strict=True))
+    free = next(
+        (a, b, e, f)
+        for a in range(len(SHAPES))
+        for b in range(len(COLOURS))
+        for e in range(len(SIZES))
+        for f in range(len(POSITIONS))
+        if (a, b, e, f) not in combos
+    )
+    item = (
+        f"shape={SHAPES[free[0]]},colour={COLOURS[free[1]]},size={SIZES[free[2]]},"
+        f"position={POSITIONS[free[3]]}"
+    )
+    none = prepare(shapes_config(holdout=[item]), tmp_path / "none", seed=2)
+    for f in ("images.npy", "labels.npy"):
+        assert (tmp_path / "none" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes()
+    extra = {"holdout", "holdout_moved", "n_holdout"}
+    assert none.meta["holdout_moved"] == none.meta["n_holdout"] == 0
+    assert {k: v for k, v in none.meta.items() if k not in extra} == plain.meta
+    digest = hashlib.sha256(np.ascontiguousarray(plain.images).tobytes()).hexdigest()
+    assert digest == plain.meta["sha256"] == none.meta["sha256"]
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (
+            ["texture=rough"],
+            r"'texture=rough': no attribute 'texture' \(the data has shape, colour",
+        ),
+        (["colour=puce,shape=circle"], r"'colour' has no class 'puce' \(it has red, green, blue"),
+    ],
+)
+def test_holdout_unknown_names_are_config_errors(tmp_path, items, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(shapes_config(holdout=items), tmp_path, seed=0)
+    assert not (tmp_path / "images.npy").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ([""], r"data\.holdout: '' is empty"),
+        (["  "], r"is empty"),
+        (["colour"], r"'colour' is not attribute=class"),
+        (["colour=red,"], r"'colour=red,': '' is not attribute=class"),
+        (["=red"], r"'=red' is not attribute=class"),
+        (["colour=red,colour=blue"], r"names 'colour' twice"),
+    ],
+)
+def test_malformed_holdout_fails_when_the_config_is_read(items, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config({"family": "gan", "data": {"holdout": items}})
+
+
+def test_holdout_from_the_command_line_is_one_combination():
+    config = load_config({"family": "gan"}, ["data.holdout=colour=red,shape=circle"])
+    assert config.data.holdout == ["colour=red,shape=circle"]
+
+
+def test_holdout_needs_labels_and_training_images(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    flat = ImageDataConfig(source=str(tmp_path), image_size=8, holdout=["class=a"])
+    with pytest.raises(ConfigError, match=r"'class=a': .* has no labels"):
+        prepare(flat, tmp_path / "run1", seed=0)
+
+    folder = tmp_path / "two"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / c / f"{i}.png")
+    both = ImageDataConfig(source=str(folder), image_size=8, holdout=["class=a", "class=b"])
+    with pytest.raises(ConfigError, match=r"matches 6 of the 6 images.*no training images"):
+        prepare(both, tmp_path / "run2", seed=0)
+    one = prepare(ImageDataConfig(source=str(folder), image_size=8, holdout=["class=a"]),
+                  tmp_path / "run3", seed=0)  # fmt: skip
+    train, _ = split_indices(6, 0.1, 0)  # files 0-2 are class a, 3-5 class b
+    assert one.n_train == (train >= 3).sum() and (one.split_labels("train")[:, 0] == 1).all()
+    assert validation_holdout_mask(one.meta, one.labels).sum() == 3
+
+    unselected = shapes_config(labels=["shape"], holdout=["colour=red"])
+    with pytest.raises(ConfigError, match=r"'colour' is not in data\.labels=\['shape'\]"):
+        prepare(unselected, tmp_path / "run4", seed=0)
