@@ -52,7 +52,7 @@ def test_digits_all_images_resized_with_ten_classes():
     assert ds.classes["class"] == [str(i) for i in range(10)]
     assert ds.images.min() <= 5 and ds.images.max() >= 250  # most of 0..255
     assert (ds.images[..., 0] == ds.images[..., 2]).all()  # grey repeated to RGB
-    assert ds.is_labelled and ds.captions is None and ds.skipped == 0
+    assert ds.is_labelled and ds.skipped == 0
 
 
 def test_digits_size_channels_and_fresh_arrays():

@@ -4,12 +4,15 @@
 uint8 images with integer labels; ``image_stream`` reads the same images a chunk
 at a time, so that a set larger than memory can be written to disk. Sources:
 
-- ``"digits"`` (the default): scikit-learn's 1,797 handwritten 8×8 digits, no download.
+- ``"digits"`` (the default): scikit-learn's 1,797 handwritten 8×8 digits, no download,
+  captioned from their class ("a handwritten seven").
 - ``"shapes"``: procedural coloured shapes with four labels and a caption each
   (``aigc.data.shapes``), any number, deterministic in a seed.
 - an image folder: one sub-folder per class (``root/<class>/**/*.png``), or the
   images directly in ``root`` for an unlabelled set; PNG, JPEG, WebP, BMP, GIF.
   A folder holding ``train`` and ``test`` (or ``val``) sub-folders is split by them.
+  A ``metadata.jsonl`` or ``metadata.csv`` with ``file_name`` and ``text`` columns
+  (Hugging Face's imagefolder convention, ``aigc.data.captions``) captions every image.
 - MNIST / Fashion-MNIST IDX files, gzipped or not: an ``*-images-idx3-ubyte[.gz]``
   file (its ``*-labels-idx1-ubyte[.gz]`` found beside it) or the folder holding them.
 - CIFAR-10 / CIFAR-100 **binary** version: ``cifar-10-batches-bin`` or
@@ -42,11 +45,13 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
+from aigc.data.captions import captions_for, find_metadata
 from aigc.errors import ConfigError, DataError
 
 EMBEDDED = ("digits", "shapes")
 SPLITS = ("train", "test")
 CHANNELS = {1: "L", 3: "RGB"}
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # Pillow never guesses other formats
@@ -274,7 +279,7 @@ def image_stream(
         info = ImageSetInfo(
             labels={"class": labels.copy()},
             classes={"class": [str(i) for i in range(10)]},
-            captions=None,
+            captions=[f"a handwritten {DIGIT_WORDS[y]}" for y in labels],
             source="digits (scikit-learn handwritten digits, 1,797 images of 8x8)",
         )
         return ImageStream(_whole(_prepare(images, image_size, channels, crop), info))
@@ -354,7 +359,9 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
 def _image_folder_reader(
     root: Path, split: str, *, image_size: int, channels: int, crop: bool, skip_bad: bool
 ) -> Reader:
-    root = _split_folder(root, split)
+    top, root = root, _split_folder(root, split)
+    # captions: a metadata file beside the images, or above the split folders
+    metadata = find_metadata(root) or (find_metadata(top) if root != top else None)
     children = sorted(p for p in root.iterdir() if not _ignored(p))
     loose = [p for p in children if p.is_file()]
     by_class = {d.name: _files_under(d) for d in children if d.is_dir()}
@@ -375,9 +382,15 @@ def _image_folder_reader(
         files = [(f, i) for i, name in enumerate(class_names) for f in by_class[name]]
     else:
         files = [(f, -1) for f in loose]
+    # (file, label, caption); files of other types have none: they are refused or skipped
+    captions: dict[Path, str] = {}
+    if metadata is not None:
+        images = [f for f, _ in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        captions = dict(zip(images, captions_for(images, root, metadata), strict=True))
+    files = [(f, y, captions.get(f)) for f, y in files]
     mode = CHANNELS[channels]
 
-    def read(item: tuple[Path, int]) -> np.ndarray | None:
+    def read(item: tuple[Path, int, str | None]) -> np.ndarray | None:
         try:
             return _read_image_file(item[0], mode, image_size, crop)
         except DataError:
@@ -390,13 +403,14 @@ def _image_folder_reader(
         parallel = len(files) >= _PARALLEL_FROM
         pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) if parallel else None
         per_chunk = chunk_rows(image_size * image_size * channels)
-        kept_labels = []
+        kept_labels, kept_captions = [], []
         try:
             for start in range(0, len(files), per_chunk):
                 batch = files[start : start + per_chunk]
                 arrays = list(pool.map(read, batch)) if pool else [read(item) for item in batch]
                 keep = [i for i, a in enumerate(arrays) if a is not None]
                 kept_labels.extend(batch[i][1] for i in keep)
+                kept_captions.extend(batch[i][2] for i in keep)
                 if keep:
                     yield np.stack([arrays[i] for i in keep])
         finally:
@@ -413,7 +427,10 @@ def _image_folder_reader(
             classes = {"class": class_names}
         else:
             labels, classes = {}, {}
-        return ImageSetInfo(labels, classes, None, f"{root} (image folder, {what})", skipped)
+        if metadata is None:
+            return ImageSetInfo(labels, classes, None, f"{root} (image folder, {what})", skipped)
+        source = f"{root} (image folder, {what}, captions from {metadata})"
+        return ImageSetInfo(labels, classes, kept_captions, source, skipped)
 
     return chunks()
 

@@ -6,12 +6,17 @@ deterministic validation share and writes it into the run's ``data/`` folder:
 
     data/images.npy    (N, H, W, C) uint8, training images first, then validation
     data/labels.npy    (N, A) int64, one column per labelled attribute (absent if unlabelled)
-    data/meta.json     source, attributes and class names, split sizes, content hash
+    data/meta.json     source, attributes and class names, split sizes, content hash,
+                       captions (when the source has them) and held-out combinations
 
 so a run trains, resumes and evaluates on exactly the images it started with,
 read memory-mapped and never unpickled. ``ImageTask`` is the part of a task that
 every image family shares (GANTask, and the VAE's next): the model sized from the
 data, batches, label names and the cached domain classifier.
+
+With ``data.holdout`` every image of a listed combination of classes (e.g. a red
+circle) goes to the validation split, so that a conditional model can be scored on
+compositions it never saw; ``validation_holdout_mask`` tells them apart there.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +41,9 @@ from aigc.metrics.classifier import JudgeWarning
 from aigc.runs import RunDir
 from aigc.sampling.latent import sample_images
 from aigc.tasks.base import DataFiles, Task
+
+if TYPE_CHECKING:
+    from aigc.data.images import ImageSetInfo
 
 
 @dataclass
@@ -53,6 +61,9 @@ class ImageDataConfig:
     n: int = 10000  # shapes only: how many images to generate
     val_fraction: float = 0.1  # held out for evaluation
     labels: list[str] = field(default_factory=list)  # attributes a conditional model gets; [] = all
+    # combinations never trained on, each "attribute=class,..." (e.g. "colour=red,shape=circle"):
+    # every matching image goes to the validation split, to test compositional generalisation
+    holdout: list[str] = field(default_factory=list)
     eval_samples: int = 1000  # generated images per evaluation
     eval_metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr"])  # feature metrics
     inception_weights: str = ""  # FID Inception weights file; "" = $AIGC_INCEPTION_WEIGHTS or none
@@ -72,6 +83,7 @@ class ImageDataConfig:
         if self.eval_samples < 10:
             raise ConfigError(f"data.eval_samples={self.eval_samples} must be at least 10")
         check_metric_names(self.eval_metrics, "data.eval_metrics")
+        parse_holdout(self.holdout)
         from aigc.metrics.features import check_fid_protocol
 
         check_fid_protocol(self.fid_protocol, "data.fid_protocol")
@@ -85,6 +97,80 @@ def check_metric_names(names: list[str], where: str) -> None:
         raise ConfigError(
             f"{where}={names!r}: choose from {', '.join(FEATURE_METRICS)} (e.g. fid,kid,pr)"
         )
+
+
+def parse_holdout(items: list[str], where: str = "data.holdout") -> list[dict[str, str]]:
+    """Held-out combinations ``["colour=red,shape=circle", ...]`` as ``[{"colour": "red",
+    "shape": "circle"}, ...]``; a ConfigError naming the item when one is malformed.
+    Attribute and class names are checked against the data by ``holdout_mask``."""
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}={items!r} must be a list of combinations")
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(
+                f"{where}: {item!r} is empty; write a combination such as colour=red,shape=circle"
+            )
+        combo: dict[str, str] = {}
+        for pair in item.split(","):
+            attribute, eq, value = (part.strip() for part in pair.partition("="))
+            if not eq or not attribute or not value:
+                raise ConfigError(
+                    f"{where}: {item!r}: {pair.strip()!r} is not attribute=class "
+                    "(pairs joined by commas, e.g. colour=red,shape=circle)"
+                )
+            if attribute in combo:
+                raise ConfigError(f"{where}: {item!r} names {attribute!r} twice")
+            combo[attribute] = value
+        out.append(combo)
+    return out
+
+
+def holdout_mask(
+    holdout: list[dict[str, str]],
+    labels: np.ndarray,
+    attributes: list[str],
+    classes: dict[str, list[str]],
+    where: str = "data.holdout",
+) -> np.ndarray:
+    """(N,) bool: which images match any of the ``holdout`` combinations (``parse_holdout``).
+
+    labels: (N, A) int64, column j the class index of ``attributes[j]``; classes: the
+    class names of each attribute. Unknown attributes and classes are ConfigErrors.
+    """
+    matched = np.zeros(len(labels), dtype=bool)
+    for combo in holdout:
+        item = ",".join(f"{a}={v}" for a, v in combo.items())
+        match = np.ones(len(labels), dtype=bool)
+        for attribute, value in combo.items():
+            if attribute not in attributes:
+                have = ", ".join(attributes)
+                raise ConfigError(
+                    f"{where}: {item!r}: no attribute {attribute!r} (the data has {have})"
+                )
+            if value not in classes[attribute]:
+                have = ", ".join(classes[attribute])
+                raise ConfigError(
+                    f"{where}: {item!r}: {attribute!r} has no class {value!r} (it has {have})"
+                )
+            column = labels[:, attributes.index(attribute)]
+            match &= column == classes[attribute].index(value)
+        matched |= match
+    return matched
+
+
+def validation_holdout_mask(meta: dict[str, Any], labels: np.ndarray) -> np.ndarray:
+    """(n_val,) bool: which validation images of a prepared run are held-out combinations
+    (all False when it has none), to score seen and held-out compositions apart.
+
+    meta: the run's meta.json; labels: its stored (N, A) labels.npy, training rows first.
+    """
+    n_train, n_val = int(meta["n_train"]), int(meta["n_val"])
+    if not meta.get("holdout"):
+        return np.zeros(n_val, dtype=bool)
+    if labels.shape[0] != n_train + n_val:
+        raise ValueError(f"{labels.shape[0]} label rows for {n_train} + {n_val} images")
+    return holdout_mask(meta["holdout"], labels[n_train:], meta["attributes"], meta["classes"])
 
 
 @dataclass
@@ -170,6 +256,18 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
                 )
             attributes = list(d.labels)
         train_idx, val_idx = split_indices(n, d.val_fraction, seed)
+        holdout, n_held, n_moved = parse_holdout(d.holdout), 0, 0
+        if holdout:  # matching images move from the training split to the validation split
+            held = _holdout_in_source(holdout, found, attributes, n)
+            moved = held[train_idx]
+            if moved.all():
+                raise ConfigError(
+                    f"data.holdout={d.holdout!r} matches {int(held.sum())} of the {n} images of "
+                    f"{found.source}, leaving no training images; hold out fewer combinations"
+                )
+            n_held, n_moved = int(held.sum()), int(moved.sum())
+            val_idx = np.sort(np.concatenate([val_idx, train_idx[moved]]))
+            train_idx = train_idx[~moved]
         order = np.concatenate([train_idx, val_idx])
         in_val = np.zeros(n, dtype=bool)
         in_val[val_idx] = True
@@ -210,12 +308,38 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
         "skipped": int(found.skipped),
         "sha256": digest.hexdigest(),
     }  # fmt: skip
+    if holdout:
+        meta.update(holdout=holdout, holdout_moved=n_moved, n_holdout=n_held)
     if found.captions is not None:
         meta["captions"] = [found.captions[i] for i in order]
     (data_dir / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     if found.skipped:
         print(f"data: skipped {found.skipped} unreadable file(s) in {found.source}", flush=True)
     return open_data(data_dir)
+
+
+def _holdout_in_source(
+    holdout: list[dict[str, str]], found: ImageSetInfo, attributes: list[str], n: int
+) -> np.ndarray:
+    """(n,) bool in the source's order: the images of a held-out combination. Only the
+    attributes the run stores may be named, so that ``validation_holdout_mask`` can
+    find the same images from the run's labels."""
+    for combo in holdout:
+        item = ",".join(f"{a}={v}" for a, v in combo.items())
+        if not found.labels:
+            raise ConfigError(
+                f"data.holdout: {item!r}: {found.source} has no labels to match; held-out "
+                "combinations need labelled data (an image folder: one sub-folder per class)"
+            )
+        for attribute in combo:
+            if attribute in found.labels and attribute not in attributes:
+                raise ConfigError(
+                    f"data.holdout: {item!r}: {attribute!r} is not in data.labels="
+                    f"{attributes!r}; add it there to hold out by it"
+                )
+    labels = np.stack([np.asarray(found.labels[a], dtype=np.int64) for a in attributes], 1)
+    classes = {a: list(found.classes[a]) for a in attributes}
+    return holdout_mask(holdout, labels.reshape(n, len(attributes)), attributes, classes)
 
 
 def _is_grey(pixels: np.ndarray) -> bool:
