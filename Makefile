@@ -29,6 +29,10 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q --no-deps $(FID_REFERENCES)
 	touch $@
 
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/aigc quickstart
 
@@ -45,7 +49,7 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/gpt_train.py
 	$(BIN)/python benchmarks/gpt_sample.py
 	$(BIN)/python benchmarks/train_memory.py
@@ -53,6 +57,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/downstream.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/diffusion_train.py
+	$(BIN)/python benchmarks/diffusion_sample.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

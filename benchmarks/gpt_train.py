@@ -25,19 +25,7 @@ import torch
 import aigc
 from aigc.models.gpt import GPT, GPTConfig
 from aigc.runs import RunDir
-
-
-def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 GFLOP/s of an n×n matmul, a proxy for the machine's peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+from machine import matmul_peak
 
 
 def corpus_tokens() -> np.ndarray:

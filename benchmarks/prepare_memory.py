@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, SIZE, N_CLASSES = 60_000, 32, 10
 DECODED = N_IMAGES * SIZE * SIZE * 3  # bytes of the (N, 32, 32, 3) uint8 set
@@ -88,13 +90,6 @@ def run_child(name: str, folder: Path, out: Path) -> tuple[float, float, dict]:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: the child failed with exit code {proc.returncode}")
     return usage.ru_maxrss * 1024, time.perf_counter() - t0, json.loads(stdout)  # KiB on Linux
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:
