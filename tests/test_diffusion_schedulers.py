@@ -235,7 +235,9 @@ def test_ode_solvers_follow_the_exact_flow_at_their_order(name, steps, order, to
     of the error against the steps: 1 for Euler, 2 for Heun and DPM-Solver++(2M)). The
     remaining floor, sd u sigma_min^2 / (2 sd^2) ~ 3e-4 from the last step's D(x;
     sigma(0)), is below these errors."""
-    errors = [_flow_error(name, kind, n) for n in steps]
+    # DPM-Solver++ on its uniform-t grid: on Karras sigmas it meets the floor too soon
+    settings = {"sigma_spacing": "uniform-t"} if name == "dpm++2m" else {}
+    errors = [_flow_error(name, kind, n, **settings) for n in steps]
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert abs(slope - order) < 0.25, (errors, slope)
     assert errors[-1] < tol
@@ -329,7 +331,7 @@ def test_dpm_solver_steps_are_lu_et_al_algorithm_2():
     line 4) is DDIM with eta = 0 (Song et al. 2021, eq. 12); the next ones use
     D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i (lines 7-9); the final one,
     from t = 0, returns x0 itself. The network's output here is arbitrary noise."""
-    s = DPMSolverMultistepScheduler()
+    s = DPMSolverMultistepScheduler(sigma_spacing="uniform-t")
     s.set_timesteps(21)  # uniform-t: 999, 949.05, ..., 0
     ts = np.linspace(999, 0, 21)
     np.testing.assert_allclose(s.timesteps.numpy(), ts, rtol=1e-6)
@@ -362,7 +364,7 @@ def test_dpm_solver_lower_order_final():
     lower_order_final is off; with more it is second order either way."""
 
     def last_finite_step(n: int, lower: bool):
-        s = DPMSolverMultistepScheduler(lower_order_final=lower)
+        s = DPMSolverMultistepScheduler(sigma_spacing="uniform-t", lower_order_final=lower)
         s.set_timesteps(n)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(4, dtype=torch.float64, generator=g)

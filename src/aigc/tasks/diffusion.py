@@ -221,8 +221,10 @@ class DiffusionTask(ImageTask):
         "heldout" only when the run held compositions out (data.holdout)."""
         data = self.data
         captions = np.asarray(data.meta["captions"][data.n_train :], dtype=object)
+        from aigc.tasks.images import validation_holdout_mask
+
         labels = data.split_labels("val")
-        mask = heldout_mask(data.meta, labels) if labels is not None else None
+        mask = None if labels is None else validation_holdout_mask(data.meta, data.labels)
         groups = {"seen": np.ones(len(captions), bool) if mask is None else ~mask}
         if mask is not None and mask.any():
             groups["heldout"] = mask
@@ -303,14 +305,3 @@ def _gpt_run(path: str) -> Path:
         raise ConfigError(f"model.text_encoder={path!r}: {run / TOKENIZER_FILE} is missing")
     return run
 
-
-def heldout_mask(meta: dict[str, Any], labels: np.ndarray) -> np.ndarray:
-    """Which rows of labels (N, A) match a composition meta["holdout"] held out."""
-    attrs = list(meta["attributes"])
-    mask = np.zeros(len(labels), bool)
-    for combo in meta.get("holdout", []):
-        hit = np.ones(len(labels), bool)
-        for a, value in combo.items():
-            hit &= labels[:, attrs.index(a)] == meta["classes"][a].index(value)
-        mask |= hit
-    return mask
