@@ -3,7 +3,7 @@
 Every scheduler registered in aigc.schedulers.SCHEDULERS when the script runs, each at
 --steps steps (DDPM, whose ancestral steps need many, at --ddpm-steps instead), through
 ``Diffusion.generate`` with the model's classifier-free guidance (one network call a
-step on a doubled batch). The model is the ddpm-digits recipe's with random weights
+step on a doubled batch). The model is the ddpm-digits-cond recipe's with random weights
 (the speed does not depend on them), or a trained run given by --run (aigc.load).
 "net calls" counts the network's forward calls per batch (a second-order rule such as
 Heun makes two a step).
@@ -18,7 +18,7 @@ Each figure is the median of --repeats batches of --batch images, after one shor
 warm-up batch of each library.
 
     python benchmarks/diffusion_sample.py --batch 64 --repeats 3
-    python benchmarks/diffusion_sample.py --run runs/ddpm-digits --steps 20 50
+    python benchmarks/diffusion_sample.py --run runs/ddpm-digits-cond --steps 20 50
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     else:
         torch.manual_seed(0)
         model = Diffusion(recipe_config()).to(select_device(args.device)).eval()
-        source = "ddpm-digits recipe, random weights"
+        source = "ddpm-digits-cond recipe, random weights"
     cfg, device = model.cfg, model.device
     guidance = cfg.guidance if args.guidance is None else args.guidance
     print(describe(device))

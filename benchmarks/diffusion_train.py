@@ -1,6 +1,6 @@
 """Diffusion training speed: aigc's U-Net against diffusers' UNet2DModel, side by side.
 
-Both train the ddpm-digits recipe's model (class-conditional, 32×32×1, widths 32-64-64,
+Both train the ddpm-digits-cond recipe's model (class-conditional, 32×32×1, widths 32-64-64,
 one residual block per resolution, single-head attention at 8×8, label dropout 0.1) on
 scikit-learn's digits upsampled to 32×32 as aigc prepares them: batch 64, fp32, AdamW
 (lr 2e-4, no weight decay), gradient clipping at 1, the epsilon objective at uniformly
@@ -54,13 +54,13 @@ from machine import describe
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers with random weights: no downloads
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "ddpm-digits.yaml"
+RECIPE = ROOT / "configs" / "ddpm-digits-cond.yaml"
 # aigc's beta schedules by diffusers' names for them
 DIFFUSERS_BETAS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
 def recipe_config() -> DiffusionConfig:
-    """The ddpm-digits recipe's model, fitted to the digits as a run fits it."""
+    """The ddpm-digits-cond recipe's model, fitted to the digits as a run fits it."""
     cfg = load_config(RECIPE).model
     cfg.channels, cfg.num_classes = 1, [10]
     return cfg
@@ -312,7 +312,7 @@ def main() -> None:
     digits = load_image_set("digits", image_size=32, channels=1)
     images = to_tensor(digits.images).to(device)  # (N, 1, 32, 32) in [-1, 1]
     labels = torch.from_numpy(np.asarray(digits.labels["class"])).long().to(device)
-    print(f"ddpm-digits model, {len(images):,} digits at 32x32x1, batch {args.batch}, fp32, "
+    print(f"ddpm-digits-cond model, {len(images):,} digits at 32x32x1, batch {args.batch}, fp32, "
           f"AdamW lr {args.lr:g}, clip {args.clip:g}; {args.repeats} x {args.steps} timed steps "
           f"after {args.warmup}")  # fmt: skip
 

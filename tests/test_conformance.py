@@ -90,12 +90,20 @@ def _images(gen, n: int):
     return gen.generate(n, seed=0)
 
 
+def _prompted(gen, n: int):
+    return gen.generate(n, seed=0, prompt="a small red circle at the top left")
+
+
 GPT = ["train.eval_every=0", "train.checkpoint_every=1", *TINY]
 GAN = [*IMAGES, "model.z_dim=8", "model.g_width=8", "model.d_width=8", "train.checkpoint_every=1"]
 VAE = [*IMAGES, "model.z_dim=4", "model.width=4", "train.checkpoint_every=1"]
 TOY = ["train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=1"]
 DIFFUSION = [*IMAGES, "model.width=8", "model.channel_mults=[1,2]", "model.groups=4",
              "model.sample_steps=3", "train.checkpoint_every=1"]  # fmt: skip
+# text-to-image with EDM's preconditioning: both paths of the family in one more entry
+T2I = [*DIFFUSION, "model.text_width=16", "model.text_heads=2", "model.text_layers=1",
+       "model.preconditioning=edm", "model.prediction_type=epsilon", "model.min_snr_gamma=0",
+       "data.holdout=[]"]  # fmt: skip
 
 TASK_ENTRIES: dict[str, Entry] = {
     "gpt": Entry(_train(RECIPE, lambda ctx: [*GPT, f"data.path={ctx['corpus']}"]), _texts),
@@ -104,7 +112,8 @@ TASK_ENTRIES: dict[str, Entry] = {
     "gan": Entry(_train(CONFIGS / "cgan-shapes.yaml", GAN), _images),
     "vae": Entry(_train(CONFIGS / "betavae-shapes.yaml", VAE), _images),
     "toy": Entry(_train(ROOT / "tests" / "toy" / "toy-shapes.yaml", TOY), _images),
-    "diffusion": Entry(_train(CONFIGS / "ddpm-digits.yaml", DIFFUSION), _images),
+    "diffusion": Entry(_train(CONFIGS / "ddpm-digits-cond.yaml", DIFFUSION), _images),
+    "t2i": Entry(_train(CONFIGS / "t2i-shapes.yaml", T2I), _prompted),
 }
 
 

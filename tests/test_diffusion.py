@@ -63,7 +63,7 @@ def test_bad_configs_name_the_key():
 def test_the_pipeline_takes_diffusers_arguments(tmp_path):
     import aigc
 
-    out = aigc.train("ddpm-digits", ["train.max_steps=2", "train.batch_size=8", "model.width=8",
+    out = aigc.train("ddpm-digits-cond", ["train.max_steps=2", "train.batch_size=8", "model.width=8",
                                      "model.sample_steps=3", "data.eval_samples=10",
                                      "train.sample_every=0"], run_dir=tmp_path / "r",
                      progress=False)  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -269,6 +270,22 @@ def sample(
     traverse: Annotated[
         bool, typer.Option(help="VAE runs: vary one latent dimension at a time, a row each.")
     ] = False,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Text-to-image runs: what the images should not show.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Diffusion runs: denoising steps (default: the run's).")
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Diffusion runs: ddpm, ddim, euler, heun or dpm++2m (default: the run's)."
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="Diffusion runs: classifier-free guidance scale; 1 = none."),
+    ] = None,
 ) -> None:
     """Generate from a trained run: text streams to the terminal, images go to --out."""
     import aigc
@@ -276,6 +293,18 @@ def sample(
     gen = aigc.load(run, device=device)
     if gen.kind == "classify":
         raise RequestError(f"{run} is a classifier; use: aigc classify {_q(run)} --text '...'")
+    diffusion = {"negative_prompt": negative_prompt, "num_inference_steps": steps,
+                 "scheduler": scheduler, "guidance_scale": guidance}  # fmt: skip
+    if "diffuse" in gen.verbs:
+        if reconstruct is not None or traverse or interpolate is not None:
+            raise RequestError(f"{run} is a diffusion run; it takes --prompt or --class, not "
+                               "--reconstruct, --traverse or --interpolate")  # fmt: skip
+        _sample_diffusion(gen, run, n, out, prompt or [], class_, label or [], seed, diffusion)
+        return
+    given = [k for k, v in diffusion.items() if v is not None]
+    if given:
+        flag = "--" + given[0].replace("num_inference_steps", "steps").replace("_scale", "")
+        raise RequestError(f"{flag.replace('_', '-')} is for diffusion runs; {run} is not one")
     if gen.kind == "image":
         if prompt:
             raise RequestError(f"{run} is an image model; --prompt is for text models")
@@ -572,6 +601,43 @@ def report(
     typer.echo(
         f"wrote {path} ({len(runs)} run{'s' if len(runs) > 1 else ''}); open it in a browser"
     )
+
+
+def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[str],
+                      class_: str | None, label: list[str], seed: int | None,
+                      options: dict) -> None:  # fmt: skip
+    """Images from a diffusion run, with a progress bar over the denoising steps: n per
+    prompt (a row of the grid each) for a text-to-image run, else n for the labels."""
+    from tqdm import tqdm
+
+    labels: list = ([class_] if class_ is not None else []) + list(label)
+    if prompts and len(prompts) > 1:
+        if not 1 <= n * len(prompts) <= 10_000:
+            raise RequestError(f"--n {n} times {len(prompts)} prompts must be in [1, 10000]")
+        prompt: str | list[str] | None = [p for p in prompts for _ in range(n)]
+        total = n * len(prompts)
+    else:
+        prompt, total = (prompts[0] if prompts else None), n
+    bars: list = []  # made at the first step, once the request has been checked
+
+    quiet = os.environ.get("AIGC_NO_PROGRESS") == "1"
+
+    def advance(i: int, count: int, _: object) -> None:
+        if not bars:
+            bars.append(tqdm(total=count, desc="denoise", unit="step", leave=False,
+                             disable=quiet))  # fmt: skip
+        bars[0].update(1)
+
+    try:
+        result = gen(total, labels=labels or None, seed=seed, prompt=prompt, callback=advance,
+                     **options)  # fmt: skip
+    finally:
+        for bar in bars:
+            bar.close()
+    target = out or Path(run) / "samples" / "sample.png"
+    paths = gen.save(result.images, target, nrow=n if len(prompts) > 1 else None)
+    where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"
+    typer.echo(f"wrote {len(result.images)} images to {where}")
 
 
 def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
