@@ -251,3 +251,12 @@ def test_a_frozen_gpt_encodes_the_captions(tmp_path, corpus_file):
     shutil.rmtree(gpt.run_dir)  # the run holds its text encoder: it needs no GPT run
     out = aigc.load(run)(2, prompt="a small red circle", num_inference_steps=2, seed=0)
     assert torch.isfinite(out.images).all()
+
+
+def test_64_pixel_images_keep_their_shape():
+    m = Diffusion(tiny(image_size=64, channel_mults=[1, 1, 2, 2], cross_attn_resolutions=[16, 8]))
+    x = torch.randn(2, 3, 64, 64)
+    ctx = m.encode_text(torch.tensor([[0, 3], [0, 4]]))
+    assert m.unet(x, torch.tensor([1, 2]), None, ctx).shape == x.shape
+    crosses = [b for b in m.unet.modules() if type(b).__name__ == "CrossAttention"]
+    assert len(crosses) == 7  # one down block at 16 and 8, the middle, two up blocks at 8 and 16
