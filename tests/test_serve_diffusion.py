@@ -273,20 +273,27 @@ def test_a_stream_is_server_sent_events_with_their_names(server):
     assert data[0]["step"] == 1 and data[0]["total_steps"] == 2
 
 
-def test_a_diffusion_request_past_its_time_limit_gets_408_and_frees_the_model(diffusion_runs):
-    srv = _serve(diffusion_runs, request_timeout_s=0.5)
+def _slowed(srv: Server, seconds: float = 0.005) -> list[int]:
+    """Makes each step of the t2i model's loops take at least `seconds` (so that 1000
+    steps outlast the tests' limits on any machine); returns the steps, as they run."""
     served = srv.app.state.aigc.models["t2i"]
-    steps = []
-    run_batch = served.generator.run_batch
+    steps, run_batch = [], served.generator.run_batch
 
-    def counting(jobs, callback=None):
+    def slow(jobs, callback=None):
         def counted(i, count, x0):
             steps.append(i)
+            time.sleep(seconds)
             callback(i, count, x0)
 
         return run_batch(jobs, counted)
 
-    served.generator.run_batch = counting
+    served.generator.run_batch = slow
+    return steps
+
+
+def test_a_diffusion_request_past_its_time_limit_gets_408_and_frees_the_model(diffusion_runs):
+    srv = _serve(diffusion_runs, request_timeout_s=0.5)
+    steps = _slowed(srv)
     try:
         body = {"model": "t2i", "prompt": "a", "num_inference_steps": 1000, "seed": 0}
         r = httpx.post(f"{srv.url}/v1/images/generations", json=body, timeout=30)
@@ -309,6 +316,7 @@ def test_a_diffusion_request_past_its_time_limit_gets_408_and_frees_the_model(di
 def test_shutdown_ends_waiting_and_running_diffusion_requests_with_an_answer(diffusion_runs):
     srv = _serve(diffusion_runs)
     service = srv.app.state.aigc
+    _slowed(srv)
     body = {"model": "t2i", "prompt": "a", "num_inference_steps": 1000}
     try:
         results = {}
@@ -346,3 +354,52 @@ def test_shutdown_ends_waiting_and_running_diffusion_requests_with_an_answer(dif
     assert results["whole"].status_code == 503
     assert results["whole"].json()["error"]["code"] == "shutting_down"
     assert "event: error" in results["stream"] and "shutting_down" in results["stream"]
+
+
+def test_a_full_diffusion_queue_answers_429_and_clients_that_leave_free_the_model(
+    diffusion_runs,
+):
+    srv = _serve(diffusion_runs, queue_size=1, image_wait_ms=0)
+    served = srv.app.state.aigc.models["t2i"]
+    release, steps = threading.Event(), []
+    run_batch = served.generator.run_batch
+
+    def held(jobs, callback=None):  # the first loop holds at its first step until released
+        def counted(i, count, x0):
+            steps.append(i)
+            release.wait(20)
+            callback(i, count, x0)
+
+        return run_batch(jobs, counted)
+
+    served.generator.run_batch = held
+    long = {"model": "t2i", "prompt": "a", "num_inference_steps": 1000}
+    url = f"{srv.url}/v1/images/generations"
+    try:
+        pool = ThreadPoolExecutor(2)
+        running = pool.submit(httpx.post, url, json=long, timeout=2)
+        deadline = time.monotonic() + 10
+        while not steps:  # the worker runs it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waiting = pool.submit(httpx.post, url, json=long, timeout=2)
+        while srv.metric("aigc_queue_depth", model="t2i") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = httpx.post(url, json={**long, "num_inference_steps": 2}, timeout=10)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        _assert_openai_error(r.json())
+        assert r.json()["error"]["code"] == "queue_full"
+        for left in (running, waiting):  # both clients give up
+            with pytest.raises(httpx.TimeoutException):
+                left.result()
+        time.sleep(0.2)  # the server sees them leave
+        assert srv.metric("aigc_queue_depth", model="t2i") == 0
+        release.set()
+        # the loop of the one that ran stops at its next step, the other never starts
+        r = httpx.post(url, json={**long, "num_inference_steps": 2}, timeout=10)
+        assert r.status_code == 200
+        assert steps == [1, 1, 2]  # the abandoned loop's first step, then the short one's
+    finally:
+        release.set()
+        srv.close()
