@@ -17,16 +17,26 @@ aigc's scheduler of the same rule when one is registered (ddim, dpm++2m).
 Each figure is the median of --repeats batches of --batch images, after one short
 warm-up batch of each library.
 
+With --server it measures `aigc serve` instead: images/s of one diffusion model
+answering --clients concurrent clients against one (server_throughput).
+
     python benchmarks/diffusion_sample.py --batch 64 --repeats 3
     python benchmarks/diffusion_sample.py --run runs/ddpm-digits-cond --steps 20 50
+    python benchmarks/diffusion_sample.py --server --run runs/t2i-shapes --clients 8
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -73,10 +83,130 @@ def row(name: str, steps: int, rate: float, calls: float, n: int, note: str = ""
     print(line.rstrip())
 
 
+PROMPTS = ["a small red square at the top left", "a large blue circle in the centre",
+           "a green cross at the bottom right", "a small yellow triangle"]  # fmt: skip
+
+
 def server_throughput(args: argparse.Namespace) -> None:
-    """Images/s of `aigc serve` answering 8 concurrent clients against 1 (not written
-    yet: it is to come, as benchmarks/serve_load.py measures text generation)."""
-    raise NotImplementedError("diffusion server throughput (8 clients vs 1) is still to be written")
+    """Images/s of `aigc serve` on one diffusion model, --clients concurrent clients
+    against one. Each client loops "POST /v1/images/generations (n=--server-n,
+    --server-steps steps of the run's own scheduler), wait for the answer" for
+    --server-seconds; the server denoises the requests it holds at once as one batch, so
+    the ratio says what batching gives. The model is --run, or else the t2i-shapes recipe
+    trained for one step (nearly random weights; the speed does not depend on them), with
+    --set overrides. The clients share the machine with the server."""
+    import httpx
+
+    from serve_load import free_port
+
+    with tempfile.TemporaryDirectory(prefix="aigc-bench-") as tmp:
+        run = Path(args.run) if args.run else Path(tmp) / "t2i-shapes"
+        if not args.run:
+            import aigc
+
+            print(f"training t2i-shapes for one step (overrides: {args.set or 'none'})", flush=True)
+            aigc.train("t2i-shapes", ["train.max_steps=1", "data.n=256", "data.eval_samples=10",
+                                      "data.eval_metrics=[]", "train.eval_every=0",
+                                      "train.sample_every=0", "train.checkpoint_every=0",
+                                      *args.set], run_dir=run, progress=False)  # fmt: skip
+        model = os.path.basename(os.path.abspath(run))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = open(Path(tmp) / "serve.log", "w+")  # noqa: SIM115 (closed below)
+        cmd = [sys.executable, "-m", "aigc", "serve", str(run), "--port", str(port),
+               "--device", args.device, "--log-level", "warning",
+               "--max-image-batch", str(max(args.clients * args.server_n, 1)),
+               "--max-n", str(args.server_n), "--torch-threads", str(args.torch_threads)]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise SystemExit(f"the server did not start:\n{log.read()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            card = httpx.get(f"{url}/v1/models/{model}").json()["aigc"]
+            text = bool((card.get("diffusion") or {}).get("text"))
+            print(f"server pid {proc.pid}: {run} ({card['family']}, {card['image_size']}px"
+                  f"{', text-to-image' if text else ''}), n={args.server_n}, "
+                  f"{args.server_steps} steps, {os.cpu_count()} CPUs, torch threads "
+                  f"{args.torch_threads or 'default'}")  # fmt: skip
+            rates = {}
+            for clients in (1, args.clients):
+                rates[clients] = asyncio.run(
+                    _server_phase(url, model, text, clients, args)
+                )  # fmt: skip
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.seek(0)
+            if "Traceback" in (text_log := log.read()):
+                print(f"the server's log has a traceback:\n{text_log[-3000:]}")
+            log.close()
+    one, many = rates[1], rates[args.clients]
+    if one:
+        print(f"images/s with {args.clients} clients / with 1: {many:.2f} / {one:.2f} = "
+              f"{many / one:.2f}x")  # fmt: skip
+
+
+async def _server_phase(url: str, model: str, text: bool, clients: int, args) -> float:
+    """One phase: images/s of `clients` clients looping for args.server_seconds (after
+    one warm-up request each), with the mean batch the server denoised (its /metrics)."""
+    import httpx
+
+    def body(i: int) -> dict:
+        b = {"model": model, "n": args.server_n, "num_inference_steps": args.server_steps,
+             "seed": i}  # fmt: skip
+        if text:
+            b["prompt"] = PROMPTS[i % len(PROMPTS)]
+        return b
+
+    async def batches(client: httpx.AsyncClient) -> tuple[float, float]:
+        count = total = 0.0
+        for line in (await client.get(f"{url}/metrics")).text.splitlines():
+            if line.startswith("aigc_image_batch_size_count"):
+                count = float(line.split()[-1])
+            elif line.startswith("aigc_image_batch_size_sum"):
+                total = float(line.split()[-1])
+        return count, total
+
+    images = errors = 0
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def loop(c: int, until: float | None) -> None:
+            nonlocal images, errors
+            i = c
+            while True:
+                r = await client.post(f"{url}/v1/images/generations", json=body(i))
+                if until is None:
+                    return
+                if r.status_code == 200:
+                    images += len(r.json()["data"])
+                else:
+                    errors += 1
+                i += clients
+                if time.monotonic() >= until:
+                    return
+
+        await asyncio.gather(*(loop(c, None) for c in range(clients)))  # warm-up
+        before = await batches(client)
+        start = time.monotonic()
+        await asyncio.gather(*(loop(c, start + args.server_seconds) for c in range(clients)))
+        elapsed = time.monotonic() - start
+        after = await batches(client)
+    rate = images / elapsed
+    mean = (after[1] - before[1]) / max(after[0] - before[0], 1)
+    print(f"{clients:>3} client{'s' if clients != 1 else ' '}: {rate:8.2f} images/s "
+          f"({images} images in {elapsed:.1f} s, mean batch {mean:.1f} images"
+          f"{f', {errors} errors' if errors else ''})", flush=True)  # fmt: skip
+    return rate
 
 
 def main() -> None:
@@ -91,8 +221,20 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's")
     ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers' rows")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--server", action="store_true",
+                    help="measure `aigc serve` instead: images/s at 1 and --clients clients")  # fmt: skip
+    ap.add_argument("--clients", type=int, default=8, help="--server: concurrent clients")
+    ap.add_argument("--server-seconds", type=float, default=20, help="--server: per phase")
+    ap.add_argument("--server-n", type=int, default=1, help="--server: images per request")
+    ap.add_argument("--server-steps", type=int, default=20, help="--server: steps per request")
+    ap.add_argument("--torch-threads", type=int, default=0, help="--server: the server's")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="--server without --run: a recipe override (model.width=8)")  # fmt: skip
     args = ap.parse_args()
     torch.set_flush_denormal(True)  # as aigc's training and serving do
+    if args.server:
+        server_throughput(args)
+        return
 
     if args.run:
         import aigc
@@ -159,7 +301,6 @@ def main() -> None:
                 note = f"aigc {name} / this: {ours[name, steps] / rate:.2f}x" if (
                     (name, steps) in ours) else ""  # fmt: skip
                 row(f"diffusers {rule}", steps, rate, calls, n, note)
-    # server_throughput(args): 8 concurrent clients against 1, still to be written
 
 
 if __name__ == "__main__":

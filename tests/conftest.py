@@ -137,3 +137,27 @@ def start_server(args: list[str], env: dict[str, str] | None = None) -> tuple[An
         except httpx.TransportError:
             assert time.monotonic() < deadline, "the server did not answer /health in 30 s"
             time.sleep(0.05)
+
+
+# A text-to-image diffusion run small enough to train in a few seconds (the domain
+# classifier of its evaluation is skipped).
+T2I_TINY = ["train.max_steps=2", "train.batch_size=8", "model.width=8", "model.text_width=16",
+            "model.sample_steps=2", "data.n=200", "data.eval_samples=10",
+            "train.sample_every=0", "train.checkpoint_every=0", "data.eval_metrics=[]",
+            "train.eval_every=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def diffusion_runs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny diffusion runs for the service's tests, trained once a session: t2i
+    (text-to-image, shapes) and ddpm (class-conditional, digits)."""
+    import aigc
+
+    root = tmp_path_factory.mktemp("diffusion-runs")
+    aigc.train("t2i-shapes", T2I_TINY, run_dir=root / "t2i", progress=False)
+    aigc.train("ddpm-digits", ["train.max_steps=2", "train.batch_size=8", "model.width=8",
+                               "model.sample_steps=3", "data.eval_samples=10",
+                               "train.sample_every=0", "train.checkpoint_every=0",
+                               "data.eval_metrics=[]", "train.eval_every=0"],
+               run_dir=root / "ddpm", progress=False)  # fmt: skip
+    return {"t2i": root / "t2i", "ddpm": root / "ddpm"}

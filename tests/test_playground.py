@@ -22,10 +22,11 @@ import uvicorn
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import aigc
+from aigc.schedulers import SCHEDULERS
 from aigc.serve.app import create_app
 from aigc.serve.settings import ServeSettings
 
-from .conftest import RECIPE, ROOT, TINY
+from .conftest import RECIPE, ROOT, T2I_TINY, TINY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -50,15 +51,17 @@ def _one_thread(one_torch_thread):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny GPT, its chat fine-tune and a tiny conditional GAN, each a few steps."""
+    """A tiny GPT, its chat fine-tune, a tiny conditional GAN and a tiny text-to-image
+    diffusion model, each a few steps."""
     root = tmp_path_factory.mktemp("playground")
-    gpt, chat, cgan = root / "gpt", root / "chat", root / "cgan"
+    gpt, chat, cgan, t2i = root / "gpt", root / "chat", root / "cgan", root / "t2i"
     aigc.train(RECIPE, [*TINY, "train.max_steps=3", "train.eval_every=0"], run_dir=gpt,
                progress=False)  # fmt: skip
     aigc.finetune(gpt, ["train.max_steps=2", "train.batch_size=4"], task="chat", run_dir=chat,
                   progress=False)  # fmt: skip
     aigc.train(CGAN, CGAN_TINY, run_dir=cgan, progress=False)
-    return {"gpt": gpt, "chat": chat, "cgan": cgan}
+    aigc.train("t2i-shapes", T2I_TINY, run_dir=t2i, progress=False)
+    return {"gpt": gpt, "chat": chat, "cgan": cgan, "t2i": t2i}
 
 
 @contextmanager
@@ -286,6 +289,86 @@ def test_images_come_as_a_grid_of_decoded_pngs(page, server):
     page.click("#generate")
     expect(page.locator("#status")).to_have_class("error")
     expect(page.locator("#status")).to_contain_text("n=17 must be in [1, 16]")
+
+
+# Records, per MutationObserver callback, what the image grid and the progress bar show:
+# [the step of each image (null: a final image), the bar's value, the bar's max].
+WATCH_DENOISING = """() => {
+  window.frames_seen = [];
+  const images = document.getElementById("images");
+  const bar = document.getElementById("progress");
+  const record = () => window.frames_seen.push([
+    [...images.querySelectorAll("img")].map(i => i.dataset.step ? Number(i.dataset.step) : null),
+    bar.value, bar.max]);
+  const observer = new MutationObserver(record);
+  observer.observe(images, {childList: true, subtree: true, attributes: true});
+  observer.observe(bar, {attributes: true});
+}"""
+
+
+def test_a_diffusion_model_shows_its_images_forming_with_a_progress_bar(page, server):
+    page.goto(server + "/")
+    choose(page, "t2i")
+    expect(page.locator("#model-info")).to_contain_text("text-to-image")
+    expect(page.locator("#image-prompt")).to_be_visible()
+    expect(page.locator("#negative-prompt")).to_be_visible()
+    expect(page.locator("#labels")).to_be_hidden()
+    # the run's defaults, and the server's schedulers
+    expect(page.locator("#steps")).to_have_value("2")
+    expect(page.locator("#guidance")).to_have_value("3")
+    expect(page.locator("#scheduler")).to_have_value("dpm++2m")
+    names = page.locator("#scheduler option").all_text_contents()
+    assert names == sorted(SCHEDULERS)
+
+    page.fill("#image-prompt", "a small red circle")
+    page.fill("#negative-prompt", "a blue square")
+    page.fill("#steps", "12")
+    page.select_option("#scheduler", "ddim")
+    page.fill("#guidance", "2.5")
+    page.fill("#n", "2")
+    page.fill("#seed", "4")
+    page.evaluate(WATCH_DENOISING)
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    assert sent.value.post_data_json == {
+        "model": "t2i", "n": 2, "seed": 4, "num_inference_steps": 12, "guidance_scale": 2.5,
+        "scheduler": "ddim", "prompt": "a small red circle", "negative_prompt": "a blue square",
+        "stream": True, "partial_images": 8, "response_format": "b64_json",
+    }  # fmt: skip
+    assert sent.value.response().headers["content-type"].startswith("text/event-stream")
+
+    frames = page.evaluate("window.frames_seen")
+    previews = [steps for steps, _, _ in frames if steps and all(s is not None for s in steps)]
+    assert len({tuple(p) for p in previews}) >= 4, frames  # the images formed step by step
+    assert max(max(p) for p in previews) < 12
+    values = [value for _, value, _ in frames]
+    assert values == sorted(values) and 0 < values[len(values) // 2] < 12, values  # it moved
+    progress = page.locator("#progress")
+    expect(progress).to_be_visible()
+    assert progress.evaluate("p => [p.value, p.max]") == [12, 12]  # and reached the end
+    final = page.locator("#images img")
+    expect(final).to_have_count(2)
+    expect(page.locator("#images img.preview")).to_have_count(0)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#images img')].every(i => i.complete)"
+    )
+    sizes = final.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[32, 32]] * 2
+    assert final.first.get_attribute("alt") == "sample 1 (a small red circle)"
+    shot(page, "playground-diffusion.png")
+
+    # The same seed: the same images.
+    first = final.evaluate_all("imgs => imgs.map(i => i.src)")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    assert final.evaluate_all("imgs => imgs.map(i => i.src)") == first
+
+    # A value the server refuses: its message, shown as an error.
+    page.fill("#image-prompt", "a small red circle at the top left " * 4)
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_class("error")
+    expect(page.locator("#status")).to_contain_text("shorten it")
 
 
 def test_a_server_with_keys_asks_for_one_and_works_with_it(page, keyed_server):

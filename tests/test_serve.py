@@ -317,6 +317,12 @@ def test_images_are_pngs_of_the_asked_class(client, gens):
         ({"model": "cgan", "prompt": "7", "labels": "3"}, "labels"),
         ({"model": "vae", "prompt": "x", "labels": {"class": 1}}, None),
         ({"model": "gpt", "prompt": "7"}, "model"),
+        # diffusers' arguments are for diffusion runs; a GAN or VAE cannot honour them
+        ({"model": "cgan", "prompt": "7", "num_inference_steps": 4}, "num_inference_steps"),
+        ({"model": "cgan", "prompt": "7", "guidance_scale": 2.0}, "guidance_scale"),
+        ({"model": "vae", "prompt": "x", "negative_prompt": ""}, "negative_prompt"),
+        ({"model": "vae", "prompt": "x", "scheduler": "ddim"}, "scheduler"),
+        ({"model": "vae", "prompt": "x", "stream": True}, "stream"),
     ],
 )
 def test_bad_image_requests_are_400(server, body, param):

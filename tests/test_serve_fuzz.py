@@ -7,7 +7,8 @@ must be below 500, every error must be in OpenAI's shape, nothing may hang (each
 request has a time limit), and afterwards the service must still complete text.
 
 The app runs in-process (httpx's ASGITransport) on one event loop for the module,
-over a tiny GPT run, a chat run fine-tuned from it and a conditional GAN run.
+over a tiny GPT run, a chat run fine-tuned from it, a conditional GAN run and a
+text-to-image diffusion run.
 Examples are derandomized, so a run is reproducible.
 """
 
@@ -37,6 +38,7 @@ SETTINGS = dict(
     max_prompt_tokens=1000,
     max_body_bytes=65_536,
     request_timeout_s=20,
+    max_steps=4,  # valid diffusion requests that slip through finish at once
 )
 KEY = "sk-fuzz-2718"
 TIMEOUT = 30  # seconds for one request: past it, the service hangs
@@ -63,9 +65,10 @@ def _one_thread(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def runs(serve_runs):
-    """Tiny runs: gpt, chat (fine-tuned from it), cgan (conditional, digits)."""
-    return [serve_runs[name] for name in ("gpt", "chat", "cgan")]
+def runs(serve_runs, diffusion_runs):
+    """Tiny runs: gpt, chat (fine-tuned from it), cgan (conditional, digits), t2i
+    (text-to-image diffusion, shapes)."""
+    return [*(serve_runs[name] for name in ("gpt", "chat", "cgan")), diffusion_runs["t2i"]]
 
 
 class Fuzzed:
@@ -89,6 +92,8 @@ class Fuzzed:
                 served.batcher.stop()
             if served.images is not None:
                 served.images.stop()
+            if served.diffusion is not None:
+                served.diffusion.stop()
         self.loop.close()
 
 
@@ -130,6 +135,15 @@ def check(r: httpx.Response, method: str = "POST") -> None:
     if r.status_code >= 400:
         assert kind.startswith("application/json"), (r.status_code, kind, r.text[:500])
         assert_openai_error(r.json())
+    elif kind.startswith("text/event-stream") and r.text.startswith("event: "):
+        # an image stream: named events, the last the last image or an error
+        lines = [line for line in r.text.split("\n") if line.startswith("data: ")]
+        events = [json.loads(line.removeprefix("data: ")) for line in lines]
+        assert events[-1].get("type") == "image_generation.completed" or "error" in events[-1]
+        for e in events:
+            if "error" in e:
+                assert_openai_error(e)
+                assert e["error"]["type"] != "server_error", e
     elif kind.startswith("text/event-stream"):
         lines = [line for line in r.text.split("\n") if line]
         assert lines[-1] == "data: [DONE]", lines[-3:]
@@ -176,7 +190,7 @@ any_value = junk | strings  # strings twice as likely
 # For each endpoint, what its fields may plausibly hold (edge values included); a body
 # is drawn from these alone (so that many reach the range checks and the models), or
 # with any JSON value in any field, or is any JSON value at all.
-models = st.sampled_from(["gpt", "chat", "cgan", "nope", ""])
+models = st.sampled_from(["gpt", "chat", "cgan", "t2i", "nope", ""])
 words = st.text(string.ascii_letters + " .:\n", min_size=1, max_size=40)
 SAMPLING = {
     "temperature": floats,
@@ -226,12 +240,13 @@ CHAT = (
 )
 label = st.sampled_from(["7", 7, -1, 10, 2**63, "class", "x", "", " 7", "\u2603"])
 IMAGE = (
-    {"model": st.just("cgan") | models},
+    {"model": st.just("cgan") | st.just("t2i") | models},
     {
         "prompt": st.sampled_from(
-            ["7", "class=7", " 3 ", "class=11", "=", ",;,", "a=b=c", "class="]
+            ["7", "class=7", " 3 ", "class=11", "=", ",;,", "a=b=c", "class=", "a red circle"]
         )
-        | text,
+        | text
+        | HUGE,
         "labels": label
         | st.lists(label, max_size=5)
         | st.dictionaries(st.sampled_from(["class", "colour", ""]) | text, label, max_size=3),
@@ -240,6 +255,13 @@ IMAGE = (
         "response_format": st.sampled_from(["b64_json", "url", ""]),
         "size": st.sampled_from(["32x32", "16x16", "x"]) | text,
         "user": strings,
+        "stream": st.booleans(),
+        "partial_images": ints,
+        "num_inference_steps": ints,
+        "guidance_scale": floats,
+        "negative_prompt": words | text | HUGE,
+        "scheduler": st.sampled_from(["ddim", "ddpm", "euler", "heun", "dpm++2m", "DDIM", ""])
+        | text,
     },
 )
 
@@ -379,3 +401,7 @@ def test_the_service_still_completes_text_after_the_fuzzing(request, fixture):
     assert not sample("aigc_errors_total", {"status": "500", "type": "server_error"})
     assert sample("aigc_queue_depth", {"model": "gpt"}) == 0  # nothing left behind
     assert sample("aigc_running_rows", {"model": "gpt"}) == 0
+    if fixture == "open_app":  # and the diffusion model still makes images
+        body = {"model": "t2i", "prompt": "a red circle", "num_inference_steps": 2}
+        assert fuzzed.request("POST", "/v1/images/generations", json=body).status_code == 200
+        assert sample("aigc_queue_depth", {"model": "t2i"}) == 0

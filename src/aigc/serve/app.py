@@ -6,9 +6,12 @@ it under the folder's name:
 - text runs (families gpt and chat): ``POST /v1/completions`` and, for chat runs,
   ``POST /v1/chat/completions``, whole or streamed as server-sent events; concurrent
   requests for a model are decoded together (``aigc.serve.batching``);
-- image runs (gan, vae): ``POST /v1/images/generations``, PNGs as base64;
+- image runs (gan, vae, diffusion): ``POST /v1/images/generations``, PNGs as base64;
+  concurrent requests for a diffusion model are denoised together, and may stream
+  previews (``aigc.serve.images``);
 - ``GET /v1/models`` (with an ``aigc`` object per model: kind, family, chat,
-  conditional, classes), ``GET /health``, ``GET /metrics`` (Prometheus), and the web
+  conditional, classes, and for diffusion runs their schedulers, defaults and limits),
+  ``GET /health``, ``GET /metrics`` (Prometheus), and the web
   playground: ``GET /`` and ``/static/...``.
 
 With API keys configured, every endpoint but /health and the page's files needs
@@ -63,6 +66,8 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
                 await asyncio.to_thread(served.batcher.stop)
             if served.images is not None:
                 await asyncio.to_thread(served.images.stop)
+            if served.diffusion is not None:
+                await asyncio.to_thread(served.diffusion.stop)
 
     from aigc import __version__
 
@@ -92,13 +97,16 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
 
     @app.get("/v1/models", dependencies=keyed)
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [m.card() for m in service.models.values()]}
+        return {
+            "object": "list",
+            "data": [m.card(service.settings) for m in service.models.values()],
+        }
 
     @app.get("/v1/models/{model}", dependencies=keyed)
     async def get_model(model: str) -> dict[str, Any]:
         if model not in service.models:
             service.model(model, "text")  # the 404
-        return service.models[model].card()
+        return service.models[model].card(service.settings)
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -109,8 +117,8 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
         return await answer_chat_completions(service, body, request)
 
     @app.post("/v1/images/generations", dependencies=keyed)
-    async def images(body: ImageRequest) -> dict[str, Any]:
-        return await generate_images(service, body)
+    async def images(body: ImageRequest, request: Request) -> Response:
+        return await generate_images(service, body, request)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

@@ -17,6 +17,13 @@ which per job and step took a large share of the worker's time at 16 rows.
 
 Image models have an `ImageRunner`: one thread per model that generates whole
 requests one after another (an image request is already a batch of n).
+
+Diffusion models have a `DiffusionBatcher`: a thread that gathers the requests
+(`ImageJob`, each a request the pipeline has prepared) arriving within max_wait of each
+other, or while the previous batch ran, and denoises those that share a scheduler and
+a step count as one batch of up to max_images images (`DiffusionPipeline.run_batch`:
+one network call a step for all of them). Previews (the x_0 estimate of a step) and
+the images go back to each request as base64 PNGs.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aigc.sampling import BatchDecoder, DecodeEvent, SamplingParams
 from aigc.serve.metrics import ServeMetrics
@@ -363,3 +370,236 @@ class ImageRunner:
     def stop(self) -> None:
         self._stopping = True
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------
+# diffusion
+
+
+@dataclass
+class Preview:
+    """Partial images of a diffusion request: the x_0 estimate after `step` of `total`
+    scheduler calls, one base64 PNG per image of the request."""
+
+    index: int  # 0, 1, ...: OpenAI's partial_image_index
+    step: int
+    total: int
+    images: list[str]
+
+
+@dataclass
+class Finished:
+    """The images of a diffusion request, base64 PNGs."""
+
+    images: list[str]
+
+
+class ImageJob:
+    """One diffusion request, prepared by the pipeline (checked, its noise drawn), and its
+    previews and images as they come. Made and read on the event loop; the worker posts."""
+
+    def __init__(self, prepared: Any, partial_images: int = 0) -> None:
+        self.id = next(_job_ids)
+        self.prepared = prepared  # aigc.pipelines.diffusion._Prepared
+        self.n = prepared.request.n
+        self.key = (prepared.scheduler, prepared.steps)  # what a batch must share
+        self.partial_images = partial_images
+        self.loop = asyncio.get_running_loop()
+        self.created = time.monotonic()
+        self._results: asyncio.Queue[Preview | Finished | JobFailed | object] = asyncio.Queue()
+        self.done = False  # its images have been read (event loop)
+        self.cancelled = False  # its client left or timed out (set by the loop, read by the worker)
+        self.previews_sent = 0  # worker thread
+
+    def preview_due(self, step: int, total: int) -> bool:
+        """Whether the x_0 estimate after `step` of `total` calls is a preview: k previews
+        evenly spread, preview j after call (j + 1) * total // (k + 1), at most one a call,
+        none at the last (the images themselves follow)."""
+        j = self.previews_sent
+        return (
+            j < self.partial_images
+            and step < total
+            and step >= (j + 1) * total // (self.partial_images + 1)
+        )
+
+    def post(self, item: Preview | Finished | JobFailed) -> None:
+        """From the worker thread: hand a result to the event loop."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self._results.put_nowait, item)
+
+    def stop(self, message: str) -> None:
+        """End the job now (on the event loop): its reader gets ShuttingDown(message)."""
+        self._results.put_nowait(_Stopped(message))
+
+    async def events(self, deadline: float) -> AsyncIterator[Preview | Finished]:
+        """Its previews, then its images (Finished, the last). Raises JobTimeout past
+        `deadline` (time.monotonic()), RuntimeError when the worker failed, and
+        ShuttingDown when the server stopped the job."""
+        timer = self.loop.call_later(
+            max(0.0, deadline - time.monotonic()), self._results.put_nowait, _EXPIRED
+        )
+        try:
+            while not self.done:
+                item = await self._results.get()
+                if item is _EXPIRED or time.monotonic() >= deadline:
+                    raise JobTimeout
+                if isinstance(item, _Stopped):
+                    raise ShuttingDown(item.message)
+                if isinstance(item, JobFailed):
+                    raise RuntimeError(item.message)
+                assert isinstance(item, Preview | Finished)
+                self.done = isinstance(item, Finished)
+                yield item
+        finally:
+            timer.cancel()
+
+
+class _Abandoned(Exception):
+    """Raised in the denoising loop when no request of the batch waits for it any more."""
+
+
+class DiffusionBatcher:
+    """The worker thread of one diffusion model (see the module docstring).
+
+    pipeline: an aigc.pipelines.diffusion.DiffusionPipeline; encode: images (n, C, H, W)
+    in [-1, 1] -> base64 PNGs.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pipeline: Any,
+        metrics: ServeMetrics,
+        max_images: int,
+        max_wait_ms: float,
+        queue_size: int,
+        encode: Callable[[Any], list[str]],
+    ) -> None:
+        self.name = name
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.max_images = max_images
+        self.max_wait = max_wait_ms / 1000
+        self.queue_size = queue_size
+        self.encode = encode
+        self._cond = threading.Condition()
+        self._waiting: deque[ImageJob] = deque()
+        self._running: list[ImageJob] = []
+        self._free_since = 0.0  # when the last batch ended (time.monotonic())
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        metrics.queue_depth.labels(name).set_function(lambda: len(self._waiting))
+
+    # -- the event loop's side ---------------------------------------------------
+
+    def submit(self, job: ImageJob) -> None:
+        """Queue a job; QueueFull when queue_size jobs wait already."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown(f"model {self.name!r} is shutting down")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(self.name, len(self._waiting))
+            self._waiting.append(job)
+            if self._thread is None:  # started on first use
+                self._thread = threading.Thread(
+                    target=self._run, name=f"aigc-diffusion-{self.name}", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def cancel(self, job: ImageJob) -> None:
+        """Forget a job whose client left or timed out: out of the queue, or, when every
+        job of the running batch is gone, the batch stops at its next step."""
+        job.cancelled = True
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the worker; jobs still queued or running get an error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- the worker thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                first = self._waiting[0].created
+                if self.max_wait > 0 and first >= self._free_since:  # it found the model idle
+                    self._gather(first + self.max_wait)
+                self._running = self._take()
+            if self._running:
+                self._denoise(self._running)
+            self._running = []
+            self._free_since = time.monotonic()
+        with self._cond:
+            jobs, self._waiting = list(self._waiting), deque()
+        for job in jobs:
+            job.post(JobFailed("the server is shutting down"))
+
+    def _gather(self, deadline: float) -> None:
+        """An idle model: wait until `deadline` for more images to batch with (lock held).
+        Requests that came while a batch ran have waited already, and go at once."""
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if sum(j.n for j in self._waiting) >= self.max_images or left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _take(self) -> list[ImageJob]:
+        """The next batch (lock held): the oldest job, and after it, oldest first, those
+        of the same scheduler and step count while the images fit in max_images."""
+        batch: list[ImageJob] = []
+        images = 0
+        for job in list(self._waiting):
+            if batch and (job.key != batch[0].key or images + job.n > self.max_images):
+                continue
+            batch.append(job)
+            images += job.n
+            self._waiting.remove(job)
+        return batch
+
+    def _denoise(self, jobs: list[ImageJob]) -> None:
+        from aigc.pipelines.base import ImageOutput
+
+        spans, start = [], 0
+        for job in jobs:
+            spans.append((job, start, start + job.n))
+            start += job.n
+
+        def callback(step: int, total: int, x0: Any) -> None:
+            if self._stopping or all(j.cancelled for j in jobs):
+                raise _Abandoned
+            for job, a, b in spans:
+                if not job.cancelled and job.preview_due(step, total):
+                    p = job.prepared
+                    out = ImageOutput(x0[a:b].cpu(), p.labels, p.request.seed, p.prompts)
+                    images = self.encode(self.pipeline.postprocess(out).images)
+                    job.post(Preview(job.previews_sent, step, total, images))
+                    job.previews_sent += 1
+
+        self.metrics.image_batch_size.labels(self.name).observe(start)
+        try:
+            outputs = self.pipeline.run_batch([j.prepared for j in jobs], callback)
+            results = [self.encode(out.images) for out in outputs]
+        except _Abandoned:
+            if self._stopping:
+                for job in jobs:
+                    job.post(JobFailed("the server is shutting down"))
+            return
+        except Exception as e:  # a bug: fail the batch, keep serving
+            log.exception("denoising failed on %s", self.name)
+            for job in jobs:
+                job.post(JobFailed(f"denoising failed: {type(e).__name__}: {e}"))
+            return
+        for job, images in zip(jobs, results, strict=True):
+            job.post(Finished(images))

@@ -1,20 +1,42 @@
-"""POST /v1/images/generations: a request checked, its prompt turned into class labels,
-and the images made on the model's thread, answered as base64 PNGs."""
+"""POST /v1/images/generations: a request checked and answered as base64 PNGs.
+
+GAN and VAE runs: the prompt turned into class labels, the images made on the model's
+thread. Diffusion runs (DiffusionPipeline): the prompt is a text-to-image run's caption
+(a class-conditional run's labels by name, as for a GAN), with diffusers' arguments as
+extensions (num_inference_steps, guidance_scale, negative_prompt, scheduler); concurrent
+requests are denoised together (batching.DiffusionBatcher); and ``stream: true``
+answers in OpenAI's image-streaming events: ``partial_images`` previews of each image
+(``image_generation.partial_image``, with ``index``, ``step`` and ``total_steps`` as
+extensions), then each image (``image_generation.completed``).
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import math
+import re
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from aigc.errors import RequestError
-from aigc.serve.batching import JobTimeout
+from aigc.serve.batching import Finished, ImageJob, JobTimeout, Preview, ShuttingDown
 from aigc.serve.errors import timeout_error
-from aigc.serve.schemas import ApiError, ImageRequest
+from aigc.serve.schemas import ApiError, ImageRequest, error_body
+from aigc.serve.text import unless_disconnected
 
 if TYPE_CHECKING:
-    from aigc.serve.service import Service
+    from aigc.serve.service import ServedModel, Service
+    from aigc.serve.settings import ServeSettings
+
+# fields only a diffusion run can honour (any other run refuses them unless neutral)
+DIFFUSION_FIELDS = ("num_inference_steps", "guidance_scale", "negative_prompt", "scheduler",
+                    "stream", "partial_images")  # fmt: skip
 
 
 def image_size(gen: Any) -> int:
@@ -55,7 +77,41 @@ def prompt_to_labels(prompt: str | None, classes: dict[str, list[str]]) -> Any:
     return wanted
 
 
-async def generate_images(service: Service, body: ImageRequest) -> dict[str, Any]:
+def png_b64(images: Any) -> list[str]:
+    """Images (n, C, H, W) in [-1, 1] as base64 PNGs."""
+    from aigc.pipelines.image import image_output
+
+    out = []
+    for image in image_output(images, "pil"):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def step_limit(pipe: Any, settings: ServeSettings) -> int:
+    """The most num_inference_steps a diffusion request may ask for."""
+    return min(settings.max_steps, int(pipe.model.cfg.num_train_timesteps))
+
+
+def diffusion_card(pipe: Any, settings: ServeSettings) -> dict[str, Any]:
+    """A diffusion model's extensions in GET /v1/models: defaults, choices and limits."""
+    from aigc.pipelines.diffusion import MAX_GUIDANCE
+    from aigc.schedulers import SCHEDULERS
+
+    cfg, limit = pipe.model.cfg, step_limit(pipe, settings)
+    return {
+        "text": pipe.text_conditional,  # takes a caption (and a negative prompt)
+        "schedulers": sorted(SCHEDULERS),
+        "scheduler": cfg.sampler,
+        "num_inference_steps": min(int(cfg.sample_steps), limit),
+        "max_inference_steps": limit,
+        "guidance_scale": float(cfg.guidance),
+        "max_guidance_scale": MAX_GUIDANCE,
+    }
+
+
+async def generate_images(service: Service, body: ImageRequest, request: Request) -> Response:
     """The answer to POST /v1/images/generations; ApiError for a request it cannot serve."""
     served = service.model(body.model, "image")
     s, gen = service.settings, served.generator
@@ -76,23 +132,28 @@ async def generate_images(service: Service, body: ImageRequest) -> dict[str, Any
     size = image_size(gen)
     if body.size is not None and body.size != f"{size}x{size}":
         raise ApiError(400, f"size {body.size!r}: {served.name} makes {size}x{size} images", param="size")  # fmt: skip
-    if gen.conditional:
-        labels = body.labels
-        if labels is not None and body.prompt:
-            raise ApiError(400, "give labels or a prompt, not both", param="labels")
-        if labels is None:
-            labels = prompt_to_labels(body.prompt, gen.classes)
-    else:  # the prompt of an unconditional run says nothing it can follow
-        labels = body.labels
+    for key in ("prompt", "negative_prompt"):
+        text = getattr(body, key)
+        if text is not None and len(text) > s.max_prompt_chars:
+            raise ApiError(
+                400, f"the {key} has {len(text):,} characters; at most {s.max_prompt_chars:,} "
+                "(the server's --max-prompt-chars)", param=key, code="prompt_too_long",
+            )  # fmt: skip
+    if served.diffusion is not None:
+        return await _diffusion_images(service, served, body, n, request)
+    neutral = {"stream": (None, False), "partial_images": (None, 0)}
+    for key in DIFFUSION_FIELDS:
+        if getattr(body, key) not in neutral.get(key, (None,)):
+            raise ApiError(
+                400, f"{key} is for diffusion models; {served.name!r} is a {served.family} "
+                "model, which makes its images in one pass: leave it out",
+                param=key, code="unsupported_parameter",
+            )  # fmt: skip
+    labels = _labels(gen, body)
     gen.labels_for(n, labels)  # a bad label: RequestError, 400, before queueing
 
     def work() -> list[str]:
-        out = []
-        for image in gen.generate(n, labels=labels, seed=body.seed, output="pil"):
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        return out
+        return png_b64(gen.generate(n, labels=labels, seed=body.seed))
 
     service.images_in_flight += 1
     try:
@@ -102,4 +163,133 @@ async def generate_images(service: Service, body: ImageRequest) -> dict[str, Any
     finally:
         service.images_in_flight -= 1
     service.metrics.images.labels(served.name).inc(n)
-    return {"created": int(time.time()), "data": [{"b64_json": b} for b in data]}
+    return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in data]})
+
+
+def _labels(gen: Any, body: ImageRequest) -> Any:
+    """The labels a GAN, VAE or class-conditional diffusion run is asked for."""
+    if not gen.conditional:  # the prompt of an unconditional run says nothing it can follow
+        return body.labels
+    if body.labels is not None and body.prompt:
+        raise ApiError(400, "give labels or a prompt, not both", param="labels")
+    return body.labels if body.labels is not None else prompt_to_labels(body.prompt, gen.classes)
+
+
+async def _diffusion_images(
+    service: Service, served: ServedModel, body: ImageRequest, n: int, request: Request
+) -> Response:
+    """A diffusion run's answer: checked here and by the pipeline's prepare (400s), then
+    queued for the model's batcher, and answered whole or as a stream of events."""
+    from aigc.pipelines.diffusion import MAX_GUIDANCE, DiffusionRequest
+    from aigc.schedulers import SCHEDULERS
+
+    s, pipe, deadline = service.settings, served.generator, service.deadline()
+    limit, timesteps = step_limit(pipe, s), int(pipe.model.cfg.num_train_timesteps)
+    steps = body.num_inference_steps
+    if steps is not None and not 1 <= steps <= limit:
+        why = "the server's --max-steps" if s.max_steps <= timesteps else (
+            f"the model was trained on {timesteps} timesteps")  # fmt: skip
+        raise ApiError(400, f"num_inference_steps={steps} must be in [1, {limit}] ({why})",
+                       param="num_inference_steps")  # fmt: skip
+    if steps is None:
+        steps = min(int(pipe.model.cfg.sample_steps), limit)
+    w = body.guidance_scale
+    if w is not None and not (math.isfinite(w) and 0 <= w <= MAX_GUIDANCE):
+        raise ApiError(400, f"guidance_scale={w} must be a number in [0, {MAX_GUIDANCE:g}]",
+                       param="guidance_scale")  # fmt: skip
+    if body.scheduler is not None and body.scheduler not in SCHEDULERS:
+        raise ApiError(
+            400, f"scheduler {body.scheduler!r} is not known; choose one of "
+            f"{', '.join(sorted(SCHEDULERS))}", param="scheduler", code="unknown_scheduler",
+        )  # fmt: skip
+    stream, previews = bool(body.stream), body.partial_images or 0
+    if previews and not stream:
+        raise ApiError(400, "partial_images needs stream: true", param="partial_images")
+    if not 0 <= previews <= steps:
+        raise ApiError(400, f"partial_images={previews} must be in [0, {steps}] (at most one "
+                       "a step)", param="partial_images")  # fmt: skip
+    if pipe.text_conditional:
+        if body.labels is not None:
+            raise ApiError(400, f"{served.name!r} is a text-to-image model: describe the "
+                           "image in the prompt instead of giving labels", param="labels")  # fmt: skip
+        prompt, labels = body.prompt, None
+    else:
+        if body.negative_prompt is not None:
+            raise ApiError(400, f"{served.name!r} is not a text-to-image model; it takes no "
+                           "negative_prompt", param="negative_prompt")  # fmt: skip
+        prompt, labels = None, _labels(pipe, body)
+    req = DiffusionRequest(n, prompt, body.negative_prompt, labels, steps, w, body.scheduler,
+                           body.seed)  # fmt: skip
+    try:
+        prepared = pipe.prepare(req)
+    except RequestError as e:  # e.g. a prompt longer than the text encoder's context
+        head = re.match(r"[a-z_]+", str(e))
+        param = head[0] if head and head[0] in ImageRequest.model_fields else None
+        raise ApiError(400, str(e), param=param, code="invalid_request") from None
+    job = ImageJob(prepared, previews if stream else 0)
+    served.diffusion.submit(job)  # QueueFull: 429
+    service.live.add(job)
+    if stream:
+        size = image_size(pipe)
+        return StreamingResponse(_events(service, served, job, deadline, f"{size}x{size}"),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+    try:
+        data = await unless_disconnected(request, _images_of(job, deadline, s))
+    finally:
+        service.live.discard(job)
+        if not job.done:
+            served.diffusion.cancel(job)
+    service.metrics.images.labels(served.name).inc(n)
+    return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in data]})
+
+
+async def _images_of(job: ImageJob, deadline: float, settings: ServeSettings) -> list[str]:
+    try:
+        async for item in job.events(deadline):
+            if isinstance(item, Finished):
+                return item.images
+    except JobTimeout:
+        raise timeout_error(settings) from None
+    raise AssertionError("a job's events end with its images")
+
+
+async def _events(
+    service: Service, served: ServedModel, job: ImageJob, deadline: float, size: str
+) -> AsyncIterator[str]:
+    """OpenAI's image-streaming events: each preview of each image, then each image; an
+    error event (OpenAI's error shape) ends a stream that cannot finish."""
+    head = {"size": size, "quality": "auto", "background": "opaque", "output_format": "png"}
+    try:
+        async for item in job.events(deadline):
+            now = int(time.time())
+            if isinstance(item, Preview):
+                yield "".join(_sse("image_generation.partial_image", {
+                    "type": "image_generation.partial_image", "b64_json": b, "created_at": now,
+                    **head, "partial_image_index": item.index, "index": i, "step": item.step,
+                    "total_steps": item.total,
+                }) for i, b in enumerate(item.images))  # fmt: skip
+            else:
+                service.metrics.images.labels(served.name).inc(len(item.images))
+                yield "".join(_sse("image_generation.completed", {
+                    "type": "image_generation.completed", "b64_json": b, "created_at": now,
+                    **head, "index": i,
+                }) for i, b in enumerate(item.images))  # fmt: skip
+    except JobTimeout:
+        error = timeout_error(service.settings)
+        service.metrics.errors.labels("408", error.type).inc()
+        yield _sse("error", error.body())
+    except ShuttingDown as e:  # the grace period of a shutdown is over
+        service.metrics.errors.labels("503", "server_error").inc()
+        yield _sse("error", error_body(str(e), "server_error", code="shutting_down"))
+    except RuntimeError as e:  # the worker failed: a bug, reported in its log
+        service.metrics.errors.labels("500", "server_error").inc()
+        yield _sse("error", error_body(f"generation failed: {e}", "server_error"))
+    finally:
+        service.live.discard(job)
+        if not job.done:
+            served.diffusion.cancel(job)
+
+
+def _sse(event: str, obj: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -129,10 +129,19 @@ class ImageRequest(_Body):
     """POST /v1/images/generations."""
 
     model: str
-    prompt: str | None = None  # conditional runs: labels by name ("7", "colour=red, circle")
+    # text-to-image runs: the caption; class-conditional runs: labels by name ("7",
+    # "colour=red, circle"); unconditional runs: ignored
+    prompt: str | None = None
     labels: str | int | list[str | int] | dict[str, str | int] | None = None  # as labels_for
     n: int | None = None  # default 1
     seed: int | None = None  # image i is the same for a seed whatever n is
     response_format: str | None = None  # b64_json (the default) only
     size: str | None = None  # null or the run's own, e.g. "32x32"
     user: str | None = None  # accepted and ignored
+    stream: bool | None = None  # diffusion runs: server-sent events, previews then images
+    partial_images: int | None = None  # previews per image in a stream (OpenAI's; 0 to steps)
+    # aigc's extensions, diffusion runs only (diffusers' names); null: the run's default
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None  # classifier-free guidance, [0, MAX_GUIDANCE]
+    negative_prompt: str | None = None  # text-to-image runs: what the images should not show
+    scheduler: str | None = None  # a name in aigc.schedulers.SCHEDULERS

@@ -18,8 +18,15 @@ from fastapi import Request
 
 from aigc.errors import AigcError, ConfigError
 from aigc.sampling import BatchDecoder
-from aigc.serve.batching import ImageRunner, ShuttingDown, TextBatcher, TextJob
-from aigc.serve.images import image_size
+from aigc.serve.batching import (
+    DiffusionBatcher,
+    ImageJob,
+    ImageRunner,
+    ShuttingDown,
+    TextBatcher,
+    TextJob,
+)
+from aigc.serve.images import diffusion_card, image_size, png_b64
 from aigc.serve.metrics import ServeMetrics
 from aigc.serve.schemas import ApiError
 from aigc.serve.settings import ServeSettings
@@ -37,13 +44,14 @@ class ServedModel:
     family: str
     created: int  # when the run was created, seconds since the epoch
     batcher: TextBatcher | None = None  # text models
-    images: ImageRunner | None = None  # image models
+    images: ImageRunner | None = None  # image models but diffusion ones
+    diffusion: DiffusionBatcher | None = None  # diffusion models
 
     @property
     def chat(self) -> bool:
         return self.kind == "text" and self.generator.is_chat
 
-    def card(self) -> dict[str, Any]:
+    def card(self, settings: ServeSettings) -> dict[str, Any]:
         """The model's entry in GET /v1/models."""
         gen = self.generator
         image = self.kind == "image"
@@ -61,6 +69,8 @@ class ServedModel:
                 "step": int(gen.step),
                 "image_size": image_size(gen) if image else None,
                 "block_size": None if image else int(gen.model.cfg.block_size),
+                # diffusion runs: text, schedulers, defaults and limits of the extensions
+                "diffusion": None if self.diffusion is None else diffusion_card(gen, settings),
             },
         }
 
@@ -70,6 +80,7 @@ def load_models(
 ) -> dict[str, ServedModel]:
     """Every run, loaded and named by its folder; ConfigError for two runs of one name."""
     from aigc.api import load
+    from aigc.pipelines.diffusion import DiffusionPipeline
 
     paths: dict[str, Path] = {}
     for run_dir in run_dirs:
@@ -94,6 +105,11 @@ def load_models(
                 name, decoder, metrics, settings.max_batch_size, settings.max_wait_ms,
                 settings.queue_size,
             )  # fmt: skip
+        elif isinstance(gen, DiffusionPipeline):
+            served.diffusion = DiffusionBatcher(
+                name, gen, metrics, settings.max_image_batch, settings.image_wait_ms,
+                settings.queue_size, png_b64,
+            )  # fmt: skip
         elif gen.kind == "image":
             served.images = ImageRunner(name, metrics, settings.queue_size)
         else:
@@ -115,8 +131,8 @@ class Service:
         self.metrics = metrics
         self.started = time.time()
         self._keys = [k.encode() for k in settings.api_keys]
-        self.live: set[TextJob] = set()  # text requests in flight
-        self.images_in_flight = 0
+        self.live: set[TextJob | ImageJob] = set()  # text and diffusion requests in flight
+        self.images_in_flight = 0  # other image requests
         self.cut_off = asyncio.Event()  # set when shutdown ends what is still in flight
 
     def end_in_flight(self, grace: float) -> int:

@@ -89,6 +89,20 @@ class ServeSettings:
         16, "--max-n", "AIGC_MAX_N",
         "Most completions (prompts x n) or images in one request.", AT_LEAST_1,
     )  # fmt: skip
+    max_steps: int = setting(
+        250, "--max-steps", "AIGC_MAX_STEPS",
+        "Most denoising steps (num_inference_steps) a diffusion request may ask for.",
+        AT_LEAST_1,
+    )  # fmt: skip
+    max_image_batch: int = setting(
+        64, "--max-image-batch", "AIGC_MAX_IMAGE_BATCH",
+        "Images (requests x n) a diffusion model denoises together.", AT_LEAST_1,
+    )  # fmt: skip
+    image_wait_ms: float = setting(
+        10.0, "--image-wait-ms", "AIGC_IMAGE_WAIT_MS",
+        "An idle diffusion model waits this long to gather requests into one batch.",
+        NOT_NEGATIVE,
+    )  # fmt: skip
     max_prompt_tokens: int = setting(
         8192, "--max-prompt-tokens", "AIGC_MAX_PROMPT_TOKENS",
         "Longest prompt, in tokens.", AT_LEAST_1,

@@ -164,7 +164,7 @@ class _TextRequest:
             return StreamingResponse(chunks, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         try:
-            texts, reasons, tokens = await _unless_disconnected(request, self._collect(job))
+            texts, reasons, tokens = await unless_disconnected(request, self._collect(job))
         finally:
             self.service.live.discard(job)
             if not job.done:
@@ -286,7 +286,7 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     """Await `work`, abandoning it (raising ClientGone) if the client disconnects."""
     task = asyncio.ensure_future(work)
 

@@ -18,6 +18,14 @@ const el = {
   temperature: $("temperature"),
   n: $("n"),
   labels: $("labels"),
+  diffusionControls: $("diffusion-controls"),
+  captionFields: $("caption-fields"),
+  imagePrompt: $("image-prompt"),
+  negativePrompt: $("negative-prompt"),
+  steps: $("steps"),
+  scheduler: $("scheduler"),
+  guidance: $("guidance"),
+  progress: $("progress"),
   seed: $("seed"),
   generate: $("generate"),
   stop: $("stop"),
@@ -30,6 +38,7 @@ const el = {
 };
 
 const KEY_STORE = "aigc.apiKey";
+const MAX_PREVIEWS = 8; // partial images asked per image of a diffusion model
 const MODEL_STORE = "aigc.model";
 
 const state = {
@@ -160,6 +169,7 @@ function describe(model) {
   const parts = [a.kind, a.family];
   if (a.chat) parts.push("chat");
   if (a.conditional) parts.push(`conditional on ${Object.keys(a.classes || {}).join(", ")}`);
+  if (a.diffusion && a.diffusion.text) parts.push("text-to-image");
   return [...new Set(parts.filter(Boolean))].join(" · ");
 }
 
@@ -222,7 +232,22 @@ function showModel() {
   el.images.hidden = !image;
   el.generate.disabled = !(text || image) || state.controller !== null;
   buildLabels(image && a.conditional ? a.classes || {} : {});
+  showDiffusion(image ? a.diffusion || null : null);
   resetOutputs();
+}
+
+/** A diffusion model's controls, set to its defaults: caption fields for a text-to-image
+ * run, steps, the server's schedulers and guidance. */
+function showDiffusion(d) {
+  el.diffusionControls.hidden = el.diffusionControls.disabled = !d;
+  if (!d) return;
+  el.captionFields.hidden = !d.text;
+  el.steps.value = d.num_inference_steps;
+  el.steps.max = d.max_inference_steps;
+  el.guidance.value = d.guidance_scale;
+  el.guidance.max = d.max_guidance_scale;
+  el.scheduler.replaceChildren(...(d.schedulers || []).map((name) => new Option(name, name)));
+  el.scheduler.value = d.scheduler;
 }
 
 /** One select per attribute the model is conditioned on, each with "any". */
@@ -250,6 +275,7 @@ function resetOutputs() {
   el.chat.replaceChildren();
   el.output.replaceChildren();
   el.images.replaceChildren();
+  el.progress.hidden = true;
 }
 
 // ---------------------------------------------------------------------------
@@ -349,6 +375,11 @@ async function images(model, signal, job) {
   if (Object.keys(labels).length) body.labels = labels;
   const seed = numberOf(el.seed, (v) => parseInt(v, 10));
   if (seed !== null) body.seed = seed;
+  const d = (model.aigc || {}).diffusion;
+  if (d) {
+    await diffuse(d, body, signal, job);
+    return;
+  }
   const result = await (await api("/v1/images/generations", body, signal)).json();
   const caption = Object.entries(labels).map(([k, v]) => `${k} ${v}`).join(", ");
   const shown = (result.data || []).map((item, i) => {
@@ -360,6 +391,66 @@ async function images(model, signal, job) {
   });
   el.images.replaceChildren(...shown);
   job.images = shown.length;
+}
+
+/**
+ * A diffusion model's images, streamed: previews (the denoiser's estimate of each image
+ * every few steps) replace one another in the grid, the progress bar follows the steps,
+ * and the images take the previews' places as they come.
+ */
+async function diffuse(d, body, signal, job) {
+  const steps = numberOf(el.steps, (v) => parseInt(v, 10));
+  const guidance = numberOf(el.guidance, parseFloat);
+  if (steps !== null) body.num_inference_steps = steps;
+  if (guidance !== null) body.guidance_scale = guidance;
+  if (el.scheduler.value) body.scheduler = el.scheduler.value;
+  if (d.text) {
+    body.prompt = el.imagePrompt.value;
+    if (el.negativePrompt.value.trim()) body.negative_prompt = el.negativePrompt.value;
+  }
+  const total = steps ?? d.num_inference_steps;
+  Object.assign(body, { stream: true, partial_images: Math.max(0, Math.min(MAX_PREVIEWS, total - 1)) });
+  const caption = d.text ? body.prompt.trim() : Object.values(body.labels || {}).join(", ");
+  const shown = [];
+  const show = (index, b64, step, of) => {
+    let img = shown[index];
+    if (!img) {
+      img = shown[index] = document.createElement("img");
+      img.alt = `sample ${index + 1}${caption ? ` (${caption})` : ""}`;
+      el.images.append(img);
+    }
+    img.src = `data:image/png;base64,${b64}`;
+    img.classList.toggle("preview", step !== null);
+    if (step !== null) {
+      img.dataset.step = String(step);
+      img.title = `${img.alt}: step ${step} of ${of}`;
+    } else {
+      delete img.dataset.step;
+      img.title = img.alt;
+    }
+  };
+  el.images.replaceChildren();
+  el.progress.max = total;
+  el.progress.value = 0;
+  el.progress.hidden = false;
+  setStatus(`denoising… (${total} steps)`);
+  const response = await api("/v1/images/generations", body, signal);
+  for await (const data of serverSentEvents(response)) {
+    signal.throwIfAborted();
+    const event = JSON.parse(data);
+    if (event.error) throw new ApiError(event.error.message || "the stream failed", 0, event.error.code);
+    if (event.type === "image_generation.partial_image") {
+      show(event.index ?? 0, event.b64_json, event.step, event.total_steps);
+      el.progress.max = event.total_steps;
+      el.progress.value = event.step;
+      setStatus(`denoising… step ${event.step} of ${event.total_steps}`);
+    } else if (event.type === "image_generation.completed") {
+      show(event.index ?? 0, event.b64_json, null, null);
+      job.images += 1;
+      el.progress.value = el.progress.max;
+    }
+  }
+  if (job.images === 0) throw new ApiError("the stream ended without images; see the server's log");
 }
 
 function summary(job, seconds) {
