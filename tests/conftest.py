@@ -155,7 +155,7 @@ def diffusion_runs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("diffusion-runs")
     aigc.train("t2i-shapes", T2I_TINY, run_dir=root / "t2i", progress=False)
-    aigc.train("ddpm-digits", ["train.max_steps=2", "train.batch_size=8", "model.width=8",
+    aigc.train("ddpm-digits-cond", ["train.max_steps=2", "train.batch_size=8", "model.width=8",
                                "model.sample_steps=3", "data.eval_samples=10",
                                "train.sample_every=0", "train.checkpoint_every=0",
                                "data.eval_metrics=[]", "train.eval_every=0"],
