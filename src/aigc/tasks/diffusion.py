@@ -304,4 +304,3 @@ def _gpt_run(path: str) -> Path:
     if not (run / TOKENIZER_FILE).is_file():
         raise ConfigError(f"model.text_encoder={path!r}: {run / TOKENIZER_FILE} is missing")
     return run
-
