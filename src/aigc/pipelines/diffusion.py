@@ -118,7 +118,8 @@ class DiffusionPipeline(ImagePipeline):
                 if getattr(req, key):
                     how = "labels (--class)" if cfg.conditional else "nothing: it is unconditional"
                     raise RequestError(
-                        f"{self.run.path} is not a text-to-image model; it takes no {key} but {how}"
+                        f"{self.run.path} is not a text-to-image model; it takes no {key} "
+                        f"but {how}"
                     )
         lab = self.labels_for(req.n, req.labels)
         z, drawn = draw_latents(m, req.n, req.seed)
@@ -167,7 +168,9 @@ class DiffusionPipeline(ImagePipeline):
                 start += k
         return out
 
-    def _loop(self, jobs: list[_Prepared], name: str, steps: int, callback: Any) -> torch.Tensor:
+    def _loop(
+        self, jobs: list[_Prepared], name: str, steps: int, callback: Any
+    ) -> torch.Tensor:
         m = self.model
         z = torch.cat([j.z for j in jobs])
         lab = None if jobs[0].labels is None else torch.cat([j.labels for j in jobs])
