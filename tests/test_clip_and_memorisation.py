@@ -18,6 +18,8 @@ from aigc.data.shapes import generate_shapes
 from aigc.metrics.memorisation import memorisation_share, nearest_pair_distance
 from aigc.tasks.images import ImageDataConfig, prepare, to_model_batch
 
+from .conftest import run_cli
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads(one_torch_thread):
@@ -194,3 +196,9 @@ def test_eval_with_another_sampler_is_saved_apart(tmp_path):
         pipe.evaluate(scheduler="euler_a", save=False)
     with pytest.raises(RequestError, match="steps"):
         pipe.evaluate(steps=0, save=False)
+
+    r = run_cli("eval", str(out.run_dir), "--n", "10", "--scheduler", "heun", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "sampled by heun in 2 steps" in r.stdout and "memorised" in r.stdout
+    assert json.loads((out.run_dir / "eval-heun-2.json").read_text())["sampler"] == "heun"
+    assert (out.run_dir / "eval.json").read_text() == eval_json

@@ -305,8 +305,8 @@ def _sample_check_lines(result: dict[str, Any]) -> list[str]:
         ]
     if "memorised" in result:
         lines.append(
-            f"  {'memorised':<32} {result['memorised']:.1%} of generated images nearer a "
-            "training image than any two training images are"
+            f"    {'memorised':<30} {result['memorised']:.1%} (nearer a training image than any "
+            "two training images are)"
         )
     return lines
 
