@@ -377,9 +377,9 @@ class DiffusionTask(ImageTask):
         names = ("score", "retrieved", "chance", "n")
         generated = sums(images[mine], own[mine], cands[mine])
         out = {f"clip/generated/{k}": v for k, v in zip(names, generated, strict=True)}
-        k = min(len(pool), self.config.data.eval_samples) if rank == 0 else 0
-        real_own = np.array([first[c] for c in pool[:k]], dtype=np.int64)
-        real = sums(to_model_batch(data.val_images[:k]), real_own,
+        n_real = min(len(pool), self.config.data.eval_samples) if rank == 0 else 0
+        real_own = np.array([first[c] for c in pool[:n_real]], dtype=np.int64)
+        real = sums(to_model_batch(data.val_images[:n_real]), real_own,
                     retrieval_candidates(real_own, pool, seed=seed + 17))  # fmt: skip
         out.update({f"clip/real/{k}": v for k, v in zip(names, real, strict=True)})
         return out
@@ -409,8 +409,9 @@ class DiffusionTask(ImageTask):
             return {}
         if self._memo_reference is None:
             data = self.data or open_data(self.run.data_dir)
-            train = np.concatenate([self.judge_features(to_model_batch(data.train_images[i : i + 2000]))
-                                    for i in range(0, data.n_train, 2000)])  # fmt: skip
+            chunks = (to_model_batch(data.train_images[i : i + 2000])
+                      for i in range(0, data.n_train, 2000))  # fmt: skip
+            train = np.concatenate([self.judge_features(x) for x in chunks])
             self._memo_reference = train, nearest_pair_distance(train)
         train, threshold = self._memo_reference
         near = nearest_distances(feats, train)
