@@ -380,6 +380,17 @@ def eval_(
             "[data.fid_protocol, pytorch-fid]."
         ),
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Diffusion runs: sample with this scheduler (ddpm, ddim, euler, heun, "
+            "dpm++2m) instead of the run's; saved to eval-NAME-STEPS.json [model.sampler]."
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Diffusion runs: sampling steps [model.sample_steps]."),
+    ] = None,
 ) -> None:
     """Evaluate a run and save eval.json: held-out loss, perplexity and bits per character for
     text; for images, a domain classifier's verdict on generated samples, and for VAEs the
@@ -392,7 +403,7 @@ def eval_(
         result = gen.evaluate(
             n=samples, iwae_k=iwae_k, metrics=metrics.split(",") if metrics is not None else None,
             against=against, inception_weights=inception_weights, fid_protocol=fid_protocol,
-            save=False,
+            scheduler=scheduler, steps=steps, save=False,
         )  # fmt: skip
     else:
         result = gen.evaluate(save=False)

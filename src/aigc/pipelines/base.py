@@ -118,10 +118,18 @@ def evaluate_split(pipeline: Pipeline, save: bool) -> EvalResult:
 
 def save_eval(run: RunDir | str | Path, result: dict[str, Any]) -> None:
     """eval.json (the latest evaluation) and a row in metrics.jsonl (the history):
-    {"step": ..., "eval_<metric>": ...}. StorageError when the run cannot be written."""
+    {"step": ..., "eval_<metric>": ...}. StorageError when the run cannot be written.
+
+    A result with a ``variant`` (an evaluation with other settings than the run's, such
+    as another sampler: "ddim-20") goes to eval-<variant>.json alone, leaving eval.json
+    and the history to the run's own settings."""
     if not isinstance(run, RunDir):
         run = RunDir(run)
-    atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2) + "\n")
+    variant = result.get("variant")
+    name = f"eval-{variant}.json" if variant else "eval.json"
+    atomic_write_text(run.path / name, json.dumps(result, indent=2) + "\n")
+    if variant:
+        return
     log = MetricsLog(run.metrics_path)
     try:
         row = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -175,6 +176,8 @@ class ImagePipeline(Pipeline):
         against: str | None = None,
         inception_weights: str | None = None,
         fid_protocol: str | None = None,
+        scheduler: str | None = None,
+        steps: int | None = None,
     ) -> EvalResult:
         """Evaluate the run and save eval.json (and a row in metrics.jsonl).
 
@@ -189,6 +192,10 @@ class ImagePipeline(Pipeline):
         original TensorFlow code and torch-fidelity do; the result records it.
         Labelled runs also get the classifier's checks: label accuracy (conditional runs),
         class shares and variety. ``iwae_k`` is for VAE runs (VAEPipeline).
+        ``scheduler`` and ``steps`` (diffusion runs) sample with another scheduler of
+        aigc.schedulers.SCHEDULERS and step count than the run's, without retraining; the
+        result records them (``sampler``, ``sample_steps``, ``variant`` "<name>-<steps>")
+        and is saved to eval-<variant>.json, leaving eval.json to the run's own sampler.
         """
         from aigc.tasks.images import check_metric_names
 
@@ -219,8 +226,17 @@ class ImagePipeline(Pipeline):
             raise RequestError(
                 f"iwae_k (--iwae-k) is for VAE runs; {self.run.path} is a {self.task.name} run"
             )
-        with torch.inference_mode():
-            sums = self.task.eval_sums(self.model, 0, 1, self.device)
+        chosen = None
+        with contextlib.ExitStack() as stack:
+            if scheduler is not None or steps is not None:
+                try:
+                    chosen = stack.enter_context(
+                        self.task.sampling_with(self.model, scheduler, steps)
+                    )
+                except ConfigError as e:
+                    raise RequestError(str(e)) from None
+            with torch.inference_mode():
+                sums = self.task.eval_sums(self.model, 0, 1, self.device)
         values = self.task.eval_metrics(sums)
         if not values:
             raise RequestError(
@@ -229,12 +245,20 @@ class ImagePipeline(Pipeline):
             )
         result = EvalResult(step=self.step, samples=self.config.data.eval_samples)
         result.update({**self.task.eval_info(), **values})
+        if chosen is not None:
+            result.update(
+                sampler=chosen[0], sample_steps=chosen[1], variant="-".join(map(str, chosen))
+            )
         if save:
             save_eval(self.run, result)
         return result
 
     def format_eval(self, result: dict[str, Any]) -> str:
-        return "\n".join([f"{self.run.path} at step {result['step']}", *self._judged_lines(result)])
+        head = f"{self.run.path} at step {result['step']}"
+        if "sampler" in result:
+            head += f", sampled by {result['sampler']} in {result['sample_steps']} steps"
+        skip = frozenset(k for k in result if k in _SAMPLE_CHECKS)
+        return "\n".join([head, *self._judged_lines(result, skip), *_sample_check_lines(result)])
 
     @staticmethod
     def _judged_lines(result: dict[str, Any], skip: frozenset[str] = frozenset()) -> list[str]:
@@ -257,6 +281,34 @@ class ImagePipeline(Pipeline):
             )
         lines += [f"    {k:<30} {v:.4f}" for k, v in rest.items()]
         return lines
+
+
+# printed by _sample_check_lines rather than as plain numbers
+_SAMPLE_CHECKS = frozenset({"sampler", "sample_steps", "variant", "memorised", "clip_score",
+                            "clip_retrieval", "clip_retrieval_chance", "real/clip_score",
+                            "real/clip_retrieval"})  # fmt: skip
+
+
+def _sample_check_lines(result: dict[str, Any]) -> list[str]:
+    """The CLIP judge's verdict beside its ceiling on real images, and memorisation."""
+    lines = []
+    if "clip_score" in result:
+        score, retrieved = f"{result['clip_score']:.2f}", f"{result['clip_retrieval']:.1%}"
+        if "real/clip_score" in result:
+            score += f" (real images {result['real/clip_score']:.2f})"
+            retrieved += f" (real images {result['real/clip_retrieval']:.1%})"
+        chance = result["clip_retrieval_chance"]
+        lines += [
+            "  CLIP-style judge trained on the run's captions, images from validation captions:",
+            f"    {'clip_score':<30} {score}",
+            f"    {'clip_retrieval':<30} {retrieved}: own caption among 32, chance {chance:.1%}",
+        ]
+    if "memorised" in result:
+        lines.append(
+            f"    {'memorised':<30} {result['memorised']:.1%} (nearer a training image than any "
+            "two training images are)"
+        )
+    return lines
 
 
 def image_output(images: torch.Tensor, output: str) -> Any:

@@ -8,13 +8,18 @@ A text-to-image run (model.text=true) also has a tokenizer (the run's tokenizer.
 byte-level BPE trained on its training captions, or the frozen GPT's own), its
 captions encoded once, and an evaluation of prompt faithfulness: images generated
 from held-out captions are judged attribute by attribute by the domain classifier,
-separately for compositions seen in training and compositions held out of it.
+separately for compositions seen in training and compositions held out of it; when
+the captioned images have no labels, a CLIP-style judge trained on the run's captions
+(aigc.metrics.clip) scores them instead. Every evaluation also reports the share of
+generated images that are copies of training images (aigc.metrics.memorisation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ from aigc.errors import ConfigError
 from aigc.models.diffusion import Diffusion, DiffusionConfig
 from aigc.runs import RunDir
 from aigc.tasks.base import TOKENIZER_FILE, DataFiles
-from aigc.tasks.images import ImageData, ImageTask, read_meta
+from aigc.tasks.images import ImageData, ImageTask, open_data, read_meta, to_model_batch
 
 CAPTION_VOCAB = 1024  # BPE merges learnt from the captions, at most
 MIN_CONTEXT = 32  # room for prompts a little longer than the training captions
@@ -95,6 +100,8 @@ class DiffusionTask(ImageTask):
         super().__init__(config, run, data, meta)
         self.coder: CaptionCoder | None = None
         self._caption_ids: torch.Tensor | None = None
+        self._clip = None  # the CLIP-style judge, once trained or loaded
+        self._memo_reference: tuple[np.ndarray, float] | None = None  # train features, threshold
         m = config.model
         if m.text:
             from aigc.data.tokenizers import load_tokenizer
@@ -219,7 +226,7 @@ class DiffusionTask(ImageTask):
         """What evaluation prompts with: {"seen": (captions, labels), "heldout": ...} of
         data.eval_samples validation captions each, drawn with replacement by the seed;
         "heldout" only when the run held compositions out (data.holdout)."""
-        data = self.data
+        data = self.data or open_data(self.run.data_dir)  # a loaded pipeline has no data open
         captions = np.asarray(data.meta["captions"][data.n_train :], dtype=object)
         from aigc.tasks.images import validation_holdout_mask
 
@@ -248,15 +255,18 @@ class DiffusionTask(ImageTask):
         sums: dict[str, float] = {}
         clf = self.classifier()
         attrs = self.meta["attributes"]
+        mine = slice(rank, None, world)
         for group, (captions, labels) in self.eval_prompts().items():
             ids = self.coder.encode(captions, truncate=True)
             images = self.generate_from(model, ids, self.config.train.seed + 1_000_003, device)
             if group == "seen":
                 feats = self.feature_sums(model, device, images)
                 sums.update({k: v if rank == 0 else 0.0 for k, v in feats.items()})
+                sums.update(self.sample_sums(images[mine]))
+                if self.clip_judge() is not None:
+                    sums.update(self.clip_sums(images, captions, rank, world))
             if clf is None or labels is None:
                 continue
-            mine = slice(rank, None, world)
             predicted = clf.model.predict(images[mine])
             right = np.ones(len(images[mine]), bool)
             for i, a in enumerate(attrs):
@@ -269,8 +279,10 @@ class DiffusionTask(ImageTask):
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         if self.coder is None:
-            return super().eval_metrics(sums)
+            return {**super().eval_metrics(sums), **memorisation_metrics(sums)}
         out = {k[len("feature/") :]: v for k, v in sums.items() if k.startswith("feature/")}
+        out.update(clip_metrics(sums))
+        out.update(memorisation_metrics(sums))
         for group in ("seen", "heldout"):
             n = sums.get(f"{group}/n", 0.0)
             if not n:
@@ -283,6 +295,148 @@ class DiffusionTask(ImageTask):
         if clf is not None:
             out["classifier_heldout"] = float(clf.heldout)
         return out
+
+    # evaluation with another sampler -----------------------------------------------
+    @contextlib.contextmanager
+    def sampling_with(
+        self, model: nn.Module, scheduler: str | None, steps: int | None
+    ) -> Iterator[tuple[str, int]]:
+        """The model samples with ``scheduler`` (a name in aigc.schedulers.SCHEDULERS)
+        over ``steps`` steps (None: the run's own) while inside; yields (name, steps).
+        ConfigError naming an unknown scheduler or a step count out of range."""
+        cfg = model.cfg
+        name = cfg.sampler if scheduler is None else scheduler
+        steps = cfg.sample_steps if steps is None else steps
+        model.scheduler(name)  # ConfigError for an unknown name
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ConfigError(f"steps={steps!r} must be an integer")
+        if not 1 <= steps <= cfg.num_train_timesteps:
+            raise ConfigError(f"steps={steps} must be in [1, {cfg.num_train_timesteps}]")
+        before = cfg.sampler, cfg.sample_steps
+        cfg.sampler, cfg.sample_steps = name, steps
+        try:
+            yield name, steps
+        finally:
+            cfg.sampler, cfg.sample_steps = before
+
+    # the CLIP-style judge (captions without labels) and memorisation -------------------
+    def clip_judge(self):
+        """The cached CLIP-style judge (aigc.metrics.clip.TrainedClip) of a text run whose
+        captioned images have no labels; None for every other run."""
+        if self.coder is None or self.meta["attributes"] or not self.meta.get("captions"):
+            return None
+        if self._clip is None:
+            from aigc.metrics.clip import cached_clip
+
+            data = self.data or open_data(self.run.data_dir)
+            # trained outside the caller's inference mode and autocast: always fp32
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.autocast("cpu", enabled=False),
+            ):
+                self._clip = cached_clip(
+                    f"{self.meta['sha256']}|{self.meta['n_train']}",
+                    data.train_images,
+                    list(data.meta["captions"][: data.n_train]),
+                )
+        return self._clip
+
+    def clip_sums(
+        self, images: torch.Tensor, captions: list[str], rank: int, world: int
+    ) -> dict[str, float]:
+        """CLIP score and caption retrieval among 32 of this rank's share of images (N, C,
+        H, W) generated from validation ``captions``, as sums; rank 0 adds the same on up
+        to data.eval_samples real validation images (the ceiling)."""
+        from aigc.metrics.clip import (
+            clip_score,
+            retrieval_accuracy,
+            retrieval_candidates,
+            retrieval_chance,
+        )
+
+        judge = self.clip_judge().model
+        data = self.data or open_data(self.run.data_dir)
+        pool = list(data.meta["captions"][data.n_train :])
+        first: dict[str, int] = {}
+        for i, c in enumerate(pool):
+            first.setdefault(c, i)
+        pool_emb = judge.text_features(pool)  # (m, D)
+        seed = self.config.train.seed
+
+        def sums(images: torch.Tensor, own: np.ndarray, cands: np.ndarray) -> list[float]:
+            emb = judge.image_features(images.cpu())  # (n, D)
+            n = len(own)
+            return [clip_score(emb, pool_emb[torch.from_numpy(own)]) * n,
+                    retrieval_accuracy(emb, pool_emb, cands) * n,
+                    retrieval_chance(cands, pool) * n, float(n)]  # fmt: skip
+
+        own = np.array([first[c] for c in captions], dtype=np.int64)
+        cands = retrieval_candidates(own, pool, seed=seed + 13)
+        mine = slice(rank, None, world)
+        names = ("score", "retrieved", "chance", "n")
+        generated = sums(images[mine], own[mine], cands[mine])
+        out = {f"clip/generated/{k}": v for k, v in zip(names, generated, strict=True)}
+        n_real = min(len(pool), self.config.data.eval_samples) if rank == 0 else 0
+        real_own = np.array([first[c] for c in pool[:n_real]], dtype=np.int64)
+        real = sums(to_model_batch(data.val_images[:n_real]), real_own,
+                    retrieval_candidates(real_own, pool, seed=seed + 17))  # fmt: skip
+        out.update({f"clip/real/{k}": v for k, v in zip(names, real, strict=True)})
+        return out
+
+    def judge_features(self, images: torch.Tensor) -> np.ndarray | None:
+        """Features (N, D) of images (N, C, H, W) in [-1, 1] in which memorisation is
+        measured: the domain classifier's (labelled data), else the CLIP judge's image
+        embeddings (captions without labels); None when there is neither."""
+        clf = self.classifier()
+        if clf is not None:
+            net = clf.model.eval()
+            device = next(net.parameters()).device
+            with torch.no_grad():
+                out = [net.features(images[i : i + 500].to(device)).float().cpu()
+                       for i in range(0, len(images), 500)]  # fmt: skip
+            return torch.cat(out).numpy() if out else np.zeros((0, net.feature_dim), np.float32)
+        judge = self.clip_judge()
+        return None if judge is None else judge.model.image_features(images).numpy()
+
+    def sample_sums(self, images: torch.Tensor) -> dict[str, float]:
+        """How many of these generated images (N, C, H, W) are nearer a training image
+        than any two training images are to each other (judge_features), out of N."""
+        from aigc.metrics.memorisation import nearest_distances, nearest_pair_distance
+
+        feats = self.judge_features(images.cpu())
+        if feats is None:
+            return {}
+        if self._memo_reference is None:
+            data = self.data or open_data(self.run.data_dir)
+            chunks = (to_model_batch(data.train_images[i : i + 2000])
+                      for i in range(0, data.n_train, 2000))  # fmt: skip
+            train = np.concatenate([self.judge_features(x) for x in chunks])
+            self._memo_reference = train, nearest_pair_distance(train)
+        train, threshold = self._memo_reference
+        near = nearest_distances(feats, train)
+        return {"memo/copies": float((near < threshold).sum()), "memo/n": float(len(feats))}
+
+
+def memorisation_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """``memorised``: the share of generated images counted as training copies."""
+    n = sums.get("memo/n", 0.0)
+    return {"memorised": sums["memo/copies"] / n} if n else {}
+
+
+def clip_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """The CLIP judge's verdicts from clip_sums: clip_score, clip_retrieval (top-1 among
+    32 captions) and clip_retrieval_chance of the generated images; real/clip_score and
+    real/clip_retrieval of the real validation images."""
+    out = {}
+    for group, prefix in (("generated", ""), ("real", "real/")):
+        n = sums.get(f"clip/{group}/n", 0.0)
+        if n:
+            out[f"{prefix}clip_score"] = sums[f"clip/{group}/score"] / n
+            out[f"{prefix}clip_retrieval"] = sums[f"clip/{group}/retrieved"] / n
+            if group == "generated":
+                out["clip_retrieval_chance"] = sums[f"clip/{group}/chance"] / n
+    return out
 
 
 def _gpt_run(path: str) -> Path:

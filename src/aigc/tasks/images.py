@@ -21,6 +21,7 @@ compositions it never saw; ``validation_holdout_mask`` tells them apart there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -684,6 +685,7 @@ class ImageTask(Task):
         )
         predicted = clf.model.predict(images)  # on the classifier's device (CPU)
         sums["n"] = float(n)
+        sums.update(self.sample_sums(images))
         first = self.meta["attributes"][0]
         for a in self.meta["attributes"]:
             counts = np.bincount(predicted[a].numpy(), minlength=len(self.meta["classes"][a]))
@@ -706,6 +708,22 @@ class ImageTask(Task):
             sums[f"pairdist/{c}"] = float(torch.cdist(x, x).sum()) if pairs else 0.0
             sums[f"pairs/{c}"] = float(pairs)
         return sums
+
+    def sample_sums(self, images: torch.Tensor) -> dict[str, float]:
+        """A family's further additive counts on this rank's judged images (N, C, H, W) in
+        [-1, 1] (the same keys on every rank); none here (DiffusionTask: memorisation)."""
+        return {}
+
+    @contextlib.contextmanager
+    def sampling_with(
+        self, model: nn.Module, scheduler: str | None, steps: int | None
+    ) -> Iterator[tuple[str, int]]:
+        """Evaluation with another sampler than the run's (diffusion runs only): a
+        ConfigError here."""
+        raise ConfigError(
+            f"a {self.name} run has no scheduler or steps to choose; they are for diffusion runs"
+        )
+        yield  # pragma: no cover - a generator, for contextmanager
 
     def judge_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """label_accuracy (conditional), min_class_share, classes_seen, diversity; per attribute
