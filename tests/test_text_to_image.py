@@ -259,3 +259,25 @@ def test_64_pixel_images_keep_their_shape():
     assert m.unet(x, torch.tensor([1, 2]), None, ctx).shape == x.shape
     crosses = [b for b in m.unet.modules() if type(b).__name__ == "CrossAttention"]
     assert len(crosses) == 7  # one down block at 16 and 8, the middle, two up blocks at 8 and 16
+
+
+def test_the_judge_learns_the_held_out_compositions_too(t2i_run, monkeypatch):
+    """The domain classifier judging a run with data.holdout learns from all its images:
+    trained on the training split alone it never sees a red circle, and on real held-out
+    images it named the shape right only half the time."""
+    import aigc.metrics.classifier as classifier
+
+    pipe = aigc.load(t2i_run)
+    meta = pipe.task.meta
+    assert meta["holdout"] and meta["n_holdout"] > 0  # the recipe holds compositions out
+    seen = {}
+
+    def fake(key, images, labels, classes):
+        seen.update(key=key, n=len(images), shapes=labels["shape"], colours=labels["colour"])
+        return "judge"
+
+    monkeypatch.setattr(classifier, "cached_classifier", fake)
+    assert pipe.task.classifier() == "judge"
+    assert seen["n"] == meta["n_train"] + meta["n_val"] and seen["key"].endswith("|all")
+    red, circle = meta["classes"]["colour"].index("red"), meta["classes"]["shape"].index("circle")
+    assert ((seen["colours"] == red) & (seen["shapes"] == circle)).any()

@@ -566,7 +566,12 @@ class ImageTask(Task):
             from aigc.metrics.classifier import cached_classifier
 
             data = self.data or open_data(self.run.data_dir)
-            labels = data.split_labels("train")
+            images, labels = data.train_images, data.split_labels("train")
+            key = f"{self.meta['sha256']}|{self.meta['n_train']}|{','.join(data.attributes)}"
+            if data.meta.get("holdout"):
+                # the judge must know the compositions the model never saw: it learns
+                # from every image of the run (a judge, not the model, sees validation)
+                images, labels, key = data.images, data.labels, key + "|all"
             # trained outside the caller's inference mode and autocast: always fp32
             with (
                 torch.inference_mode(False),
@@ -574,8 +579,8 @@ class ImageTask(Task):
                 torch.autocast("cpu", enabled=False),
             ):
                 self._classifier = cached_classifier(
-                    f"{self.meta['sha256']}|{self.meta['n_train']}|{','.join(data.attributes)}",
-                    data.train_images,
+                    key,
+                    images,
                     {a: labels[:, i] for i, a in enumerate(data.attributes)},
                     {a: data.classes[a] for a in data.attributes},
                 )
