@@ -281,3 +281,17 @@ def test_the_judge_learns_the_held_out_compositions_too(t2i_run, monkeypatch):
     assert seen["n"] == meta["n_train"] + meta["n_val"] and seen["key"].endswith("|all")
     red, circle = meta["classes"]["colour"].index("red"), meta["classes"]["shape"].index("circle")
     assert ((seen["colours"] == red) & (seen["shapes"] == circle)).any()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "heun", "dpm++2m"])
+def test_every_scheduler_of_an_image_model_clamps_x0(name):
+    """An epsilon model's x_0 estimate x - sigma eps is unbounded at the top of the
+    schedule (sigma ~ 157); each step must see it clamped to the images' [-1, 1]."""
+    m = Diffusion(tiny(text=False))
+    s = m.scheduler(name)
+    assert s.clip_sample
+    s.set_timesteps(4)
+    x = torch.randn(2, 3, 16, 16) * s.init_noise_sigma
+    t = s.timesteps[0]
+    out = s.step(torch.randn(2, 3, 16, 16) * 3, t, x, generator=torch.Generator().manual_seed(0))
+    assert out.pred_original_sample.abs().max() <= 1.0

@@ -424,12 +424,16 @@ class Diffusion(LatentSampling, nn.Module):
         return self.unet.inp.weight.device
 
     def scheduler(self, name: str | None = None, **overrides: Any):
-        """A scheduler of the training schedule: ``name`` (default cfg.sampler). An EDM
-        model answers with x_0 (the "sample" parameterisation)."""
+        """A scheduler of the training schedule: ``name`` (default cfg.sampler), clamping
+        its x_0 estimates to the images' range. An EDM model answers with x_0 (the
+        "sample" parameterisation)."""
         c = self.cfg
         kind = "sample" if c.preconditioning == "edm" else c.prediction_type
+        # images live in [-1, 1]: every rule clamps its x_0 estimate. Unclamped, an
+        # epsilon model's x_0 = x - sigma eps at sigma ~ 157 (the linear schedule's top)
+        # left Euler's and DPM-Solver++'s digits speckled with noise
         kw = {"num_train_timesteps": c.num_train_timesteps, "beta_schedule": c.beta_schedule,
-              "prediction_type": kind, **overrides}  # fmt: skip
+              "prediction_type": kind, "clip_sample": True, **overrides}  # fmt: skip
         return get_scheduler(name or c.sampler)(**kw)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

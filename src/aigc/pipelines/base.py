@@ -71,6 +71,9 @@ class Pipeline:
     "classify" or "image" today (the CLI's and the server's dispatch key)."""
 
     kind: ClassVar[str] = ""
+    # what it does beyond generating, e.g. "interpolate", "reconstruct", "diffuse" (the
+    # CLI asks for a verb, never for a family)
+    verbs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, run: RunDir, task: Any, device: torch.device, step: int):
         self.run = run
