@@ -18,7 +18,7 @@ network calls over n sigma intervals, so it runs (NFE + 1) // 2 intervals (9, 19
 calls for 10, 20 and 50); the "calls" column is the count measured during timing.
 
     python benchmarks/diffusion_schedulers.py runs/t2i-shapes --n 1000
-    python benchmarks/diffusion_schedulers.py runs/ddpm-digits --n 200 --nfe 10 20 --batch 32
+    python benchmarks/diffusion_schedulers.py runs/ddpm-digits-cond --n 200 --nfe 10 20 --batch 32
 """
 
 from __future__ import annotations

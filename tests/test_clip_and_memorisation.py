@@ -181,7 +181,7 @@ def test_a_captioned_run_without_labels_gets_the_clip_judge_and_memorisation(tmp
 def test_eval_with_another_sampler_is_saved_apart(tmp_path):
     from aigc.errors import RequestError
 
-    out = aigc.train("ddpm-digits", TINY_DIFFUSION, run_dir=tmp_path / "r", progress=False)
+    out = aigc.train("ddpm-digits-cond", TINY_DIFFUSION, run_dir=tmp_path / "r", progress=False)
     pipe = aigc.load(out.run_dir)
     own = pipe.evaluate()
     assert 0 <= own["memorised"] <= 1 and "label_accuracy" in own and "sampler" not in own
@@ -190,7 +190,7 @@ def test_eval_with_another_sampler_is_saved_apart(tmp_path):
     assert other["sampler"] == "euler" and other["sample_steps"] == 2
     assert json.loads((out.run_dir / "eval-euler-2.json").read_text())["variant"] == "euler-2"
     assert (out.run_dir / "eval.json").read_text() == eval_json  # the run's own is kept
-    assert pipe.model.cfg.sampler == "ddim" and pipe.model.cfg.sample_steps == 3  # restored
+    assert pipe.model.cfg.sampler == "dpm++2m" and pipe.model.cfg.sample_steps == 3  # restored
     assert "sampled by euler in 2 steps" in pipe.format_eval(other)
     with pytest.raises(RequestError, match="scheduler"):
         pipe.evaluate(scheduler="euler_a", save=False)
