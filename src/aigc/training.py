@@ -117,6 +117,8 @@ def train(
         _resolve_paths(new)
     elif overrides and run.exists():  # a mistake in them is said before the writer lock
         load_config(run_config(run), overrides)
+    if run.exists():  # so is a run of another family, even while another command writes it
+        _check_families(run, new)
 
     dist_info = init_distributed(new.train.device if new else "auto")
     # one writer per run folder, for the whole command (ranks > 0 never write)
@@ -129,6 +131,19 @@ def train(
             dist.destroy_process_group()
 
 
+def _check_families(run: RunDir, new: Config | None) -> Config:
+    """The run's saved config, after checking that run.json, config.yaml and the new
+    config (if any) name one family (reads only: safe without the writer lock)."""
+    if new is not None:
+        run.check_family(new.family)
+    saved = run_config(run)
+    if (family := run.info()["family"]) != saved.family:
+        raise CheckpointError(
+            f"{run.path}: run.json says {family!r}, config.yaml says {saved.family!r}"
+        )
+    return saved
+
+
 def _train_locked(
     run: RunDir,
     new: Config | None,
@@ -138,13 +153,7 @@ def _train_locked(
     progress: bool,
 ) -> TrainOutcome:
     if run.exists():
-        if new is not None:
-            run.check_family(new.family)
-        saved = run_config(run)
-        if (family := run.info()["family"]) != saved.family:
-            raise CheckpointError(
-                f"{run.path}: run.json says {family!r}, config.yaml says {saved.family!r}"
-            )
+        saved = _check_families(run, new)
         if new is None and overrides:
             new = load_config(saved, overrides)
         cfg = _merge_for_resume(saved, new, run)
