@@ -229,3 +229,15 @@ def test_a_mistaken_override_is_named_even_while_the_run_is_busy(corpus_file, tm
         assert r.returncode == 2 and "did you mean train.max_steps?" in r.stderr, r.stderr
         r = run_cli("train", str(run), "train.max_steps=5")
         assert r.returncode == 2 and "being written by another process" in r.stderr, r.stderr
+
+
+def test_ctrl_c_during_a_save_waits_for_it():
+    """SIGINT inside interrupts_deferred is held until the block ends, then raised."""
+    from aigc.trainer import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append("the save finished")
+    assert done == ["the save finished"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -266,6 +268,24 @@ def load_module_tensors(
                 f"{where}: {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
             )
     module.load_state_dict(state, strict=False)  # every key was checked above
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Holds back Ctrl-C (SIGINT) until the block ends, then raises KeyboardInterrupt: a
+    save or a TensorBoard flush cut in the middle could leave a half-written checkpoint
+    or a writer thread that ``close`` waits on for ever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def frozen_names(module: nn.Module) -> frozenset[str]:
@@ -612,10 +632,11 @@ class Trainer:
                             writer.add_scalar(f"val/{k}", v, self.step)
                         bar.set_eval(last_eval)
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
-                    if main:
-                        log.sync()
-                        writer.flush()
-                    self.save()  # before sampling: a failure there loses no training
+                    with interrupts_deferred():  # Ctrl-C waits for the save to finish
+                        if main:
+                            log.sync()
+                            writer.flush()
+                        self.save()  # before sampling: a failure there loses no training
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or at_end:
                     texts = self.sample()
                     if main:
