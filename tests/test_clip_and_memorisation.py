@@ -196,6 +196,17 @@ def test_eval_with_another_sampler_is_saved_apart(tmp_path):
         pipe.evaluate(scheduler="euler_a", save=False)
     with pytest.raises(RequestError, match="steps"):
         pipe.evaluate(steps=0, save=False)
+    # another guidance scale: its own file, and the images really change with it
+    own_w = pipe.model.cfg.guidance
+    g5 = pipe.evaluate(guidance=5.0)
+    assert g5["variant"] == "dpm++2m-3-g5" and g5["guidance"] == 5.0
+    assert json.loads((out.run_dir / "eval-dpm++2m-3-g5.json").read_text())["guidance"] == 5.0
+    assert pipe.model.cfg.guidance == own_w
+    again = pipe.evaluate(guidance=own_w, save=False)
+    assert again["fid"] == own["fid"] and g5["fid"] != own["fid"]
+    for bad in (-1.0, 51.0):
+        with pytest.raises(RequestError, match="guidance"):
+            pipe.evaluate(guidance=bad, save=False)
 
     r = run_cli("eval", str(out.run_dir), "--n", "10", "--scheduler", "heun", "--steps", "2")
     assert r.returncode == 0, r.stderr

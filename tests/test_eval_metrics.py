@@ -90,6 +90,7 @@ def test_cli_eval_chooses_metrics_and_records_them(gan_run, tmp_path):
         (["--inception-weights", "/no/such/file.pth"], "file.pth"),
         (["--fid-protocol", "tensorflow"], "choose from pytorch-fid, tf"),
         (["--scheduler", "ddim", "--steps", "10"], "they are for diffusion runs"),
+        (["--guidance", "3"], "they are for diffusion runs"),
     ],
 )
 def test_cli_eval_bad_requests_exit_2(gan_run, args, message):

@@ -391,6 +391,13 @@ def eval_(
         int | None,
         typer.Option(help="Diffusion runs: sampling steps [model.sample_steps]."),
     ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Conditional diffusion runs: classifier-free guidance scale; saved to "
+            "eval-NAME-STEPS-gSCALE.json [model.guidance]."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a run and save eval.json: held-out loss, perplexity and bits per character for
     text; for images, a domain classifier's verdict on generated samples, and for VAEs the
@@ -403,7 +410,7 @@ def eval_(
         result = gen.evaluate(
             n=samples, iwae_k=iwae_k, metrics=metrics.split(",") if metrics is not None else None,
             against=against, inception_weights=inception_weights, fid_protocol=fid_protocol,
-            scheduler=scheduler, steps=steps, save=False,
+            scheduler=scheduler, steps=steps, guidance=guidance, save=False,
         )  # fmt: skip
     else:
         result = gen.evaluate(save=False)

@@ -178,6 +178,7 @@ class ImagePipeline(Pipeline):
         fid_protocol: str | None = None,
         scheduler: str | None = None,
         steps: int | None = None,
+        guidance: float | None = None,
     ) -> EvalResult:
         """Evaluate the run and save eval.json (and a row in metrics.jsonl).
 
@@ -196,6 +197,8 @@ class ImagePipeline(Pipeline):
         aigc.schedulers.SCHEDULERS and step count than the run's, without retraining; the
         result records them (``sampler``, ``sample_steps``, ``variant`` "<name>-<steps>")
         and is saved to eval-<variant>.json, leaving eval.json to the run's own sampler.
+        ``guidance`` (conditional diffusion runs) is the classifier-free guidance scale;
+        given, the variant is "<name>-<steps>-g<guidance>".
         """
         from aigc.tasks.images import check_metric_names
 
@@ -228,10 +231,10 @@ class ImagePipeline(Pipeline):
             )
         chosen = None
         with contextlib.ExitStack() as stack:
-            if scheduler is not None or steps is not None:
+            if scheduler is not None or steps is not None or guidance is not None:
                 try:
                     chosen = stack.enter_context(
-                        self.task.sampling_with(self.model, scheduler, steps)
+                        self.task.sampling_with(self.model, scheduler, steps, guidance)
                     )
                 except ConfigError as e:
                     raise RequestError(str(e)) from None
@@ -246,9 +249,9 @@ class ImagePipeline(Pipeline):
         result = EvalResult(step=self.step, samples=self.config.data.eval_samples)
         result.update({**self.task.eval_info(), **values})
         if chosen is not None:
-            result.update(
-                sampler=chosen[0], sample_steps=chosen[1], variant="-".join(map(str, chosen))
-            )
+            name, steps, w = chosen
+            variant = f"{name}-{steps}" if guidance is None else f"{name}-{steps}-g{w:g}"
+            result.update(sampler=name, sample_steps=steps, guidance=w, variant=variant)
         if save:
             save_eval(self.run, result)
         return result
@@ -257,6 +260,8 @@ class ImagePipeline(Pipeline):
         head = f"{self.run.path} at step {result['step']}"
         if "sampler" in result:
             head += f", sampled by {result['sampler']} in {result['sample_steps']} steps"
+            if "guidance" in result:
+                head += f" at guidance {result['guidance']:g}"
         skip = frozenset(k for k in result if k in _SAMPLE_CHECKS)
         return "\n".join([head, *self._judged_lines(result, skip), *_sample_check_lines(result)])
 

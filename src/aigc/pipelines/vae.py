@@ -31,15 +31,17 @@ class VAEPipeline(ImagePipeline):
         fid_protocol: str | None = None,
         scheduler: str | None = None,
         steps: int | None = None,
+        guidance: float | None = None,
     ) -> EvalResult:
-        """As ImagePipeline.evaluate (``scheduler`` and ``steps`` are RequestErrors), with the held-out likelihoods: the negative ELBO and
+        """As ImagePipeline.evaluate (``scheduler``, ``steps`` and ``guidance`` are
+        RequestErrors), with the held-out likelihoods: the negative ELBO and
         the IWAE bound with ``iwae_k`` importance samples per image (default 1000), in
         nats per image and bits per dimension, the KL per latent unit and active units."""
         k = 1000 if iwae_k is None else iwae_k
         check_count(k, limit=100_000, what="iwae_k")
         self.task.iwae_k = k
         return super().evaluate(n, save, None, metrics, against, inception_weights, fid_protocol,
-                                scheduler, steps)  # fmt: skip
+                                scheduler, steps, guidance)  # fmt: skip
 
     def format_eval(self, result: dict[str, Any]) -> str:
         kl_dims = {k for k in result if k.startswith("kl_dim/")}

@@ -299,25 +299,37 @@ class DiffusionTask(ImageTask):
     # evaluation with another sampler -----------------------------------------------
     @contextlib.contextmanager
     def sampling_with(
-        self, model: nn.Module, scheduler: str | None, steps: int | None
-    ) -> Iterator[tuple[str, int]]:
+        self,
+        model: nn.Module,
+        scheduler: str | None,
+        steps: int | None,
+        guidance: float | None = None,
+    ) -> Iterator[tuple[str, int, float]]:
         """The model samples with ``scheduler`` (a name in aigc.schedulers.SCHEDULERS)
-        over ``steps`` steps (None: the run's own) while inside; yields (name, steps).
-        ConfigError naming an unknown scheduler or a step count out of range."""
+        over ``steps`` steps at classifier-free ``guidance`` (None: the run's own) while
+        inside; yields (name, steps, guidance). ConfigError naming an unknown scheduler, a
+        step count or a guidance scale out of range."""
+        from aigc.pipelines.diffusion import MAX_GUIDANCE
+
         cfg = model.cfg
         name = cfg.sampler if scheduler is None else scheduler
         steps = cfg.sample_steps if steps is None else steps
+        w = cfg.guidance if guidance is None else guidance
         model.scheduler(name)  # ConfigError for an unknown name
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ConfigError(f"steps={steps!r} must be an integer")
         if not 1 <= steps <= cfg.num_train_timesteps:
             raise ConfigError(f"steps={steps} must be in [1, {cfg.num_train_timesteps}]")
-        before = cfg.sampler, cfg.sample_steps
-        cfg.sampler, cfg.sample_steps = name, steps
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= MAX_GUIDANCE:
+            raise ConfigError(f"guidance={w!r} must be a number in [0, {MAX_GUIDANCE:g}]")
+        if w != cfg.guidance and not (cfg.conditional or cfg.text):
+            raise ConfigError("guidance is for conditional runs; this run is unconditional")
+        before = cfg.sampler, cfg.sample_steps, cfg.guidance
+        cfg.sampler, cfg.sample_steps, cfg.guidance = name, steps, float(w)
         try:
-            yield name, steps
+            yield name, steps, float(w)
         finally:
-            cfg.sampler, cfg.sample_steps = before
+            cfg.sampler, cfg.sample_steps, cfg.guidance = before
 
     # the CLIP-style judge (captions without labels) and memorisation -------------------
     def clip_judge(self):

@@ -721,12 +721,17 @@ class ImageTask(Task):
 
     @contextlib.contextmanager
     def sampling_with(
-        self, model: nn.Module, scheduler: str | None, steps: int | None
-    ) -> Iterator[tuple[str, int]]:
+        self,
+        model: nn.Module,
+        scheduler: str | None,
+        steps: int | None,
+        guidance: float | None = None,
+    ) -> Iterator[tuple[str, int, float]]:
         """Evaluation with another sampler than the run's (diffusion runs only): a
         ConfigError here."""
         raise ConfigError(
-            f"a {self.name} run has no scheduler or steps to choose; they are for diffusion runs"
+            f"a {self.name} run has no scheduler, steps or guidance to choose; they are for "
+            "diffusion runs"
         )
         yield  # pragma: no cover - a generator, for contextmanager
 
