@@ -43,6 +43,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AIGC_CACHE_DIR") or Path.home() / ".cache" / "aigc")
 
 
+def write_cached(module: nn.Module, meta: dict, path: Path) -> None:
+    """``module``'s weights as safetensors at ``path`` with ``meta`` as JSON, written to a
+    temporary name and moved into place, so a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(tmp), metadata={"aigc": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_cached(path: Path) -> tuple[dict[str, Tensor], dict] | None:
+    """(weights, meta) written by write_cached, or None when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["aigc"])
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError):
+        return None
+    return state, meta
+
+
 class DomainClassifier(nn.Module):
     """Conv trunk (three stride-2 stages) + one linear head per labelled attribute."""
 
@@ -221,8 +246,6 @@ def _cache_path(key: str) -> Path:
 
 
 def save_classifier(clf: TrainedClassifier, path: Path) -> None:
-    from safetensors.torch import save_file
-
     meta = {
         "key": clf.key,
         "accuracy": clf.accuracy,
@@ -231,25 +254,20 @@ def save_classifier(clf: TrainedClassifier, path: Path) -> None:
         "version": CLASSIFIER_VERSION,
         "heldout": clf.heldout,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    state = {k: v.contiguous() for k, v in clf.model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"aigc": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_cached(clf.model, meta, path)
 
 
 def load_classifier(path: Path) -> TrainedClassifier | None:
     """A cached classifier, or None when the file is missing or unreadable (it is retrained)."""
-    from safetensors import safe_open
-
+    cached = read_cached(path)
+    if cached is None:
+        return None
+    state, meta = cached
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["aigc"])
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
         classes = meta["classes"]
         model = DomainClassifier(meta["channels"], {a: len(v) for a, v in classes.items()})
         model.load_state_dict(state)
-    except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError):
+    except (KeyError, TypeError, ValueError, RuntimeError):
         return None
     model.eval()
     return TrainedClassifier(

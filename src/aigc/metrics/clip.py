@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from aigc.metrics.classifier import _images_to_tensor, _shift, cache_dir
+from aigc.metrics.classifier import _images_to_tensor, _shift, cache_dir, read_cached, write_cached
 
 CLIP_VERSION = 1  # part of the cache key: bump when training or architecture change
 RETRIEVAL_CANDIDATES = 32  # captions an image is matched against (its own among them)
@@ -223,27 +221,20 @@ def _cache_path(key: str) -> Path:
 
 
 def save_clip(judge: TrainedClip, path: Path) -> None:
-    from safetensors.torch import save_file
-
     meta = {"key": judge.key, "version": CLIP_VERSION, "config": asdict(judge.model.cfg)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    state = {k: v.contiguous() for k, v in judge.model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"aigc": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_cached(judge.model, meta, path)
 
 
 def load_clip(path: Path) -> TrainedClip | None:
     """A cached judge, or None when the file is missing or unreadable (it is retrained)."""
-    from safetensors import safe_open
-
+    cached = read_cached(path)
+    if cached is None:
+        return None
+    state, meta = cached
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["aigc"])
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
         model = DualEncoder(ClipConfig(**meta["config"]))
         model.load_state_dict(state)
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError):
+    except (KeyError, TypeError, ValueError, RuntimeError):
         return None
     model.eval()
     return TrainedClip(model, meta["key"])

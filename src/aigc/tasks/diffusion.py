@@ -309,7 +309,7 @@ class DiffusionTask(ImageTask):
         over ``steps`` steps at classifier-free ``guidance`` (None: the run's own) while
         inside; yields (name, steps, guidance). ConfigError naming an unknown scheduler, a
         step count or a guidance scale out of range."""
-        from aigc.pipelines.diffusion import MAX_GUIDANCE
+        from aigc.pipelines.diffusion import check_guidance
 
         cfg = model.cfg
         name = cfg.sampler if scheduler is None else scheduler
@@ -320,14 +320,13 @@ class DiffusionTask(ImageTask):
             raise ConfigError(f"steps={steps!r} must be an integer")
         if not 1 <= steps <= cfg.num_train_timesteps:
             raise ConfigError(f"steps={steps} must be in [1, {cfg.num_train_timesteps}]")
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= MAX_GUIDANCE:
-            raise ConfigError(f"guidance={w!r} must be a number in [0, {MAX_GUIDANCE:g}]")
+        w = check_guidance(w, "guidance", ConfigError)
         if w != cfg.guidance and not (cfg.conditional or cfg.text):
             raise ConfigError("guidance is for conditional runs; this run is unconditional")
         before = cfg.sampler, cfg.sample_steps, cfg.guidance
-        cfg.sampler, cfg.sample_steps, cfg.guidance = name, steps, float(w)
+        cfg.sampler, cfg.sample_steps, cfg.guidance = name, steps, w
         try:
-            yield name, steps, float(w)
+            yield name, steps, w
         finally:
             cfg.sampler, cfg.sample_steps, cfg.guidance = before
 
