@@ -679,15 +679,18 @@ class ImageTask(Task):
         """The domain classifier's verdict on this rank's share of ``data.eval_samples``
         generated images, as additive counts (empty for unlabelled data)."""
         # feature metrics (FID, ...) on rank 0 with all samples; other ranks send zeros
-        feats = self.feature_sums(model, device)
-        sums: dict[str, float] = {k: v if rank == 0 else 0.0 for k, v in feats.items()}
         clf = self.classifier()
         if clf is None:
-            return sums
+            feats = self.feature_sums(model, device)
+            return {k: v if rank == 0 else 0.0 for k, v in feats.items()}
         n = max(1, self.config.data.eval_samples // world)
         images, requested = sample_images(
             model, n, None, self.config.train.seed + 1_000_003 * (rank + 1), device
         )
+        # one process: the judged images are all data.eval_samples, and the feature
+        # metrics take them too rather than drawing as many again
+        feats = self.feature_sums(model, device, images if world == 1 else None)
+        sums: dict[str, float] = {k: v if rank == 0 else 0.0 for k, v in feats.items()}
         predicted = clf.model.predict(images)  # on the classifier's device (CPU)
         sums["n"] = float(n)
         sums.update(self.sample_sums(images))
