@@ -103,16 +103,18 @@ def main() -> None:
     print(describe(pipe.device))
     print(f"{args.run} at step {pipe.step}, {args.n or pipe.config.data.eval_samples} images "
           f"per evaluation, timing batches of {args.batch}")  # fmt: skip
-    ref = measure(pipe, "ddpm", args.reference_steps, args)
-    rows = [ref] + [measure(pipe, name, steps_for(name, nfe), args)
-                    for nfe in args.nfe for name in args.schedulers]  # fmt: skip
     print(f"\n{'scheduler':<9} {'NFE':>4} {'steps':>5} {'calls':>5} {'accuracy':>16} "
-          f"{'FID':>16} {'images/s':>16} {'memorised':>9}")  # fmt: skip
-    for r in rows:
+          f"{'FID':>16} {'images/s':>16} {'memorised':>9}", flush=True)  # fmt: skip
+    ref = None
+    plan = [("ddpm", args.reference_steps)] + [(name, steps_for(name, nfe))
+                                               for nfe in args.nfe for name in args.schedulers]  # fmt: skip
+    for name, steps in plan:  # each row as it is measured: a long table shows progress
+        r = measure(pipe, name, steps, args)
+        ref = ref or r
         nfe = r["steps"] if r["name"] != "heun" else 2 * r["steps"] - 1
         print(f"{r['name']:<9} {nfe:>4} {r['steps']:>5} {r['calls']:>5.0f} "
               f"{cell(r['accuracy'], ref['accuracy'], '.3f')} {cell(r['fid'], ref['fid'], '.3f')} "
-              f"{cell(r['rate'], ref['rate'], ',.1f')} {memorised(r['memorised'])}")  # fmt: skip
+              f"{cell(r['rate'], ref['rate'], ',.1f')} {memorised(r['memorised'])}", flush=True)  # fmt: skip
     print("\nratios are to the first row (DDPM at "
           f"{args.reference_steps} steps); NFE = network evaluations: heun makes 2n - 1 over n "
           "intervals, so it runs (NFE + 1) // 2 steps; calls = forward calls measured per "
