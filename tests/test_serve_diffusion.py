@@ -403,3 +403,110 @@ def test_a_full_diffusion_queue_answers_429_and_clients_that_leave_free_the_mode
     finally:
         release.set()
         srv.close()
+
+
+# --- editing: /v1/images/edits and /v1/images/variations ----------------------------------
+
+
+def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+EDIT_IMAGE = (np.arange(32 * 32 * 3) % 256).astype(np.uint8).reshape(32, 32, 3)
+EDIT_MASK = np.where(np.arange(32)[:, None] >= 20, 255, 0).astype(np.uint8).repeat(32, 1)
+
+
+def test_edits_through_the_openai_client_are_the_python_apis_inpainting(client, pipes):
+    r = client.images.edit(
+        model="t2i", image=("in.png", _png_bytes(EDIT_IMAGE), "image/png"),
+        mask=("mask.png", _png_bytes(EDIT_MASK), "image/png"), prompt="a small red circle", n=2,
+        size="32x32", response_format="b64_json",
+        extra_body={"seed": 4, "num_inference_steps": 6, "resample": 2},
+    )  # fmt: skip
+    got = np.stack(_pngs(r))
+    want = pipes["t2i"].inpaint(EDIT_IMAGE, EDIT_MASK, prompt="a small red circle", n=2, seed=4,
+                                num_inference_steps=6, resample=2)  # fmt: skip
+    assert np.array_equal(got, _u8(want))
+    assert np.array_equal(got[:, :20], np.broadcast_to(EDIT_IMAGE[:20], (2, 20, 32, 3)))
+    # OpenAI's convention: the image's own transparent pixels, no mask
+    rgba = np.dstack([EDIT_IMAGE, np.where(EDIT_MASK > 0, 0, 255).astype(np.uint8)])
+    r = client.images.edit(
+        model="t2i", image=("in.png", _png_bytes(rgba, "RGBA"), "image/png"),
+        prompt="a small red circle", n=2, response_format="b64_json",
+        extra_body={"seed": 4, "num_inference_steps": 6, "resample": 2},
+    )  # fmt: skip
+    assert np.array_equal(np.stack(_pngs(r)), got)
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # create_variation
+def test_variations_and_image_to_image_edits(client, pipes):
+    r = client.images.create_variation(
+        model="ddpm", image=("one.png", _png_bytes(EDIT_IMAGE[..., 0]), "image/png"), n=3,
+        response_format="b64_json", extra_body={"seed": 2, "strength": 0.5},
+    )  # fmt: skip
+    want = pipes["ddpm"].img2img(EDIT_IMAGE[..., 0], strength=0.5, n=3, seed=2)
+    assert np.array_equal(np.stack(_pngs(r)), _u8(want)[..., 0])
+    # an edit without mask or transparency, with a strength: image-to-image to a prompt
+    r = client.images.edit(
+        model="t2i", image=("in.png", _png_bytes(EDIT_IMAGE), "image/png"),
+        prompt="a large blue cross", response_format="b64_json",
+        extra_body={"seed": 1, "strength": 0.3},
+    )  # fmt: skip
+    want = pipes["t2i"].img2img(EDIT_IMAGE, strength=0.3, prompt="a large blue cross", seed=1)
+    assert np.array_equal(np.stack(_pngs(r)), _u8(want))
+
+
+def test_an_edit_streams_previews_of_the_filling(server):
+    files = {"image": ("in.png", _png_bytes(EDIT_IMAGE), "image/png"),
+             "mask": ("m.png", _png_bytes(EDIT_MASK), "image/png")}  # fmt: skip
+    data = {"model": "t2i", "prompt": "a red cross", "stream": "true", "partial_images": "2",
+            "num_inference_steps": "4", "resample": "1"}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/images/edits", files=files, data=data,
+                      timeout=60) as r:  # fmt: skip
+        assert r.status_code == 200
+        events = [line[len("event: ") :] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+
+
+# fmt: off
+BAD_EDITS = [  # (form fields, files, status, param, words)
+    ({}, {"mask": _png_bytes(np.zeros((16, 16), np.uint8))}, 400, "mask", "16x16"),
+    ({}, {"mask": _png_bytes(np.zeros((32, 32), np.uint8))}, 400, None, "no pixel"),
+    ({}, {"mask": _png_bytes(np.full((32, 32), 255, np.uint8))}, 400, None, "every pixel"),
+    ({"strength": "0.5"}, {"mask": _png_bytes(EDIT_MASK)}, 400, "strength", "image-to-image"),
+    ({"strength": "1.5"}, {}, 400, "strength", "(0, 1]"),
+    ({"strength": "strong"}, {}, 400, "strength", "a number"),
+    ({}, {"image": b"GIF89a but not really"}, 400, "image", "not an image"),
+    ({}, {"image": _png_bytes(np.zeros((32, 48, 3), np.uint8))}, 400, "image", "square"),
+    ({"resample": "3", "scheduler": "euler"}, {"mask": _png_bytes(EDIT_MASK)}, 400, "resample",
+     "ddpm or ddim"),
+    ({"num_inference_steps": "0"}, {}, 400, "num_inference_steps", "[1,"),
+    ({"eta": "0.5"}, {}, 400, "eta", "not a field"),
+    ({"quality": "hd"}, {}, 400, "quality", "not offered"),
+    ({"model": "nobody"}, {}, 404, None, "nobody"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("data", "files", "status", "param", "words"), BAD_EDITS)
+def test_bad_edits_are_4xx_naming_the_field(server, data, files, status, param, words):
+    form = {"model": "t2i", "prompt": "a red circle", **data}
+    uploads = {"image": ("in.png", _png_bytes(EDIT_IMAGE), "image/png")}
+    uploads.update({k: (f"{k}.png", v, "image/png") for k, v in files.items()})
+    r = httpx.post(f"{server.url}/v1/images/edits", data=form, files=uploads, timeout=30)
+    assert r.status_code == status, r.text
+    _assert_openai_error(r.json(), param)
+    assert words in r.json()["error"]["message"]
+
+
+def test_an_edit_must_be_a_form_with_an_image(server):
+    r = httpx.post(f"{server.url}/v1/images/edits", json={"model": "t2i", "prompt": "a"})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/images/edits", data={"model": "t2i"},
+                   files={"mask": ("m.png", _png_bytes(EDIT_MASK), "image/png")})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    r = httpx.post(f"{server.url}/v1/images/variations", data={"model": "t2i", "prompt": "a"},
+                   files={"image": ("i.png", _png_bytes(EDIT_IMAGE), "image/png")})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

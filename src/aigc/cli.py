@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -345,6 +345,91 @@ def sample(
         typer.echo(p + o)
 
 
+@app.command()
+def edit(
+    run: Annotated[Path, typer.Argument(help="A diffusion run folder.")],
+    image: Annotated[Path, typer.Option(help="The image to edit (PNG, JPEG, WebP, BMP, GIF).")],
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            help="Inpaint this region: transparent pixels (OpenAI's convention) or white ones "
+            "in a black-and-white mask. Left out: the image's own transparent pixels, or "
+            "image-to-image when it has none."
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(
+            help="Image-to-image (no mask): how much of the denoising the image goes "
+            "through, in (0, 1]; small keeps it, 1 keeps almost nothing [0.6]."
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Text-to-image runs: what to draw.")
+    ] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="Text-to-image runs: what the images should not show.")
+    ] = None,
+    class_: Annotated[
+        str | None, typer.Option("--class", help="Class-conditional runs: the class to draw.")
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(help="Class-conditional runs: attribute=value; repeatable."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="How many edits of the image.")] = 1,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Denoising steps [inpainting: 50; image-to-image: the run's]."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="ddpm, ddim, euler, heun or dpm++2m [inpainting: ddpm; else the run's]."),
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale [the run's].")
+    ] = None,
+    jump_length: Annotated[
+        int, typer.Option(help="Inpainting (RePaint): steps per jump back in time.")
+    ] = 5,
+    resample: Annotated[
+        int | None,
+        typer.Option(help="Inpainting (RePaint): walks per stretch [5 with ddpm/ddim, else 1]."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed and settings, same images.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="A grid .png, or a folder for one PNG per image.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Edit an image with a diffusion run: fill a masked region (inpainting, RePaint), or
+    redraw the whole image from a noised copy (image-to-image, SDEdit)."""
+
+    import aigc
+
+    if not image.is_file():
+        raise RequestError(f"--image {image}: no such file")
+    if mask is not None and not mask.is_file():
+        raise RequestError(f"--mask {mask}: no such file")
+    gen = aigc.load(run, device=device)
+    if "edit" not in gen.verbs:
+        raise RequestError(f"{run} is a {gen.config.family} run; aigc edit takes diffusion runs")
+    labels: list = ([class_] if class_ is not None else []) + list(label or [])
+    common = {"prompt": prompt, "negative_prompt": negative_prompt, "n": n,
+              "labels": labels or None, "num_inference_steps": steps, "scheduler": scheduler,
+              "guidance_scale": guidance, "seed": seed}  # fmt: skip
+    kind = gen.edit_kind(image, mask, strength)
+    with _denoising_bar() as advance:
+        result = gen.edit(image, mask, strength, jump_length=jump_length, resample=resample,
+                          callback=advance, **common)  # fmt: skip
+    target = out or Path(run) / "samples" / f"{kind}.png"
+    paths = gen.save(result.images, target)
+    where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"
+    what = "inpainted" if kind == "inpaint" else "image-to-image"
+    k = len(result.images)
+    typer.echo(f"wrote {k} {what} image{'s' if k != 1 else ''} to {where}")
+
+
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
@@ -621,23 +706,13 @@ def report(
     )
 
 
-def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[str],
-                      class_: str | None, label: list[str], seed: int | None,
-                      options: dict) -> None:  # fmt: skip
-    """Images from a diffusion run, with a progress bar over the denoising steps: n per
-    prompt (a row of the grid each) for a text-to-image run, else n for the labels."""
+@contextlib.contextmanager
+def _denoising_bar() -> Iterator[Callable[[int, int, object], None]]:
+    """A pipeline callback that shows a progress bar over the denoising steps, made at
+    the first step (once the request has been checked) and closed on the way out."""
     from tqdm import tqdm
 
-    labels: list = ([class_] if class_ is not None else []) + list(label)
-    if prompts and len(prompts) > 1:
-        if not 1 <= n * len(prompts) <= 10_000:
-            raise RequestError(f"--n {n} times {len(prompts)} prompts must be in [1, 10000]")
-        prompt: str | list[str] | None = [p for p in prompts for _ in range(n)]
-        total = n * len(prompts)
-    else:
-        prompt, total = (prompts[0] if prompts else None), n
-    bars: list = []  # made at the first step, once the request has been checked
-
+    bars: list = []
     quiet = os.environ.get("AIGC_NO_PROGRESS") == "1"
 
     def advance(i: int, count: int, _: object) -> None:
@@ -647,11 +722,29 @@ def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[st
         bars[0].update(1)
 
     try:
-        result = gen(total, labels=labels or None, seed=seed, prompt=prompt, callback=advance,
-                     **options)  # fmt: skip
+        yield advance
     finally:
         for bar in bars:
             bar.close()
+
+
+def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[str],
+                      class_: str | None, label: list[str], seed: int | None,
+                      options: dict) -> None:  # fmt: skip
+    """Images from a diffusion run, with a progress bar over the denoising steps: n per
+    prompt (a row of the grid each) for a text-to-image run, else n for the labels."""
+
+    labels: list = ([class_] if class_ is not None else []) + list(label)
+    if prompts and len(prompts) > 1:
+        if not 1 <= n * len(prompts) <= 10_000:
+            raise RequestError(f"--n {n} times {len(prompts)} prompts must be in [1, 10000]")
+        prompt: str | list[str] | None = [p for p in prompts for _ in range(n)]
+        total = n * len(prompts)
+    else:
+        prompt, total = (prompts[0] if prompts else None), n
+    with _denoising_bar() as advance:
+        result = gen(total, labels=labels or None, seed=seed, prompt=prompt, callback=advance,
+                     **options)  # fmt: skip
     target = out or Path(run) / "samples" / "sample.png"
     paths = gen.save(result.images, target, nrow=n if len(prompts) > 1 else None)
     where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"

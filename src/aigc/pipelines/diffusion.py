@@ -4,16 +4,30 @@ prompts for a text-to-image run, and several requests in one denoising batch."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 
 from aigc.errors import ConfigError, RequestError
 from aigc.pipelines.base import ImageOutput, check_count
+from aigc.pipelines.editing import has_transparency, read_image, read_mask
 from aigc.pipelines.image import ImagePipeline, image_output
 
 MAX_GUIDANCE = 50.0  # beyond this classifier-free guidance only saturates images
+DEFAULT_STRENGTH = 0.6  # image-to-image: how much of the denoising the image goes through
+INPAINT_STEPS = 50  # RePaint's DDPM steps; each stretch of INPAINT_JUMP_LENGTH steps is
+INPAINT_JUMP_LENGTH = 5  # walked INPAINT_RESAMPLE times: 230 network calls in all
+INPAINT_RESAMPLE = 5
+MAX_RESAMPLE = 100
+
+
+def check_guidance(w: Any, what: str, error: type[Exception]) -> float:
+    """``w`` as a float when it is a guidance scale in [0, MAX_GUIDANCE], else ``error``
+    naming ``what`` (the argument's name where the caller gave it)."""
+    if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= MAX_GUIDANCE:
+        raise error(f"{what}={w!r} must be a number in [0, {MAX_GUIDANCE:g}]")
+    return float(w)
 
 
 @dataclass
@@ -51,7 +65,7 @@ class DiffusionPipeline(ImagePipeline):
     argument names; ``generate`` as for every image pipeline, with the run's default
     sampler, steps and guidance. ``run_batch`` makes several requests in one loop."""
 
-    verbs: ClassVar[frozenset[str]] = frozenset({"generate", "diffuse"})
+    verbs: ClassVar[frozenset[str]] = frozenset({"generate", "diffuse", "edit"})
 
     @property
     def text_conditional(self) -> bool:
@@ -101,8 +115,7 @@ class DiffusionPipeline(ImagePipeline):
         except ConfigError as e:
             raise RequestError(str(e)) from None
         w = cfg.guidance if req.guidance_scale is None else req.guidance_scale
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= MAX_GUIDANCE:
-            raise RequestError(f"guidance_scale={w!r} must be a number in [0, {MAX_GUIDANCE:g}]")
+        w = check_guidance(w, "guidance_scale", RequestError)
         text = negative = prompts = None
         if self.text_conditional:
             if req.labels is not None:
@@ -169,7 +182,8 @@ class DiffusionPipeline(ImagePipeline):
                 start += k
         return out
 
-    def _loop(self, jobs: list[_Prepared], name: str, steps: int, callback: Any) -> torch.Tensor:
+    def _inputs(self, jobs: list[_Prepared]) -> dict[str, Any]:
+        """The model's keyword arguments for prepared requests made together."""
         m = self.model
         z = torch.cat([j.z for j in jobs])
         lab = None if jobs[0].labels is None else torch.cat([j.labels for j in jobs])
@@ -184,10 +198,171 @@ class DiffusionPipeline(ImagePipeline):
         seeds = {j.request.seed for j in jobs}
         seed = next(iter(seeds)) if len(seeds) == 1 else None
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return {"z": z, "labels": lab, "scheduler": m.scheduler(jobs[0].scheduler),
+                "steps": jobs[0].steps, "guidance": guidance, "generator": gen, "text": text,
+                "negative": negative}  # fmt: skip
+
+    def _loop(self, jobs: list[_Prepared], name: str, steps: int, callback: Any) -> torch.Tensor:
         with torch.inference_mode():
-            images = m.generate(z, lab, m.scheduler(name), steps, guidance, generator=gen,
-                                text=text, negative=negative, callback=callback)  # fmt: skip
+            images = self.model.generate(**self._inputs(jobs), callback=callback)
         return images.cpu()
+
+    # editing ----------------------------------------------------------------------------
+    def img2img(
+        self,
+        image: Any,
+        strength: float = DEFAULT_STRENGTH,
+        prompt: str | list[str] | None = None,
+        n: int = 1,
+        labels: Any = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        seed: int | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> ImageOutput:
+        """n variations of ``image`` (a path, bytes, PIL image or uint8 array; see
+        aigc.pipelines.editing) by SDEdit (Meng et al. 2022): the image noised to the
+        level where the last ``strength`` (0, 1] of the steps begin, then denoised
+        towards the prompt or labels. Small strengths keep layout and colours; 1 keeps
+        almost nothing. Other arguments as for ``__call__``."""
+        req = DiffusionRequest(n, prompt, negative_prompt, labels, num_inference_steps,
+                               guidance_scale, scheduler, seed)  # fmt: skip
+        return self.run_edit(self.prepare_edit(req, image, strength=strength), callback)
+
+    def inpaint(
+        self,
+        image: Any,
+        mask: Any = None,
+        prompt: str | list[str] | None = None,
+        n: int = 1,
+        labels: Any = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        seed: int | None = None,
+        jump_length: int = INPAINT_JUMP_LENGTH,
+        resample: int | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> ImageOutput:
+        """n fillings of the masked region of ``image`` by RePaint (Lugmayr et al. 2022),
+        the rest returned exactly as given. ``mask``: transparent pixels (OpenAI) or
+        white ones (black-and-white mask) mark the region; None: the image's own
+        transparent pixels (see aigc.pipelines.editing). Defaults: ddpm over
+        INPAINT_STEPS steps, walking each ``jump_length`` steps ``resample`` times
+        (INPAINT_RESAMPLE for ddpm and ddim; other schedulers cannot go back and take
+        1, the plain replacement method). Other arguments as for ``__call__``."""
+        req = DiffusionRequest(n, prompt, negative_prompt, labels, num_inference_steps,
+                               guidance_scale, scheduler, seed)  # fmt: skip
+        job = self.prepare_edit(req, image, mask, inpaint=True, jump_length=jump_length,
+                                resample=resample)  # fmt: skip
+        return self.run_edit(job, callback)
+
+    def edit_kind(self, image: Any, mask: Any = None, strength: float | None = None) -> str:
+        """ "inpaint" when a mask is given, or none and no strength but the image has
+        transparent pixels (OpenAI's edits); else "img2img". RequestError for a strength
+        with a mask."""
+        inpainting = mask is not None or (strength is None and has_transparency(image))
+        if inpainting and strength is not None:
+            raise RequestError("strength is for image-to-image; with a mask the region is "
+                               "filled from noise (leave out strength)")  # fmt: skip
+        return "inpaint" if inpainting else "img2img"
+
+    def edit(
+        self,
+        image: Any,
+        mask: Any = None,
+        strength: float | None = None,
+        jump_length: int = INPAINT_JUMP_LENGTH,
+        resample: int | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        **kw: Any,
+    ) -> ImageOutput:
+        """``inpaint`` or ``img2img`` as ``edit_kind`` says, with ``__call__``'s keywords."""
+        job = self.prepare_edit(DiffusionRequest(**kw), image, mask, strength,
+                                jump_length=jump_length, resample=resample)  # fmt: skip
+        return self.run_edit(job, callback)
+
+    def prepare_edit(
+        self,
+        req: DiffusionRequest,
+        image: Any,
+        mask: Any = None,
+        strength: float | None = None,
+        inpaint: bool | None = None,
+        jump_length: int = INPAINT_JUMP_LENGTH,
+        resample: int | None = None,
+    ) -> _PreparedEdit:
+        """An editing request checked (RequestError naming what is wrong), its image and
+        mask read; ``inpaint`` None decides as ``edit_kind``. Inpainting defaults to
+        ddpm over INPAINT_STEPS steps; image-to-image to the run's sampler and steps."""
+        if inpaint is None:
+            inpaint = self.edit_kind(image, mask, strength) == "inpaint"
+        elif inpaint and strength is not None:
+            raise RequestError("strength is for image-to-image, not inpainting")
+        if inpaint:
+            name = req.scheduler or "ddpm"
+            steps = INPAINT_STEPS if req.num_inference_steps is None else req.num_inference_steps
+            req = replace(req, scheduler=name, num_inference_steps=steps)
+            if resample is None:
+                resample = INPAINT_RESAMPLE if name in ("ddpm", "ddim") else 1
+            for key, v in (("jump_length", jump_length), ("resample", resample)):
+                check_count(v, limit=MAX_RESAMPLE, what=key)
+            if resample > 1 and name not in ("ddpm", "ddim"):
+                raise RequestError(f"resample={resample}: going back in time needs the ddpm or "
+                                   f"ddim scheduler; {name} takes resample=1")  # fmt: skip
+        else:
+            strength = DEFAULT_STRENGTH if strength is None else strength
+            _check_strength(strength)
+        job = self.prepare(req)
+        cfg = self.model.cfg
+        source = read_image(image, cfg.image_size, cfg.channels)
+        fill = torch.from_numpy(read_mask(mask, source, cfg.image_size)) if inpaint else None
+        return _PreparedEdit(job, source.tensor(req.n), fill, None if inpaint else float(strength),
+                             jump_length, resample or 1)  # fmt: skip
+
+    def run_edit(
+        self,
+        edit: _PreparedEdit,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> ImageOutput:
+        """The images of a prepared editing request."""
+        n, device = edit.job.request.n, self.device
+        with torch.inference_mode():
+            if edit.fill is None:
+                images = self.model.generate(**self._inputs([edit.job]), callback=callback,
+                                             image=edit.image.to(device),
+                                             strength=edit.strength)  # fmt: skip
+            else:
+                images = self.model.inpaint(
+                    edit.image.to(device), edit.fill.expand(n, 1, -1, -1).to(device),
+                    jump_length=edit.jump_length, resample=edit.resample, callback=callback,
+                    **self._inputs([edit.job]),
+                )  # fmt: skip
+        job = edit.job
+        lab = None if job.labels is None else job.labels.cpu()
+        return self.postprocess(ImageOutput(images.cpu(), lab, job.request.seed, job.prompts))
+
+
+@dataclass
+class _PreparedEdit:
+    """A checked editing request: the request's noise and conditions, and its inputs."""
+
+    job: _Prepared
+    image: torch.Tensor  # (n, C, H, W) in [-1, 1]
+    fill: torch.Tensor | None  # (H, W) bool, the region to fill; None: image-to-image
+    strength: float | None  # image-to-image
+    jump_length: int
+    resample: int
+
+
+def _check_strength(strength: Any) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+        raise RequestError(f"strength={strength!r} must be a number in (0, 1]")
+    if not 0 < strength <= 1:
+        raise RequestError(f"strength={strength!r} must be in (0, 1]")
 
 
 def _cat_padded(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -65,6 +65,13 @@ class Scheduler(ABC):
     # the standard deviation of x_T, the noise sampling starts from (randn * this)
     init_noise_sigma: float = 1.0
 
+    # network calls per step of `num_inference_steps` (2 for Heun), as diffusers' `order`
+    order: int = 1
+
+    # the index in `timesteps` of the first `step` call (set_begin_index; set_timesteps
+    # resets it to 0)
+    begin_index: int = 0
+
     @abstractmethod
     def set_timesteps(
         self, num_inference_steps: int, device: torch.device | str | None = None
@@ -101,6 +108,19 @@ class Scheduler(ABC):
         and standard normal noise (B, ...) at timesteps (B,), one per row, in the units
         of `self.timesteps`. E.g. sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (DDPM, Ho et
         al. 2020, eq. 4). Returns (B, ...), the dtype of `original`."""
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Sample from `self.timesteps[begin_index]` on instead of from the first entry:
+        image-to-image (SDEdit, Meng et al. 2022) noises an image to that timestep with
+        `add_noise` and steps through the rest. Called after `set_timesteps`; a multistep
+        rule starts afresh there (first order). ValueError for an index outside the
+        timesteps, or one a rule cannot begin at (Heun: a corrector's)."""
+        n = len(self.timesteps)
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int):
+            raise ValueError(f"begin_index={begin_index!r} must be an integer")
+        if not 0 <= begin_index < n:
+            raise ValueError(f"begin_index={begin_index} must be in [0, {n})")
+        self.begin_index = begin_index
 
     def scale_model_input(self, sample: Tensor, timestep: int | Tensor) -> Tensor:
         """What the network sees at `timestep` for `sample` (B, ...), same shape. The

@@ -68,6 +68,7 @@ class DiscreteScheduler(Scheduler):
         self.step_ratio = T // num_inference_steps
         steps = torch.arange(num_inference_steps, dtype=torch.int64) * self.step_ratio
         self.timesteps = steps.flip(0).to(device or "cpu")
+        self.begin_index = 0
 
     def _abar(self, t: int) -> float:
         """abar_t; 1 before the first step (t < 0: no noise)."""

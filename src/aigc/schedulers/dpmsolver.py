@@ -77,7 +77,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             alpha_next = 1 / math.sqrt(1 + s_next**2)
             sigma_t, sigma_t_next = s / math.sqrt(1 + s**2), s_next * alpha_next  # VP sigma_t
             h = math.log(s) - math.log(s_next)  # h_i = lambda_next - lambda_now
-            first = k == 0 or (
+            first = k == self.begin_index or (
                 self.lower_order_final and n <= LOWER_ORDER_FINAL_MAX_STEPS and k == n - 2
             )
             if first:

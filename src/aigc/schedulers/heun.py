@@ -29,6 +29,16 @@ class HeunScheduler(EulerScheduler):
         inner = self.sigmas[1:-1].repeat_interleave(2)
         return torch.cat([self.sigmas[:1], inner])
 
+    order = 2  # two network calls per interval (the last interval's one call aside)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Heun begins at a predictor call: an even index (interval begin_index // 2)."""
+        if isinstance(begin_index, int) and begin_index % 2:
+            raise ValueError(
+                f"begin_index={begin_index} is a corrector call; Heun begins at an even index"
+            )
+        super().set_begin_index(begin_index)
+
     def _reset(self) -> None:
         self._predictor: tuple[Tensor, Tensor] | None = None  # (x_i, d_i) of the open interval
 

@@ -114,7 +114,13 @@ class SigmaScheduler(DiscreteScheduler):
         self.sigmas = torch.cat([self.spaced_sigmas(n), torch.zeros(1, dtype=torch.float64)])
         self.model_sigmas = self._model_sigmas()  # sigma of each network evaluation
         self.timesteps = self.t_of_sigma(self.model_sigmas).float().to(device or "cpu")
-        self._calls = 0  # step calls made since set_timesteps
+        self._calls = 0  # the index in timesteps of the next step call
+        self.begin_index = 0
+        self._reset()
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        super().set_begin_index(begin_index)
+        self._calls = begin_index
         self._reset()
 
     def _model_sigmas(self) -> Tensor:

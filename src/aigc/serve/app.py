@@ -8,7 +8,9 @@ it under the folder's name:
   requests for a model are decoded together (``aigc.serve.batching``);
 - image runs (gan, vae, diffusion): ``POST /v1/images/generations``, PNGs as base64;
   concurrent requests for a diffusion model are denoised together, and may stream
-  previews (``aigc.serve.images``);
+  previews (``aigc.serve.images``); diffusion runs also edit images, in OpenAI's
+  multipart forms: ``POST /v1/images/edits`` (inpainting a mask, or image-to-image)
+  and ``POST /v1/images/variations``;
 - ``GET /v1/models`` (with an ``aigc`` object per model: kind, family, chat,
   conditional, classes, and for diffusion runs their schedulers, defaults and limits),
   ``GET /health``, ``GET /metrics`` (Prometheus), and the web
@@ -37,7 +39,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from aigc.serve.errors import add_error_handlers
-from aigc.serve.images import generate_images, prompt_to_labels
+from aigc.serve.images import edit_images, generate_images, prompt_to_labels
 from aigc.serve.metrics import ServeMetrics
 from aigc.serve.middleware import Observe
 from aigc.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ImageRequest
@@ -119,6 +121,14 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
     @app.post("/v1/images/generations", dependencies=keyed)
     async def images(body: ImageRequest, request: Request) -> Response:
         return await generate_images(service, body, request)
+
+    @app.post("/v1/images/edits", dependencies=keyed)
+    async def image_edits(request: Request) -> Response:
+        return await edit_images(service, request)
+
+    @app.post("/v1/images/variations", dependencies=keyed)
+    async def image_variations(request: Request) -> Response:
+        return await edit_images(service, request, variation=True)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

@@ -399,10 +399,13 @@ class ImageJob:
     previews and images as they come. Made and read on the event loop; the worker posts."""
 
     def __init__(self, prepared: Any, partial_images: int = 0) -> None:
-        self.id = next(_job_ids)
         self.prepared = prepared  # aigc.pipelines.diffusion._Prepared
         self.n = prepared.request.n
-        self.key = (prepared.scheduler, prepared.steps)  # what a batch must share
+        self._start((prepared.scheduler, prepared.steps), partial_images)
+
+    def _start(self, key: Any, partial_images: int) -> None:
+        self.id = next(_job_ids)
+        self.key = key  # what a batch must share
         self.partial_images = partial_images
         self.loop = asyncio.get_running_loop()
         self.created = time.monotonic()
@@ -452,6 +455,18 @@ class ImageJob:
                 yield item
         finally:
             timer.cancel()
+
+
+class EditJob(ImageJob):
+    """An editing request (inpainting, image-to-image) on a diffusion model's thread: it
+    runs alone, ``run(callback)`` returning its ImageOutput, with previews as a batch's."""
+
+    def __init__(self, run: Callable[[Callable[[int, int, Any], None]], Any], n: int,
+                 partial_images: int = 0) -> None:  # fmt: skip
+        self.run = run
+        self.prepared = None
+        self.n = n
+        self._start(("edit", id(self)), partial_images)
 
 
 class _Abandoned(Exception):
@@ -582,14 +597,18 @@ class DiffusionBatcher:
             for job, a, b in spans:
                 if not job.cancelled and job.preview_due(step, total):
                     p = job.prepared
-                    out = ImageOutput(x0[a:b].cpu(), p.labels, p.request.seed, p.prompts)
+                    more = (p.labels, p.request.seed, p.prompts) if p is not None else ()
+                    out = ImageOutput(x0[a:b].cpu(), *more)
                     images = self.encode(self.pipeline.postprocess(out).images)
                     job.post(Preview(job.previews_sent, step, total, images))
                     job.previews_sent += 1
 
         self.metrics.image_batch_size.labels(self.name).observe(start)
         try:
-            outputs = self.pipeline.run_batch([j.prepared for j in jobs], callback)
+            if isinstance(jobs[0], EditJob):  # alone in its batch (its key is its own)
+                outputs = [jobs[0].run(callback)]
+            else:
+                outputs = self.pipeline.run_batch([j.prepared for j in jobs], callback)
             results = [self.encode(out.images) for out in outputs]
         except _Abandoned:
             if self._stopping:

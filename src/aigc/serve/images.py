@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aigc.errors import RequestError
-from aigc.serve.batching import Finished, ImageJob, JobTimeout, Preview, ShuttingDown
+from aigc.serve.batching import EditJob, Finished, ImageJob, JobTimeout, Preview, ShuttingDown
 from aigc.serve.errors import timeout_error
 from aigc.serve.schemas import ApiError, ImageRequest, error_body
 from aigc.serve.text import unless_disconnected
@@ -111,11 +111,10 @@ def diffusion_card(pipe: Any, settings: ServeSettings) -> dict[str, Any]:
     }
 
 
-async def generate_images(service: Service, body: ImageRequest, request: Request) -> Response:
-    """The answer to POST /v1/images/generations; ApiError for a request it cannot serve."""
-    served = service.model(body.model, "image")
+def _checked_common(service: Service, served: ServedModel, body: ImageRequest) -> int:
+    """The checks every image request passes (format, n, seed, size, prompt lengths);
+    returns n."""
     s, gen = service.settings, served.generator
-    deadline = service.deadline()
     fmt = body.response_format or "b64_json"
     if fmt == "url":
         raise ApiError(
@@ -139,6 +138,15 @@ async def generate_images(service: Service, body: ImageRequest, request: Request
                 400, f"the {key} has {len(text):,} characters; at most {s.max_prompt_chars:,} "
                 "(the server's --max-prompt-chars)", param=key, code="prompt_too_long",
             )  # fmt: skip
+    return n
+
+
+async def generate_images(service: Service, body: ImageRequest, request: Request) -> Response:
+    """The answer to POST /v1/images/generations; ApiError for a request it cannot serve."""
+    served = service.model(body.model, "image")
+    s, gen = service.settings, served.generator
+    deadline = service.deadline()
+    n = _checked_common(service, served, body)
     if served.diffusion is not None:
         return await _diffusion_images(service, served, body, n, request)
     neutral = {"stream": (None, False), "partial_images": (None, 0)}
@@ -175,15 +183,14 @@ def _labels(gen: Any, body: ImageRequest) -> Any:
     return body.labels if body.labels is not None else prompt_to_labels(body.prompt, gen.classes)
 
 
-async def _diffusion_images(
-    service: Service, served: ServedModel, body: ImageRequest, n: int, request: Request
-) -> Response:
-    """A diffusion run's answer: checked here and by the pipeline's prepare (400s), then
-    queued for the model's batcher, and answered whole or as a stream of events."""
-    from aigc.pipelines.diffusion import MAX_GUIDANCE, DiffusionRequest
+def _diffusion_checks(
+    service: Service, served: ServedModel, body: ImageRequest, default_steps: int | None = None
+) -> tuple[int, bool, int, str | None, Any]:
+    """A diffusion request's own checks (400s): (steps, stream, previews, prompt, labels)."""
+    from aigc.pipelines.diffusion import MAX_GUIDANCE
     from aigc.schedulers import SCHEDULERS
 
-    s, pipe, deadline = service.settings, served.generator, service.deadline()
+    s, pipe = service.settings, served.generator
     limit, timesteps = step_limit(pipe, s), int(pipe.model.cfg.num_train_timesteps)
     steps = body.num_inference_steps
     if steps is not None and not 1 <= steps <= limit:
@@ -192,7 +199,7 @@ async def _diffusion_images(
         raise ApiError(400, f"num_inference_steps={steps} must be in [1, {limit}] ({why})",
                        param="num_inference_steps")  # fmt: skip
     if steps is None:
-        steps = min(int(pipe.model.cfg.sample_steps), limit)
+        steps = min(int(default_steps or pipe.model.cfg.sample_steps), limit)
     w = body.guidance_scale
     if w is not None and not (math.isfinite(w) and 0 <= w <= MAX_GUIDANCE):
         raise ApiError(400, f"guidance_scale={w} must be a number in [0, {MAX_GUIDANCE:g}]",
@@ -212,26 +219,50 @@ async def _diffusion_images(
         if body.labels is not None:
             raise ApiError(400, f"{served.name!r} is a text-to-image model: describe the "
                            "image in the prompt instead of giving labels", param="labels")  # fmt: skip
-        prompt, labels = body.prompt, None
-    else:
-        if body.negative_prompt is not None:
-            raise ApiError(400, f"{served.name!r} is not a text-to-image model; it takes no "
-                           "negative_prompt", param="negative_prompt")  # fmt: skip
-        prompt, labels = None, _labels(pipe, body)
-    req = DiffusionRequest(n, prompt, body.negative_prompt, labels, steps, w, body.scheduler,
-                           body.seed)  # fmt: skip
+        return steps, stream, previews, body.prompt, None
+    if body.negative_prompt is not None:
+        raise ApiError(400, f"{served.name!r} is not a text-to-image model; it takes no "
+                       "negative_prompt", param="negative_prompt")  # fmt: skip
+    return steps, stream, previews, None, _labels(pipe, body)
+
+
+def _bad_request(e: RequestError, fields: Any) -> ApiError:
+    """A pipeline's RequestError as a 400 naming the field its message starts with."""
+    head = re.match(r"[a-z_]+", str(e))
+    param = head[0] if head and head[0] in fields else None
+    return ApiError(400, str(e), param=param, code="invalid_request")
+
+
+async def _diffusion_images(
+    service: Service, served: ServedModel, body: ImageRequest, n: int, request: Request
+) -> Response:
+    """A diffusion run's answer: checked here and by the pipeline's prepare (400s), then
+    queued for the model's batcher, and answered whole or as a stream of events."""
+    from aigc.pipelines.diffusion import DiffusionRequest
+
+    steps, stream, previews, prompt, labels = _diffusion_checks(service, served, body)
+    req = DiffusionRequest(n, prompt, body.negative_prompt, labels, steps, body.guidance_scale,
+                           body.scheduler, body.seed)  # fmt: skip
     try:
-        prepared = pipe.prepare(req)
+        prepared = served.generator.prepare(req)
     except RequestError as e:  # e.g. a prompt longer than the text encoder's context
-        head = re.match(r"[a-z_]+", str(e))
-        param = head[0] if head and head[0] in ImageRequest.model_fields else None
-        raise ApiError(400, str(e), param=param, code="invalid_request") from None
+        raise _bad_request(e, ImageRequest.model_fields) from None
     job = ImageJob(prepared, previews if stream else 0)
-    served.diffusion.submit(job)  # QueueFull: 429
+    return await _answer(service, served, job, stream, request, "image_generation")
+
+
+async def _answer(
+    service: Service, served: ServedModel, job: ImageJob, stream: bool, request: Request,
+    event: str,
+) -> Response:  # fmt: skip
+    """A diffusion job queued on the model's batcher (QueueFull: 429) and answered whole,
+    or as OpenAI's streaming events named ``event``.partial_image / .completed."""
+    s, deadline = service.settings, service.deadline()
+    served.diffusion.submit(job)
     service.live.add(job)
     if stream:
-        size = image_size(pipe)
-        return StreamingResponse(_events(service, served, job, deadline, f"{size}x{size}"),
+        size = image_size(served.generator)
+        return StreamingResponse(_events(service, served, job, deadline, f"{size}x{size}", event),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})  # fmt: skip
     try:
@@ -240,7 +271,7 @@ async def _diffusion_images(
         service.live.discard(job)
         if not job.done:
             served.diffusion.cancel(job)
-    service.metrics.images.labels(served.name).inc(n)
+    service.metrics.images.labels(served.name).inc(job.n)
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in data]})
 
 
@@ -255,7 +286,12 @@ async def _images_of(job: ImageJob, deadline: float, settings: ServeSettings) ->
 
 
 async def _events(
-    service: Service, served: ServedModel, job: ImageJob, deadline: float, size: str
+    service: Service,
+    served: ServedModel,
+    job: ImageJob,
+    deadline: float,
+    size: str,
+    event: str = "image_generation",
 ) -> AsyncIterator[str]:
     """OpenAI's image-streaming events: each preview of each image, then each image; an
     error event (OpenAI's error shape) ends a stream that cannot finish."""
@@ -264,15 +300,15 @@ async def _events(
         async for item in job.events(deadline):
             now = int(time.time())
             if isinstance(item, Preview):
-                yield "".join(_sse("image_generation.partial_image", {
-                    "type": "image_generation.partial_image", "b64_json": b, "created_at": now,
+                yield "".join(_sse(f"{event}.partial_image", {
+                    "type": f"{event}.partial_image", "b64_json": b, "created_at": now,
                     **head, "partial_image_index": item.index, "index": i, "step": item.step,
                     "total_steps": item.total,
                 }) for i, b in enumerate(item.images))  # fmt: skip
             else:
                 service.metrics.images.labels(served.name).inc(len(item.images))
-                yield "".join(_sse("image_generation.completed", {
-                    "type": "image_generation.completed", "b64_json": b, "created_at": now,
+                yield "".join(_sse(f"{event}.completed", {
+                    "type": f"{event}.completed", "b64_json": b, "created_at": now,
                     **head, "index": i,
                 }) for i, b in enumerate(item.images))  # fmt: skip
     except JobTimeout:
@@ -293,3 +329,117 @@ async def _events(
 
 def _sse(event: str, obj: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# --- POST /v1/images/edits and /v1/images/variations (multipart forms) -------------------
+
+# form fields by type; OpenAI's and aigc's extensions (diffusers' names, and RePaint's)
+_INT_FIELDS = ("n", "seed", "num_inference_steps", "partial_images", "jump_length", "resample")
+_FLOAT_FIELDS = ("guidance_scale", "strength")
+_TEXT_FIELDS = ("model", "prompt", "negative_prompt", "size", "response_format", "user",
+                "scheduler")  # fmt: skip
+_BOOL_FIELDS = ("stream",)
+# OpenAI fields accepted at the value that asks for nothing aigc does not do
+_NEUTRAL = {"quality": ("auto", "standard"), "background": ("auto", "opaque"),
+            "output_format": ("png",), "input_fidelity": ("low",), "moderation": ("auto",)}  # fmt: skip
+_VARIATION_FIELDS = frozenset({"model", "n", "size", "response_format", "user", "seed",
+                               "num_inference_steps", "scheduler", "strength", "guidance_scale"})  # fmt: skip
+MAX_UPLOAD_FILES = 2  # an image and a mask
+
+
+async def _form(request: Request, variation: bool) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The multipart form's fields, typed, and its files' bytes; 400 naming the field
+    for anything else."""
+    from starlette.datastructures import UploadFile
+
+    route = "variations" if variation else "edits"
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, f"/v1/images/{route} takes multipart/form-data: the image as a file "
+                       "field, the other fields as text", code="invalid_content_type")  # fmt: skip
+    try:
+        form = await request.form(max_files=MAX_UPLOAD_FILES + 1, max_fields=40)
+    except Exception as e:  # starlette's MultiPartException or HTTPException: a bad form
+        detail = getattr(e, "detail", None) or getattr(e, "message", None) or str(e)
+        raise ApiError(400, f"cannot read the form: {detail}", code="invalid_form") from None
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        name = "image" if key == "image[]" else key
+        if name in fields or name in files:
+            raise ApiError(400, f"{name} is given twice; one {name} per request", param=name)
+        if isinstance(value, UploadFile):
+            if name not in ("image",) + (() if variation else ("mask",)):
+                raise ApiError(400, f"{name}: no file field of that name", param=name)
+            files[name] = await value.read()
+            continue
+        if variation and name not in _VARIATION_FIELDS:
+            raise ApiError(400, f"{name} is not a field of image variations", param=name)
+        try:
+            if name in _INT_FIELDS:
+                fields[name] = int(value)
+            elif name in _FLOAT_FIELDS:
+                fields[name] = float(value)
+            elif name in _BOOL_FIELDS:
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                fields[name] = value.lower() == "true"
+            elif name in _TEXT_FIELDS:
+                fields[name] = value
+            elif name in _NEUTRAL:
+                if value not in _NEUTRAL[name]:
+                    raise ApiError(400, f"{name}={value!r} is not offered; leave it out or give "
+                                   f"{_NEUTRAL[name][0]!r}", param=name,
+                                   code="unsupported_parameter")  # fmt: skip
+            else:
+                raise ApiError(400, f"{name} is not a field of image {route}", param=name,
+                               code="unknown_parameter")  # fmt: skip
+        except ValueError:
+            kind = "an integer" if name in _INT_FIELDS else (
+                "a number" if name in _FLOAT_FIELDS else "true or false")  # fmt: skip
+            raise ApiError(400, f"{name}={value!r} must be {kind}", param=name) from None
+    if "image" not in files:
+        raise ApiError(400, "give the image to edit as a file field named image", param="image")
+    if "model" not in fields:
+        raise ApiError(400, "give the model (a served run's name)", param="model")
+    return fields, files
+
+
+async def edit_images(service: Service, request: Request, variation: bool = False) -> Response:
+    """The answer to POST /v1/images/edits (inpainting where the mask, or the image's own
+    transparency, says; image-to-image at ``strength`` otherwise) or, with
+    ``variation``, /v1/images/variations (image-to-image without a prompt)."""
+    import warnings
+
+    from aigc.pipelines.diffusion import INPAINT_STEPS, DiffusionRequest
+
+    fields, files = await _form(request, variation)
+    extra = {k: fields.pop(k) for k in ("strength", "jump_length", "resample") if k in fields}
+    body = ImageRequest(**fields)
+    served = service.model(body.model, "image")
+    if served.diffusion is None:
+        raise ApiError(400, f"{served.name!r} is a {served.family} model; editing images needs a "
+                       "diffusion model", param="model", code="unsupported_model")  # fmt: skip
+    n = _checked_common(service, served, body)
+    pipe = served.generator
+    mask = files.get("mask")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an image of another size is resized
+        try:
+            kind = "img2img" if variation else pipe.edit_kind(files["image"], mask,
+                                                              extra.get("strength"))  # fmt: skip
+        except RequestError as e:
+            raise _bad_request(e, ("strength",)) from None
+        inpaint = kind == "inpaint"
+        steps, stream, previews, prompt, labels = _diffusion_checks(
+            service, served, body, INPAINT_STEPS if inpaint else None
+        )
+        req = DiffusionRequest(n, prompt, body.negative_prompt, labels, steps,
+                               body.guidance_scale, body.scheduler, body.seed)  # fmt: skip
+        try:
+            prepared = pipe.prepare_edit(req, files["image"], mask, extra.get("strength"),
+                                         inpaint=inpaint, **{k: v for k, v in extra.items()
+                                                             if k != "strength"})  # fmt: skip
+        except RequestError as e:
+            raise _bad_request(e, (*ImageRequest.model_fields, *extra, "image", "mask")) from None
+    job = EditJob(lambda callback: pipe.run_edit(prepared, callback), n, previews if stream else 0)
+    return await _answer(service, served, job, stream, request, "image_edit")
