@@ -17,12 +17,17 @@ aigc's scheduler of the same rule when one is registered (ddim, dpm++2m).
 Each figure is the median of --repeats batches of --batch images, after one short
 warm-up batch of each library.
 
+With --net-batch K [K ...] it measures instead how many rows the U-Net should take at a
+time on this device (aigc.models.diffusion.CPU_NET_BATCH; 0 = the whole doubled batch
+at once): dpm++2m at the first --steps count, --batch images.
+
 With --server it measures `aigc serve` instead: images/s of one diffusion model
 answering --clients concurrent clients against one (server_throughput).
 
     python benchmarks/diffusion_sample.py --batch 64 --repeats 3
     python benchmarks/diffusion_sample.py --run runs/ddpm-digits-cond --steps 20 50
     python benchmarks/diffusion_sample.py --server --run runs/t2i-shapes --clients 8
+    python benchmarks/diffusion_sample.py --net-batch 0 32 64 128 --batch 256 --steps 4
 """
 
 from __future__ import annotations
@@ -60,11 +65,22 @@ DIFFUSERS_RULES = {"ddim": "DDIMScheduler", "dpm++2m": "DPMSolverMultistepSchedu
 
 
 def measure(
-    sample: Callable[[], Tensor], net: nn.Module, n: int, repeats: int, device: torch.device
-) -> tuple[float, float]:
-    """(images/s, network calls per batch) of ``sample``, the median of ``repeats``."""
+    sample: Callable[[], Tensor], net: nn.Module | Diffusion, n: int, repeats: int,
+    device: torch.device,
+) -> tuple[float, float]:  # fmt: skip
+    """(images/s, network evaluations per batch) of ``sample``, the median of ``repeats``:
+    a diffusers U-Net's forward calls, or an aigc model's denoise calls (one a step,
+    however many row slices the U-Net takes it in)."""
     calls = [0]
-    hook = net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    if isinstance(net, Diffusion):
+        denoise = net.denoise
+        net.denoise = lambda *a, **kw: (count(), denoise(*a, **kw))[1]
+    else:
+        hook = net.register_forward_hook(count)
     times = []
     try:
         for _ in range(repeats):
@@ -74,7 +90,10 @@ def measure(
             sync(device)
             times.append(time.perf_counter() - t0)
     finally:
-        hook.remove()
+        if isinstance(net, Diffusion):
+            del net.denoise
+        else:
+            hook.remove()
     return n / statistics.median(times), calls[0] / repeats
 
 
@@ -228,6 +247,8 @@ def main() -> None:
     ap.add_argument("--server-n", type=int, default=1, help="--server: images per request")
     ap.add_argument("--server-steps", type=int, default=20, help="--server: steps per request")
     ap.add_argument("--torch-threads", type=int, default=0, help="--server: the server's")
+    ap.add_argument("--net-batch", type=int, nargs="+", default=None,
+                    help="measure U-Net rows per call (CPU_NET_BATCH) instead; 0 = all")  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="--server without --run: a recipe override (model.width=8)")  # fmt: skip
     args = ap.parse_args()
@@ -277,6 +298,24 @@ def main() -> None:
         diffusers_run("DDIMScheduler", 2)  # warm-up
 
     model.generate(z, labels, "ddim", 2, guidance)  # warm-up
+    if args.net_batch:
+        import aigc.models.diffusion as family
+
+        steps, default = args.steps[0], family.CPU_NET_BATCH
+        print(f"\n{'U-Net rows per call':<38} {'steps':>5} {'net calls':>9} {'images/s':>9} "
+              f"{'batch':>10}")  # fmt: skip
+        rates = {}
+        for k in args.net_batch:
+            family.CPU_NET_BATCH = k
+            rates[k], calls = measure(
+                lambda: model.generate(z, labels, "dpm++2m", steps, guidance),
+                model, n, args.repeats, device,
+            )  # fmt: skip
+            whole = f"{k}" if k else f"all ({2 * n if guidance != 1 else n})"
+            note = f"{rates[k] / rates[args.net_batch[0]]:.2f}x the first row"
+            row(f"dpm++2m, {whole}", steps, rates[k], calls, n, note)
+        family.CPU_NET_BATCH = default
+        return
     print(f"\n{'sampler':<38} {'steps':>5} {'net calls':>9} {'images/s':>9} {'batch':>10}")
     ours: dict[tuple[str, int], float] = {}
     for name in SCHEDULERS:
@@ -284,7 +323,7 @@ def main() -> None:
             try:
                 rate, calls = measure(
                     lambda name=name, steps=steps: model.generate(z, labels, name, steps, guidance),
-                    model.unet, n, args.repeats, device,
+                    model, n, args.repeats, device,
                 )  # fmt: skip
             except (ValueError, ConfigError) as e:
                 print(f"aigc {name:<33} {steps:>5}  cannot serve it: {e}")
