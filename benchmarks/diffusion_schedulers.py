@@ -3,7 +3,7 @@ evaluations, against DDPM's ancestral sampler at 250 steps.
 
 Each row evaluates the run as `aigc eval RUN --scheduler NAME --steps N` does (the same
 starting noise and prompts for every row, so rows differ only by the sampler), and times
-sampling alone: the median of --repeats batches of --batch images after a warm-up batch.
+sampling alone: the median of --repeats batches of --batch images after a two-step warm-up.
 
 - accuracy: what the run's judge says (all_correct for a labelled text-to-image run,
   label_accuracy for a class-conditional one, clip_retrieval for captions without
@@ -53,7 +53,7 @@ def timed(pipe: Any, name: str, steps: int, batch: int, repeats: int) -> tuple[f
         calls[0] += 1
         return denoise(*a, **kw)
 
-    pipe(batch, num_inference_steps=steps, scheduler=name, seed=0)  # warm-up
+    pipe(batch, num_inference_steps=min(steps, 2), scheduler=name, seed=0)  # warm-up
     model.denoise = counted
     times = []
     try:
@@ -98,8 +98,8 @@ def main() -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="network evaluations")
     p.add_argument("--reference-steps", type=int, default=250, help="DDPM's steps [250]")
     p.add_argument("--schedulers", nargs="+", default=sorted(SCHEDULERS))
-    p.add_argument("--batch", type=int, default=64, help="images per timed batch")
-    p.add_argument("--repeats", type=int, default=3, help="timed batches (median)")
+    p.add_argument("--batch", type=int, default=32, help="images per timed batch")
+    p.add_argument("--repeats", type=int, default=1, help="timed batches (median)")
     p.add_argument("--device", default="auto")
     p.add_argument("--save", action="store_true", help="save each eval-<name>-<steps>.json")
     args = p.parse_args()
