@@ -396,3 +396,81 @@ def test_a_server_with_keys_asks_for_one_and_works_with_it(page, keyed_server):
     choose(page, "cgan")
     expect(page.locator("#api-key")).to_have_value(KEY)
     expect(status).not_to_have_class("error")
+
+
+# Records the field names of each multipart form the page sends (Playwright does not
+# show a multipart body).
+RECORD_FORMS = """() => {
+  window.sent_forms = [];
+  const send = window.fetch;
+  window.fetch = (url, init) => {
+    if (init && init.body instanceof FormData) window.sent_forms.push([...init.body.keys()]);
+    return send(url, init);
+  };
+}"""
+
+
+def _data_url_pixels(src: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+
+
+def test_an_image_is_inpainted_where_it_is_painted_and_kept_elsewhere(page, server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    source = (np.arange(32 * 32 * 3) % 256).astype(np.uint8).reshape(32, 32, 3)
+    Image.fromarray(source).save(tmp_path / "in.png")
+    page.goto(server + "/")
+    choose(page, "t2i")
+    expect(page.locator("#edit-area")).to_be_hidden()
+    page.set_input_files("#edit-image", str(tmp_path / "in.png"))
+    expect(page.locator("#edit-area")).to_be_visible()
+    # paint a band across the lower part of the canvas with the mouse
+    page.locator("#edit-canvas").scroll_into_view_if_needed()
+    box = page.locator("#edit-canvas").bounding_box()
+    for frac in (0.7, 0.8, 0.9):
+        y = box["y"] + frac * box["height"]
+        page.mouse.move(box["x"] + 2, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] - 2, y, steps=24)
+        page.mouse.up()
+    mask = np.array(page.evaluate("Array.from(state.edit.mask)"), bool).reshape(32, 32)
+    assert mask[24:29].all() and not mask[:18].any()  # painted where the mouse went
+    page.fill("#image-prompt", "a small red circle")
+    page.fill("#n", "2")
+    page.fill("#seed", "3")
+    page.evaluate(RECORD_FORMS)
+    with page.expect_request("**/v1/images/edits"):
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    fields = page.evaluate("window.sent_forms.pop()")
+    assert "mask" in fields and "image" in fields and "strength" not in fields
+    assert "scheduler" not in fields  # the server's RePaint defaults
+    images = page.locator("#images img")
+    expect(images).to_have_count(2)
+    for src in images.evaluate_all("imgs => imgs.map(i => i.src)"):
+        got = _data_url_pixels(src)
+        assert np.array_equal(got[~mask], source[~mask])  # kept exactly
+        assert not np.array_equal(got[mask], source[mask])  # filled
+    assert page.locator("#progress").evaluate("p => p.max") == 230  # RePaint's network calls
+    shot(page, "playground-inpaint.png")
+
+    # Nothing painted: the whole image redrawn at the strength
+    page.click("#clear-mask")
+    page.fill("#strength", "0.5")
+    with page.expect_request("**/v1/images/edits"):
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    fields = page.evaluate("window.sent_forms.pop()")
+    assert "strength" in fields and "mask" not in fields
+    # Not an image: said, and nothing sent
+    (tmp_path / "notes.png").write_text("not a picture")
+    page.set_input_files("#edit-image", str(tmp_path / "notes.png"))
+    expect(page.locator("#status")).to_have_class("error")
+    expect(page.locator("#edit-area")).to_be_hidden()

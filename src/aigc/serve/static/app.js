@@ -25,6 +25,13 @@ const el = {
   steps: $("steps"),
   scheduler: $("scheduler"),
   guidance: $("guidance"),
+  editImage: $("edit-image"),
+  editArea: $("edit-area"),
+  editCanvas: $("edit-canvas"),
+  brush: $("brush"),
+  strength: $("strength"),
+  clearMask: $("clear-mask"),
+  dropImage: $("drop-image"),
   progress: $("progress"),
   seed: $("seed"),
   generate: $("generate"),
@@ -46,6 +53,9 @@ const state = {
   messages: [], // the conversation so far, [{role, content}], for a chat model
   controller: null, // the AbortController of the request in flight
   loads: 0, // counts model-list loads, so that only the latest one is shown
+  imageSize: 0, // the side of the chosen image model's images
+  edit: null, // the image to edit: {canvas (the model's size), mask (1 = fill), size}
+  painting: false,
 };
 
 // ---------------------------------------------------------------------------
@@ -60,16 +70,19 @@ class ApiError extends Error {
   }
 }
 
-/** GET `path`, or POST `body` as JSON; the API key, if any, goes as a bearer token. */
+/** GET `path`, or POST `body` as JSON (or a FormData as multipart); the API key, if
+ * any, goes as a bearer token. */
 async function api(path, body, signal) {
-  const headers = { Accept: body && body.stream ? "text/event-stream" : "application/json" };
+  const form = body instanceof FormData;
+  const stream = body && (form ? body.get("stream") === "true" : body.stream);
+  const headers = { Accept: stream ? "text/event-stream" : "application/json" };
   const key = el.key.value.trim();
   if (key) headers.Authorization = `Bearer ${key}`;
   const init = { method: "GET", headers, signal, cache: "no-store" };
   if (body !== undefined) {
     init.method = "POST";
-    headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
+    if (!form) headers["Content-Type"] = "application/json"; // multipart sets its own
+    init.body = form ? body : JSON.stringify(body);
   }
   const response = await fetch(path, init);
   if (!response.ok) throw await errorOf(response);
@@ -232,6 +245,8 @@ function showModel() {
   el.images.hidden = !image;
   el.generate.disabled = !(text || image) || state.controller !== null;
   buildLabels(image && a.conditional ? a.classes || {} : {});
+  state.imageSize = image ? a.image_size || 0 : 0;
+  dropEditImage();
   showDiffusion(image ? a.diffusion || null : null);
   resetOutputs();
 }
@@ -401,14 +416,17 @@ async function images(model, signal, job) {
 async function diffuse(d, body, signal, job) {
   const steps = numberOf(el.steps, (v) => parseInt(v, 10));
   const guidance = numberOf(el.guidance, parseFloat);
-  if (steps !== null) body.num_inference_steps = steps;
+  const inpainting = state.edit !== null && state.edit.mask.some((v) => v);
+  // Inpainting takes the server's RePaint defaults (ddpm, 50 steps) unless they are changed.
+  const own = inpainting && steps === d.num_inference_steps && el.scheduler.value === d.scheduler;
+  if (steps !== null && !own) body.num_inference_steps = steps;
   if (guidance !== null) body.guidance_scale = guidance;
-  if (el.scheduler.value) body.scheduler = el.scheduler.value;
+  if (el.scheduler.value && !own) body.scheduler = el.scheduler.value;
   if (d.text) {
     body.prompt = el.imagePrompt.value;
     if (el.negativePrompt.value.trim()) body.negative_prompt = el.negativePrompt.value;
   }
-  const total = steps ?? d.num_inference_steps;
+  const total = own ? INPAINT_STEPS : steps ?? d.num_inference_steps;
   Object.assign(body, { stream: true, partial_images: Math.max(0, Math.min(MAX_PREVIEWS, total - 1)) });
   const caption = d.text ? body.prompt.trim() : Object.values(body.labels || {}).join(", ");
   const shown = [];
@@ -429,28 +447,148 @@ async function diffuse(d, body, signal, job) {
       img.title = img.alt;
     }
   };
+  let path = "/v1/images/generations";
+  let kind = "image_generation";
+  let request = body;
+  if (state.edit) {
+    path = "/v1/images/edits";
+    kind = "image_edit";
+    request = await editForm(body, inpainting);
+  }
   el.images.replaceChildren();
   el.progress.max = total;
   el.progress.value = 0;
   el.progress.hidden = false;
-  setStatus(`denoising… (${total} steps)`);
-  const response = await api("/v1/images/generations", body, signal);
+  const doing = state.edit ? (inpainting ? "inpainting" : "redrawing") : "denoising";
+  setStatus(`${doing}…`);
+  const response = await api(path, request, signal);
   for await (const data of serverSentEvents(response)) {
     signal.throwIfAborted();
     const event = JSON.parse(data);
     if (event.error) throw new ApiError(event.error.message || "the stream failed", 0, event.error.code);
-    if (event.type === "image_generation.partial_image") {
+    if (event.type === `${kind}.partial_image`) {
       show(event.index ?? 0, event.b64_json, event.step, event.total_steps);
       el.progress.max = event.total_steps;
       el.progress.value = event.step;
-      setStatus(`denoising… step ${event.step} of ${event.total_steps}`);
-    } else if (event.type === "image_generation.completed") {
+      setStatus(`${doing}… step ${event.step} of ${event.total_steps}`);
+    } else if (event.type === `${kind}.completed`) {
       show(event.index ?? 0, event.b64_json, null, null);
       job.images += 1;
       el.progress.value = el.progress.max;
     }
   }
   if (job.images === 0) throw new ApiError("the stream ended without images; see the server's log");
+}
+
+// ---------------------------------------------------------------------------
+// editing: an image to inpaint (a painted mask) or to redraw (image-to-image)
+
+const INPAINT_STEPS = 50; // the server's RePaint default
+
+function pngOf(canvas) {
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+}
+
+/** The multipart form of POST /v1/images/edits for the JSON fields of `body`: the
+ * image, and the painted mask (white = fill) or, with nothing painted, the strength. */
+async function editForm(body, inpainting) {
+  const form = new FormData();
+  const fields = { ...body };
+  if (fields.labels) { // edits read a conditional model's labels from the prompt
+    fields.prompt = Object.entries(fields.labels).map(([k, v]) => `${k}=${v}`).join(", ");
+    delete fields.labels;
+  }
+  for (const [key, value] of Object.entries(fields)) form.append(key, String(value));
+  const { canvas, mask, size } = state.edit;
+  form.append("image", await pngOf(canvas), "image.png");
+  if (inpainting) {
+    const m = document.createElement("canvas");
+    m.width = m.height = size;
+    const ctx = m.getContext("2d");
+    const pixels = ctx.createImageData(size, size);
+    mask.forEach((v, i) => {
+      pixels.data.fill(v ? 255 : 0, 4 * i, 4 * i + 3);
+      pixels.data[4 * i + 3] = 255;
+    });
+    ctx.putImageData(pixels, 0, 0);
+    form.append("mask", await pngOf(m), "mask.png");
+  } else {
+    form.append("strength", el.strength.value.trim() || "0.6");
+  }
+  return form;
+}
+
+/** The chosen file as the model's image: the centre square, at the model's size; its
+ * transparent pixels (OpenAI's mask convention) start the mask. */
+async function loadEditImage(file) {
+  const size = state.imageSize;
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  } catch {
+    dropEditImage();
+    setStatus(`${file.name} is not an image this browser can read.`, "error");
+    return;
+  }
+  const side = Math.min(bitmap.width, bitmap.height);
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = size;
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(bitmap, (bitmap.width - side) / 2, (bitmap.height - side) / 2, side, side,
+    0, 0, size, size);
+  const pixels = ctx.getImageData(0, 0, size, size);
+  const mask = new Uint8Array(size * size);
+  for (let i = 0; i < mask.length; i++) {
+    mask[i] = pixels.data[4 * i + 3] < 128 ? 1 : 0;
+    pixels.data[4 * i + 3] = 255; // transparent pixels are sent as black: the mask says the rest
+  }
+  ctx.putImageData(pixels, 0, 0);
+  state.edit = { canvas, mask, size };
+  el.editArea.hidden = false;
+  setStatus(side !== size || bitmap.width !== bitmap.height
+    ? `${file.name}: ${bitmap.width}×${bitmap.height}, edited as its centre square at ${size}×${size}`
+    : "");
+  drawEdit();
+}
+
+function dropEditImage() {
+  state.edit = null;
+  el.editImage.value = "";
+  el.editArea.hidden = true;
+}
+
+/** The image, enlarged without smoothing, with the painted region in translucent red. */
+function drawEdit() {
+  if (!state.edit) return;
+  const { canvas, mask, size } = state.edit;
+  const view = el.editCanvas;
+  const ctx = view.getContext("2d");
+  const scale = view.width / size;
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(canvas, 0, 0, view.width, view.height);
+  ctx.fillStyle = "rgba(255, 40, 40, 0.55)";
+  mask.forEach((v, i) => {
+    if (v) ctx.fillRect((i % size) * scale, Math.floor(i / size) * scale, scale, scale);
+  });
+}
+
+/** Marks the pixels within the brush's radius of the pointer. */
+function paintAt(event) {
+  if (!state.edit) return;
+  const { mask, size } = state.edit;
+  const box = el.editCanvas.getBoundingClientRect();
+  const x = ((event.clientX - box.left) / box.width) * size;
+  const y = ((event.clientY - box.top) / box.height) * size;
+  const r = Math.max(0.5, Number(el.brush.value) / 2);
+  for (let j = Math.floor(y - r); j <= Math.ceil(y + r); j++) {
+    for (let i = Math.floor(x - r); i <= Math.ceil(x + r); i++) {
+      const inside = (i + 0.5 - x) ** 2 + (j + 0.5 - y) ** 2 <= r * r;
+      const under = i === Math.floor(x) && j === Math.floor(y);
+      if (i >= 0 && j >= 0 && i < size && j < size && (inside || under)) mask[j * size + i] = 1;
+    }
+  }
+  drawEdit();
 }
 
 function summary(job, seconds) {
@@ -532,7 +670,26 @@ el.key.addEventListener("input", onKeyChanged);
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault(); // Enter in the key field: load the models now
   clearTimeout(keyTimer);
-  loadModels();
+  el.editImage.addEventListener("change", () => {
+  const file = el.editImage.files && el.editImage.files[0];
+  if (file) loadEditImage(file);
+  else dropEditImage();
+});
+el.editCanvas.addEventListener("pointerdown", (event) => {
+  state.painting = true;
+  el.editCanvas.setPointerCapture(event.pointerId);
+  paintAt(event);
+});
+el.editCanvas.addEventListener("pointermove", (event) => state.painting && paintAt(event));
+for (const end of ["pointerup", "pointercancel"]) {
+  el.editCanvas.addEventListener(end, () => { state.painting = false; });
+}
+el.clearMask.addEventListener("click", () => {
+  if (state.edit) state.edit.mask.fill(0);
+  drawEdit();
+});
+el.dropImage.addEventListener("click", dropEditImage);
+loadModels();
 });
 el.model.addEventListener("change", showModel);
 el.form.addEventListener("submit", onGenerate);
@@ -550,4 +707,23 @@ el.prompt.addEventListener("keydown", (event) => {
     el.form.requestSubmit();
   }
 });
+el.editImage.addEventListener("change", () => {
+  const file = el.editImage.files && el.editImage.files[0];
+  if (file) loadEditImage(file);
+  else dropEditImage();
+});
+el.editCanvas.addEventListener("pointerdown", (event) => {
+  state.painting = true;
+  el.editCanvas.setPointerCapture(event.pointerId);
+  paintAt(event);
+});
+el.editCanvas.addEventListener("pointermove", (event) => state.painting && paintAt(event));
+for (const end of ["pointerup", "pointercancel"]) {
+  el.editCanvas.addEventListener(end, () => { state.painting = false; });
+}
+el.clearMask.addEventListener("click", () => {
+  if (state.edit) state.edit.mask.fill(0);
+  drawEdit();
+});
+el.dropImage.addEventListener("click", dropEditImage);
 loadModels();
