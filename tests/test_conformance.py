@@ -90,6 +90,12 @@ def _images(gen, n: int):
     return gen.generate(n, seed=0)
 
 
+def _restored(gen, n: int):
+    from aigc.data.shapes import generate_shapes
+
+    return gen.restore(generate_shapes(4, gen.input_size or 16, seed=3).images[:n]).images
+
+
 def _prompted(gen, n: int):
     return gen.generate(n, seed=0, prompt="a small red circle at the top left")
 
@@ -105,6 +111,12 @@ T2I = [*DIFFUSION, "model.text_width=16", "model.text_heads=2", "model.text_laye
        "model.preconditioning=edm", "model.prediction_type=epsilon", "model.min_snr_gamma=0",
        "data.holdout=[]"]  # fmt: skip
 
+# super-resolution with the adversarial term: both optimizers in the step contract
+RESTORE = [*IMAGES, "data.image_size=32", "model.width=8", "model.blocks=1", "model.d_width=8",
+           "model.adversarial=0.01", "model.d_layers=2", "train.checkpoint_every=1"]  # fmt: skip
+
+SR3 = [*DIFFUSION, "data.image_size=32", "model.channel_mults=[1,2]", "model.attn_resolutions=[8]"]
+
 TASK_ENTRIES: dict[str, Entry] = {
     "gpt": Entry(_train(RECIPE, lambda ctx: [*GPT, f"data.path={ctx['corpus']}"]), _texts),
     "chat": Entry(_finetune("chat", "chats"), _chats),
@@ -114,6 +126,8 @@ TASK_ENTRIES: dict[str, Entry] = {
     "toy": Entry(_train(ROOT / "tests" / "toy" / "toy-shapes.yaml", TOY), _images),
     "diffusion": Entry(_train(CONFIGS / "ddpm-digits-cond.yaml", DIFFUSION), _images),
     "t2i": Entry(_train(CONFIGS / "t2i-shapes.yaml", T2I), _prompted),
+    "restore": Entry(_train(CONFIGS / "sr-shapes-x4.yaml", RESTORE), _restored),
+    "restore_diffusion": Entry(_train(CONFIGS / "sr3-shapes-x4.yaml", SR3), _restored),
 }
 
 

@@ -218,7 +218,7 @@ def _report(outcome) -> None:
         line += f", validation {task.headline_metric} {m[task.headline_metric]:.4f}"
         line += f" ({', '.join(f'{k} {v:.3f}' for k, v in more)})" if more else ""
     typer.echo(line)
-    hint = f"aigc sample {_q(outcome.run_dir)} {task.sample_hint}".rstrip()
+    hint = f"aigc {task.sample_verb} {_q(outcome.run_dir)} {task.sample_hint}".rstrip()
     typer.echo(f"run folder: {outcome.run_dir}/   next: {hint}")
 
 
@@ -293,6 +293,8 @@ def sample(
     gen = aigc.load(run, device=device)
     if gen.kind == "classify":
         raise RequestError(f"{run} is a classifier; use: aigc classify {_q(run)} --text '...'")
+    if gen.kind == "restore":
+        raise RequestError(f"{run} restores images; use: aigc restore {_q(run)} --image FILE")
     diffusion = {"negative_prompt": negative_prompt, "num_inference_steps": steps,
                  "scheduler": scheduler, "guidance_scale": guidance}  # fmt: skip
     if "diffuse" in gen.verbs:
@@ -430,6 +432,81 @@ def edit(
     typer.echo(f"wrote {k} {what} image{'s' if k != 1 else ''} to {where}")
 
 
+@app.command()
+def restore(
+    run: Annotated[Path, typer.Argument(help="A restoration or super-resolution run folder.")],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(help="An image to restore (PNG, JPEG, WebP, BMP, GIF); repeatable."),
+    ] = None,
+    held_out: Annotated[
+        int,
+        typer.Option(
+            "--held-out",
+            help="Instead of --image: this many of the run's held-out images, damaged as "
+            "in training, restored, and shown beside their damaged input and the truth.",
+        ),
+    ] = 0,
+    degrade: Annotated[
+        bool,
+        typer.Option(
+            help="Damage the given clean images as the run was trained to undo first, and "
+            "save damaged | restored | original side by side."
+        ),
+    ] = False,
+    scale: Annotated[
+        int | None,
+        typer.Option(help="Check the super-resolution factor: the run's own (2, 3 or 4)."),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Diffusion restorers: sampling steps [the run's].")
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Diffusion restorers: ddpm, ddim, euler, heun or dpm++2m [the run's]."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="The damage's seed (--degrade, --held-out) and the sampler's.")
+    ] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The restored .png (with several images: NAME-0.png, NAME-1.png, ...)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Restore images with a restoration run: remove noise, JPEG artefacts or missing
+    blocks, or super-resolve by the run's factor."""
+    import aigc
+
+    for p in image or []:
+        if not p.is_file():
+            raise RequestError(f"--image {p}: no such file")
+    if bool(image) == bool(held_out):
+        raise RequestError("give --image FILE (repeatable) or --held-out N")
+    gen = aigc.load(run, device=device)
+    if "restore" not in gen.verbs:
+        raise RequestError(f"{run} is a {gen.config.family} run; aigc restore takes restore runs")
+    sampling = {"num_inference_steps": steps, "scheduler": scheduler}
+    if held_out:
+        grid = gen.compare(n=held_out, seed=seed, **sampling)
+        target = out or Path(run) / "samples" / "restored-held-out.png"
+        gen.save([grid], target)
+        typer.echo(f"wrote {held_out} held-out images (damaged | restored | truth) to {target}")
+        return
+    if degrade:
+        grid = gen.compare(images=[str(p) for p in image], seed=seed, **sampling)
+        target = out or Path(run) / "samples" / "restored.png"
+        gen.save([grid], target)
+        typer.echo(f"wrote {len(image)} images (damaged | restored | original) to {target}")
+        return
+    gen.check_scale(scale)
+    restored = gen.restore([str(p) for p in image], output="uint8", seed=seed, **sampling)
+    target = out or Path(run) / "samples" / "restored.png"
+    paths = gen.save(restored, target)
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} ... {paths[-1]}"
+    typer.echo(f"wrote {len(paths)} restored image{'s' if len(paths) > 1 else ''} to {where}")
+
+
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="A run folder.")],
@@ -497,6 +574,8 @@ def eval_(
             against=against, inception_weights=inception_weights, fid_protocol=fid_protocol,
             scheduler=scheduler, steps=steps, guidance=guidance, save=False,
         )  # fmt: skip
+    elif gen.kind == "restore":
+        result = gen.evaluate(save=False, scheduler=scheduler, steps=steps)
     else:
         result = gen.evaluate(save=False)
     typer.echo(json.dumps(result, indent=2) if as_json else gen.format_eval(result))

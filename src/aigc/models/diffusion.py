@@ -91,6 +91,9 @@ class DiffusionConfig:
     text_start_id: int = -1  # the token every caption starts with; set from the tokenizer
     text_gpt: dict[str, Any] = field(default_factory=dict)  # the frozen GPT's config (set)
     cross_attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    # channels of an image the model is conditioned on, concatenated to x_t (SR3, Saharia
+    # et al. 2021: the upsampled low-resolution image; Palette: any damaged image); 0 = none
+    cond_channels: int = 0
 
     @property
     def z_dim(self) -> int:
@@ -101,7 +104,8 @@ class DiffusionConfig:
         check_choices(self, {"beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES,
                              "preconditioning": PRECONDITIONINGS})  # fmt: skip
         for key, low in (("image_size", 0), ("channels", 0), ("width", 1), ("num_res_blocks", 1),
-                         ("groups", 1), ("num_train_timesteps", 2), ("sample_steps", 1)):  # fmt: skip
+                         ("groups", 1), ("num_train_timesteps", 2), ("sample_steps", 1),
+                         ("cond_channels", 0)):  # fmt: skip
             check_int(f"model.{key}", getattr(self, key), low)
         for key in ("dropout", "cond_drop", "min_snr_gamma", "guidance", "sigma_data", "p_std"):
             value = getattr(self, key)
@@ -318,8 +322,8 @@ def _run(block: nn.Module, h: Tensor, emb: Tensor, context: TextContext | None) 
 
 
 class UNet(nn.Module):
-    """x_t (B, C, H, W), timesteps (B,), labels (B, A) or None, a TextContext or None
-    -> (B, C, H, W)."""
+    """x_t (B, C, H, W), timesteps (B,), labels (B, A) or None, a TextContext or None,
+    an image condition (B, cond_channels, H, W) or None -> (B, C, H, W)."""
 
     def __init__(self, cfg: DiffusionConfig, num_classes: list[int], context_dim: int = 0) -> None:
         super().__init__()
@@ -339,7 +343,7 @@ class UNet(nn.Module):
                 out.append(CrossAttention(c, context_dim, g))
             return out
 
-        self.inp = nn.Conv2d(cfg.channels, w, 3, padding=1)
+        self.inp = nn.Conv2d(cfg.channels + cfg.cond_channels, w, 3, padding=1)
         self.down = nn.ModuleList()
         chans, c, res = [w], w, cfg.image_size
         for level, mult in enumerate(cfg.channel_mults):
@@ -382,13 +386,14 @@ class UNet(nn.Module):
         t: Tensor,
         labels: Tensor | None = None,
         context: TextContext | None = None,
+        cond: Tensor | None = None,
     ) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.width))  # (B, 4w)
         for a, table in enumerate(self.label_tables):
             emb = emb + table(labels[:, a])
         if context is not None:
             emb = emb + self.text_pool(context.pooled)
-        h = self.inp(x)
+        h = self.inp(x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1))
         skips = [h]
         for blocks in self.down:
             for b in blocks:
@@ -485,11 +490,13 @@ class Diffusion(LatentSampling, nn.Module):
         s2 = sigma**2 + sd**2
         return sd**2 / s2, sigma * sd / s2.sqrt(), 1 / s2.sqrt(), sigma.log() / 4
 
-    def _edm_net(self, x: Tensor, sigma: Tensor, labels, context) -> tuple[Tensor, Tensor, Tensor]:
+    def _edm_net(
+        self, x: Tensor, sigma: Tensor, labels, context, cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """F's output, c_skip and c_out at VE input x = x_0 + sigma n, sigma (B,)."""
         c_skip, c_out, c_in, c_noise = (v.view(-1, 1, 1, 1) for v in self._precondition(sigma))
         # c_noise = ln(sigma) / 4, times 1000 for the same sinusoidal embedding as t
-        f = self.unet(c_in * x, 1000 * c_noise.view(-1), labels, context)
+        f = self.unet(c_in * x, 1000 * c_noise.view(-1), labels, context, cond)
         return f, c_skip, c_out
 
     def sigma_at(self, t: Tensor) -> Tensor:
@@ -501,26 +508,45 @@ class Diffusion(LatentSampling, nn.Module):
         w = t - lo.float()
         return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
 
-    def net(self, x: Tensor, t: Tensor, labels: Tensor | None, context) -> Tensor:
+    def net(
+        self, x: Tensor, t: Tensor, labels: Tensor | None, context, cond: Tensor | None = None
+    ) -> Tensor:
         """The output a scheduler expects for VP input x at timesteps t (B,): the network
         itself, or for an EDM model its x_0 estimate D(x sqrt(1 + sigma^2); sigma). On a
         CPU the rows go through in slices of CPU_NET_BATCH (each row's output is its own)."""
         k = CPU_NET_BATCH if x.device.type == "cpu" else 0
         if not k or len(x) <= k:
-            return self._net(x, t, labels, context)
+            return self._net(x, t, labels, context, cond)
         return torch.cat([
             self._net(x[i : i + k], t[i : i + k], None if labels is None else labels[i : i + k],
-                      None if context is None else context.rows(i, i + k))
+                      None if context is None else context.rows(i, i + k),
+                      None if cond is None else cond[i : i + k])
             for i in range(0, len(x), k)
         ])  # fmt: skip
 
-    def _net(self, x: Tensor, t: Tensor, labels: Tensor | None, context) -> Tensor:
+    def _net(
+        self, x: Tensor, t: Tensor, labels: Tensor | None, context, cond: Tensor | None
+    ) -> Tensor:
         if self.cfg.preconditioning != "edm":
-            return self.unet(x, t, labels, context)
+            return self.unet(x, t, labels, context, cond)
         sigma = self.sigma_at(t.to(x.device))
         ve = x * (1 + sigma**2).sqrt().view(-1, 1, 1, 1)
-        f, c_skip, c_out = self._edm_net(ve, sigma, labels, context)
+        f, c_skip, c_out = self._edm_net(ve, sigma, labels, context, cond)
         return c_skip * ve + c_out * f
+
+    def check_cond(self, cond: Tensor | None, n: int) -> Tensor | None:
+        """The image condition on the device; ValueError unless it suits n samples (None
+        for a model without one)."""
+        c = self.cfg
+        if not c.cond_channels:
+            if cond is not None:
+                raise ValueError("this model is not conditioned on an image")
+            return None
+        shape = (n, c.cond_channels, c.image_size, c.image_size)
+        if cond is None or tuple(cond.shape) != shape:
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"this model is conditioned on an image: pass cond {shape}, got {got}")
+        return cond.to(self.device, torch.float32)
 
     # -- training --------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], step: Any) -> dict[str, Tensor]:
@@ -529,6 +555,7 @@ class Diffusion(LatentSampling, nn.Module):
         x0 = batch["images"]
         B = x0.size(0)
         labels = batch.get("labels") if self.num_classes else None
+        cond = batch["cond"] if self.cfg.cond_channels else None  # never dropped (SR3)
         drop = (
             torch.rand(B, device=x0.device) < self.cfg.cond_drop
             if self.cfg.cond_drop > 0 else torch.zeros(B, dtype=torch.bool, device=x0.device)
@@ -545,7 +572,7 @@ class Diffusion(LatentSampling, nn.Module):
             c = self.cfg
             sigma = (torch.randn(B, device=x0.device) * c.p_std + c.p_mean).exp()
             xn = x0 + sigma.view(B, 1, 1, 1) * noise
-            f, c_skip, c_out = self._edm_net(xn, sigma, labels, context)
+            f, c_skip, c_out = self._edm_net(xn, sigma, labels, context, cond)
             # lambda(sigma) c_out^2 = 1: the weighted D-loss is F's plain MSE to its target
             target = (x0 - c_skip * xn) / c_out
             loss = ((f.float() - target.float()) ** 2).mean()
@@ -554,7 +581,7 @@ class Diffusion(LatentSampling, nn.Module):
         t = torch.randint(0, self.cfg.num_train_timesteps, (B,), device=x0.device)
         a = self.alphas_cumprod[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # eq. 4
-        pred = self.unet(xt, t, labels, context)
+        pred = self.unet(xt, t, labels, context, cond)
         kind = self.cfg.prediction_type
         target = {"epsilon": noise, "sample": x0,
                   "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[kind]  # fmt: skip
@@ -578,22 +605,27 @@ class Diffusion(LatentSampling, nn.Module):
         guidance: float | Tensor,
         context: TextContext | None = None,
         uncond: TextContext | None = None,
+        cond: Tensor | None = None,
     ) -> Tensor:
         """The network's output at (x, t), guided (Ho & Salimans 2022, eq. 6) when
-        ``guidance`` != 1 for a conditional model (a float, or (B,) one per row). For text, ``uncond`` is the empty
-        caption's context, or a negative prompt's."""
+        ``guidance`` != 1 for a conditional model (a float, or (B,) one per row). For
+        text, ``uncond`` is the empty caption's context, or a negative prompt's. ``cond``:
+        the image condition (B, cond_channels, H, W) of an image-conditioned model, the
+        same in both halves of a guided batch."""
         tt = (t.expand(x.size(0)) if t.dim() == 0 else t).to(x.device)
         if isinstance(guidance, Tensor):  # one scale per row (requests batched together)
             guidance = guidance.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
         elif guidance == 1.0:
-            return self.net(x, tt, labels, context)
+            return self.net(x, tt, labels, context, cond)
         if labels is None and context is None:
-            return self.net(x, tt, labels, context)
+            return self.net(x, tt, labels, context, cond)
+        cond2 = None if cond is None else torch.cat([cond, cond])
         if context is not None:
-            both = self.net(torch.cat([x, x]), torch.cat([tt, tt]), None, context.cat(uncond))
+            both = self.net(torch.cat([x, x]), torch.cat([tt, tt]), None, context.cat(uncond),
+                            cond2)  # fmt: skip
         else:
             both = self.net(torch.cat([x, x]), torch.cat([tt, tt]),
-                            torch.cat([labels, self._null(len(x))]), None)  # fmt: skip
+                            torch.cat([labels, self._null(len(x))]), None, cond2)  # fmt: skip
         cond, unc = both.chunk(2)
         return unc + guidance * (cond - unc)
 
@@ -612,14 +644,16 @@ class Diffusion(LatentSampling, nn.Module):
 
     @contextlib.contextmanager
     def _guided(self, n: int, labels: Tensor | None, text: Tensor | None,
-                negative: Tensor | None, guidance: float | Tensor | None) -> Iterator[Any]:  # fmt: skip
+                negative: Tensor | None, guidance: float | Tensor | None,
+                cond: Tensor | None = None) -> Iterator[Any]:  # fmt: skip
         """In eval mode: the guided network net(x, t) for these conditions."""
         w = self.cfg.guidance if guidance is None else guidance
         was = self.training
         self.eval()
         try:
             lab, context, uncond = self._conditions(n, labels, text, negative)
-            yield lambda x, t: self.denoise(x, t, lab, w, context, uncond)
+            cond = self.check_cond(cond, n)
+            yield lambda x, t: self.denoise(x, t, lab, w, context, uncond, cond)
         finally:
             self.train(was)
 
@@ -652,6 +686,7 @@ class Diffusion(LatentSampling, nn.Module):
         callback: Callable[[int, int, Tensor], None] | None = None,
         image: Tensor | None = None,
         strength: float = 1.0,
+        cond: Tensor | None = None,
     ) -> Tensor:
         """Images (n, C, H, W) in [-1, 1] from starting noise z (n, z_dim) (x_T), by
         ``scheduler`` (a name or instance; default cfg.sampler) over ``steps`` steps.
@@ -664,6 +699,8 @@ class Diffusion(LatentSampling, nn.Module):
         image is noised (with z) to the level where the last ``strength`` of the steps
         begin, and only those run (see img2img_begin); strength 1 starts from almost
         pure noise, a small strength keeps the image's layout and colours.
+
+        cond (n, cond_channels, H, W): the image an image-conditioned model (SR3) reads.
         """
         n = z.size(0)
         c = self.cfg
@@ -674,7 +711,7 @@ class Diffusion(LatentSampling, nn.Module):
             x = noise * s.init_noise_sigma
         else:
             x = img2img_start(s, self.check_images(image, n), noise, strength)
-        with self._guided(n, labels, text, negative, guidance) as net:
+        with self._guided(n, labels, text, negative, guidance, cond) as net:
             x = denoise_loop(net, s, x, generator, callback)
         return x.clamp(-1.0, 1.0)
 

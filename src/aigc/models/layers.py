@@ -171,3 +171,42 @@ class LatentSampling:
         if bool(bad.any()):
             a = int(bad.any(0).nonzero()[0])
             raise ValueError(f"label attribute {a} must be in [0, {self.num_classes[a]})")
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017, §3.2.2 and App. 6.1.2): a fully convolutional critic
+    whose every output scores one overlapping patch of the input as real or fake.
+
+    C64-C128-C256-C512 with 4x4 convolutions, stride 2 except the last, instance norm on
+    all but the first layer, LeakyReLU 0.2, then a 4x4 convolution to one score per
+    patch; ``layers`` = 3 is the paper's 70x70 receptive field. Input (B, in_channels,
+    H, W) -> scores (B, 1, H', W'), raw (least squares or logits, as the loss decides).
+    Used by restoration's adversarial loss and the translation families.
+    """
+
+    def __init__(self, in_channels: int, width: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        mods: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 4, 2, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        ch = width
+        for i in range(1, layers + 1):
+            out = width * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [
+                nn.Conv2d(ch, out, 4, stride, 1, bias=False),
+                nn.InstanceNorm2d(out, affine=True),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+        for m in self.modules():  # N(0, 0.02) as the pix2pix and CycleGAN code
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -114,6 +114,21 @@ def read_image(value: Any, size: int, channels: int, what: str = "image") -> Edi
             f"{what} is {w}x{h}; the model draws {size}x{size} images: give a square image"
         )
     alpha = _alpha(img)
+    base = _in_mode(img, alpha, channels, what)
+    if (w, h) != (size, size):
+        warnings.warn(f"{what}: resized from {w}x{h} to {size}x{size}, the size the model draws",
+                      EditWarning, stacklevel=3)  # fmt: skip
+        resample = Image.Resampling.LANCZOS if w > size else Image.Resampling.BICUBIC
+        base = base.resize((size, size), resample)
+    pixels = np.asarray(base, dtype=np.uint8).reshape(size, size, channels).copy()
+    return EditImage(pixels, alpha, (w, h))
+
+
+def _in_mode(img: Any, alpha: np.ndarray | None, channels: int, what: str) -> Any:
+    """``img`` in the model's mode (L or RGB), transparent pixels over black; a warning
+    when colour is dropped or made up."""
+    from PIL import Image
+
     mode = "RGB" if channels == 3 else "L"
     base = img
     if alpha is not None:
@@ -125,15 +140,21 @@ def read_image(value: Any, size: int, channels: int, what: str = "image") -> Edi
             kind = "colour" if colour else "grayscale"
             to = "colour" if channels == 3 else "grayscale"
             warnings.warn(f"{what}: {kind} image converted to {to} for this model",
-                          EditWarning, stacklevel=3)  # fmt: skip
+                          EditWarning, stacklevel=4)  # fmt: skip
         base = base.convert(mode)
-    if (w, h) != (size, size):
-        warnings.warn(f"{what}: resized from {w}x{h} to {size}x{size}, the size the model draws",
-                      EditWarning, stacklevel=3)  # fmt: skip
-        resample = Image.Resampling.LANCZOS if w > size else Image.Resampling.BICUBIC
-        base = base.resize((size, size), resample)
-    pixels = np.asarray(base, dtype=np.uint8).reshape(size, size, channels).copy()
-    return EditImage(pixels, alpha, (w, h))
+    return base
+
+
+def read_pixels(value: Any, channels: int, what: str = "image", max_side: int = 4096) -> np.ndarray:
+    """``value`` (as read_image takes it) at its own size, in the model's channels:
+    (H, W, channels) uint8, for verbs that work at any size (restoration). RequestError
+    for an unreadable file or a side above ``max_side``."""
+    img = _open(value, what)
+    w, h = img.size
+    if max(w, h) > max_side:
+        raise RequestError(f"{what} is {w}x{h}; at most {max_side} pixels a side are accepted")
+    base = _in_mode(img, _alpha(img), channels, what)
+    return np.asarray(base, dtype=np.uint8).reshape(h, w, channels).copy()
 
 
 def read_mask(value: Any, image: EditImage, size: int, what: str = "mask") -> np.ndarray:

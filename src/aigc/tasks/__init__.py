@@ -23,6 +23,8 @@ TASKS: dict[str, str] = {
     "chat": "aigc.tasks.chat:ChatTask",
     "classifier": "aigc.tasks.classify:ClassifyTask",
     "diffusion": "aigc.tasks.diffusion:DiffusionTask",
+    "restore": "aigc.tasks.restore:RestoreTask",
+    "restore_diffusion": "aigc.tasks.restore_diffusion:RestoreDiffusionTask",
 }
 ENTRY_POINTS = "aigc.tasks"  # installed packages add tasks under this entry-point group
 _plugins_read = False

@@ -17,8 +17,9 @@ tasks over the GPT family). Its three sides:
   (the held-out number the progress bar and report show first), ``loss_keys`` (logged
   keys that are losses: lower is better, drawn together), ``resumable_keys`` (config
   keys that may change when a run continues), ``lora_targets`` (linear layers LoRA
-  adapts by default; empty where LoRA does not apply), ``sample_hint`` (the arguments of
-  the ``aigc sample`` command suggested when a run is made).
+  adapts by default; empty where LoRA does not apply), ``sample_verb`` and
+  ``sample_hint`` (the command, ``aigc sample`` by default, and its arguments suggested
+  when a run is made).
 
 Adding a family is then a model file, a task file, a pipeline file (if its verbs are
 new), one line in ``aigc.tasks.TASKS`` (or an ``aigc.tasks`` entry point), recipes and
@@ -99,6 +100,7 @@ class Task(ABC):
     resumable_keys: ClassVar[frozenset[str]] = frozenset()  # beyond RESUMABLE_KEYS
     lora_targets: ClassVar[tuple[str, ...]] = ()  # () = LoRA does not apply
     sample_hint: ClassVar[str] = ""  # arguments of the `aigc sample` a new run suggests
+    sample_verb: ClassVar[str] = "sample"  # the CLI verb it suggests (restore, translate, ...)
 
     # instance side -----------------------------------------------------------
     config: Config

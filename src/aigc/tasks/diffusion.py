@@ -297,38 +297,15 @@ class DiffusionTask(ImageTask):
         return out
 
     # evaluation with another sampler -----------------------------------------------
-    @contextlib.contextmanager
     def sampling_with(
         self,
         model: nn.Module,
         scheduler: str | None,
         steps: int | None,
         guidance: float | None = None,
-    ) -> Iterator[tuple[str, int, float]]:
-        """The model samples with ``scheduler`` (a name in aigc.schedulers.SCHEDULERS)
-        over ``steps`` steps at classifier-free ``guidance`` (None: the run's own) while
-        inside; yields (name, steps, guidance). ConfigError naming an unknown scheduler, a
-        step count or a guidance scale out of range."""
-        from aigc.pipelines.diffusion import check_guidance
-
-        cfg = model.cfg
-        name = cfg.sampler if scheduler is None else scheduler
-        steps = cfg.sample_steps if steps is None else steps
-        w = cfg.guidance if guidance is None else guidance
-        model.scheduler(name)  # ConfigError for an unknown name
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise ConfigError(f"steps={steps!r} must be an integer")
-        if not 1 <= steps <= cfg.num_train_timesteps:
-            raise ConfigError(f"steps={steps} must be in [1, {cfg.num_train_timesteps}]")
-        w = check_guidance(w, "guidance", ConfigError)
-        if w != cfg.guidance and not (cfg.conditional or cfg.text):
-            raise ConfigError("guidance is for conditional runs; this run is unconditional")
-        before = cfg.sampler, cfg.sample_steps, cfg.guidance
-        cfg.sampler, cfg.sample_steps, cfg.guidance = name, steps, w
-        try:
-            yield name, steps, w
-        finally:
-            cfg.sampler, cfg.sample_steps, cfg.guidance = before
+    ) -> contextlib.AbstractContextManager[tuple[str, int, float]]:
+        """See ``sampling_with`` (module level)."""
+        return sampling_with(model, scheduler, steps, guidance)
 
     # the CLIP-style judge (captions without labels) and memorisation -------------------
     def clip_judge(self):
@@ -427,6 +404,39 @@ class DiffusionTask(ImageTask):
         train, threshold = self._memo_reference
         near = nearest_distances(feats, train)
         return {"memo/copies": float((near < threshold).sum()), "memo/n": float(len(feats))}
+
+
+@contextlib.contextmanager
+def sampling_with(
+    model: nn.Module,
+    scheduler: str | None,
+    steps: int | None,
+    guidance: float | None = None,
+) -> Iterator[tuple[str, int, float]]:
+    """The diffusion ``model`` samples with ``scheduler`` (a name in
+    aigc.schedulers.SCHEDULERS) over ``steps`` steps at classifier-free ``guidance``
+    (None: the run's own) while inside; yields (name, steps, guidance). ConfigError naming
+    an unknown scheduler, a step count or a guidance scale out of range."""
+    from aigc.pipelines.diffusion import check_guidance
+
+    cfg = model.cfg
+    name = cfg.sampler if scheduler is None else scheduler
+    steps = cfg.sample_steps if steps is None else steps
+    w = cfg.guidance if guidance is None else guidance
+    model.scheduler(name)  # ConfigError for an unknown name
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ConfigError(f"steps={steps!r} must be an integer")
+    if not 1 <= steps <= cfg.num_train_timesteps:
+        raise ConfigError(f"steps={steps} must be in [1, {cfg.num_train_timesteps}]")
+    w = check_guidance(w, "guidance", ConfigError)
+    if w != cfg.guidance and not (cfg.conditional or cfg.text):
+        raise ConfigError("guidance is for conditional runs; this run is unconditional")
+    before = cfg.sampler, cfg.sample_steps, cfg.guidance
+    cfg.sampler, cfg.sample_steps, cfg.guidance = name, steps, w
+    try:
+        yield name, steps, w
+    finally:
+        cfg.sampler, cfg.sample_steps, cfg.guidance = before
 
 
 def memorisation_metrics(sums: dict[str, float]) -> dict[str, float]:
