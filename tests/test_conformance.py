@@ -71,6 +71,15 @@ def _finetune(task: str, data: str):
     return make
 
 
+def _inpainting(run: Path, steps: int, ctx: dict, *extra: str):
+    """aigc finetune DIFFUSION_RUN --task inpaint, from one tiny base made on first use."""
+    if "diffusion_base" not in ctx:
+        ctx["diffusion_base"] = run.parent / "base"
+        _train(CONFIGS / "ddpm-digits-cond.yaml", DIFFUSION)(ctx["diffusion_base"], 2, ctx)
+    over = [f"train.max_steps={steps}", "train.checkpoint_every=1", *extra]
+    return aigc.finetune(ctx["diffusion_base"], over, task="inpaint", run_dir=run, progress=False)
+
+
 def _texts(gen, n: int):
     return gen.generate(["The", "A", "In", "x"][:n] if n > 1 else "The", max_new_tokens=8,
                         temperature=1.0, seed=0)  # fmt: skip
@@ -128,6 +137,7 @@ TASK_ENTRIES: dict[str, Entry] = {
     "t2i": Entry(_train(CONFIGS / "t2i-shapes.yaml", T2I), _prompted),
     "restore": Entry(_train(CONFIGS / "sr-shapes-x4.yaml", RESTORE), _restored),
     "restore_diffusion": Entry(_train(CONFIGS / "sr3-shapes-x4.yaml", SR3), _restored),
+    "inpainting": Entry(_inpainting, _images),  # a diffusion run made to inpaint
 }
 
 

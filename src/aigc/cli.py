@@ -584,7 +584,7 @@ def eval_(
 
 @app.command()
 def finetune(
-    base: Annotated[Path, typer.Argument(help="The pretrained GPT run to start from.")],
+    base: Annotated[Path, typer.Argument(help="The GPT or diffusion run to start from.")],
     overrides: Annotated[
         list[str] | None,
         typer.Argument(help="Dotted overrides, e.g. data.path=my_code/ train.max_steps=1000."),
@@ -602,8 +602,9 @@ def finetune(
     task: Annotated[
         str,
         typer.Option(
-            help="lm (more language modelling), classify (a classification head) or chat "
-            "(conversations in the chat template)."
+            help="GPT runs: lm (more language modelling), classify (a classification head) "
+            "or chat (conversations in the chat template). Diffusion runs: inpaint (a model "
+            "that also reads the masked image and the mask)."
         ),
     ] = "lm",
     run_dir: Annotated[
@@ -611,9 +612,10 @@ def finetune(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Fine-tune a pretrained GPT run into a new run: the base's weights and tokenizer, full
-    or LoRA. Default data: the standard library's Python sources (lm), its docstrings
-    labelled by package (classify), Q&A from the Python docs (chat)."""
+    """Fine-tune a run into a new run that starts from its weights. A GPT run: its weights
+    and tokenizer, full or LoRA; default data: the standard library's Python sources (lm),
+    its docstrings labelled by package (classify), Q&A from the Python docs (chat). A
+    diffusion run: --task inpaint makes an inpainting model on the base's data."""
     import aigc
 
     with _says_where_it_stopped():
@@ -628,7 +630,9 @@ def finetune(
         shown += f", accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
     run_word = _q(outcome.run_dir)
     nxt = {"classify": f"aigc classify {run_word} --text '...'",
-           "chat": f"aigc chat {run_word}"}.get(task, f"aigc sample {run_word}")  # fmt: skip
+           "chat": f"aigc chat {run_word}",
+           "inpaint": f"aigc edit {run_word} --image in.png --mask mask.png"}.get(
+               task, f"aigc sample {run_word}")  # fmt: skip
     typer.echo(f"done: step {outcome.step}{shown}; run folder: {outcome.run_dir}/   next: {nxt}")
 
 

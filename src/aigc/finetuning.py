@@ -65,6 +65,17 @@ def init_from_base(task: Task, train_cfg: Any, where: Path) -> tuple[int, int]:
             ):
                 base_rows.append(t.shape[0])
                 t = grow_vocab(t, want.shape[0])  # fmt: skip
+            elif (
+                want is not None
+                and t.ndim == want.ndim == 4
+                and t.shape[0] == want.shape[0]
+                and t.shape[2:] == want.shape[2:]
+                and t.shape[1] < want.shape[1]
+            ):  # a convolution reading more input channels (an inpainting model's mask and
+                # masked image): the base's channels, the new ones from zero, so it starts as
+                # the base (as Stable Diffusion's inpainting model was made)
+                extra = t.new_zeros(t.shape[0], want.shape[1] - t.shape[1], *t.shape[2:])
+                t = torch.cat([t, extra], dim=1)
             out[name] = t
         return out
 
@@ -118,9 +129,12 @@ def finetune(
     """
     base = RunDir(base_run)
     family = base.info()["family"]
+    if family == "diffusion":
+        return _finetune_diffusion(base, overrides, method, run_dir, task, progress)
     if family not in ("gpt", "chat"):
         raise ConfigError(
-            f"{base.path} is a {family!r} run; fine-tuning needs a GPT language model run"
+            f"{base.path} is a {family!r} run; fine-tuning needs a GPT language model run "
+            "or a diffusion run"
         )
     if task not in FINETUNE_TASKS:
         raise ConfigError(f"--task {task!r}: choose {', '.join(FINETUNE_TASKS)}")
@@ -179,6 +193,54 @@ def finetune(
     if run_dir is None:
         name = base.path.name + ("" if task == "lm" else f"-{task}") + f"-{method}"
         run_dir = base.path.parent / name
+    return train(cfg, [], run_dir=run_dir, progress=progress)
+
+
+DIFFUSION_ARCH = ("width", "channel_mults", "num_res_blocks", "attn_resolutions", "groups",
+                  "conditional", "text", "text_encoder", "text_width", "text_layers",
+                  "text_heads", "cross_attn_resolutions", "preconditioning")  # fmt: skip
+
+
+def _finetune_diffusion(
+    base: RunDir,
+    overrides: Sequence[str],
+    method: str,
+    run_dir: str | Path | None,
+    task: str,
+    progress: bool,
+) -> TrainOutcome:
+    """``aigc finetune DIFFUSION_RUN --task inpaint``: an inpainting model made from a
+    diffusion run, as Stable Diffusion's inpainting model was: the same U-Net reading C + 1
+    more channels (the image with the region blanked, and the mask) whose input weights
+    start at zero, so it starts as the base and learns to use them on random masks
+    (aigc.tasks.diffusion.training_masks). Same data, conditions and schedule as the base."""
+    if task != "inpaint":
+        raise ConfigError(f"--task {task!r}: a diffusion run fine-tunes with --task inpaint")
+    if method != "full":
+        raise ConfigError("--method lora is not built for diffusion runs yet; use --method full")
+    base_cfg = load_config(base.config_path)
+    if base_cfg.model.inpainting:
+        raise ConfigError(f"{base.path} is already an inpainting model")
+    ckpt = base.latest_checkpoint()
+    if ckpt is None:
+        raise CheckpointError(f"the base run {base.path} has no checkpoint; train it first")
+    data = base_cfg.to_dict()
+    data["model"].update(inpainting=True, cond_channels=0)
+    defaults = ["train.max_steps=1000", "train.max_time=0", "train.eval_every=0"]
+    cfg = load_config(data, [*defaults, *overrides])
+    changed = [k for k in DIFFUSION_ARCH if getattr(cfg.model, k) != getattr(base_cfg.model, k)]
+    if changed or not cfg.model.inpainting:
+        key = changed[0] if changed else "inpainting"
+        raise ConfigError(
+            f"model.{key} cannot change when fine-tuning: the weights of {base.path} fit "
+            "its architecture"
+        )
+    cfg.train.init_from = str(base.path.resolve())
+    cfg.train.init_sha256 = file_sha256(ckpt / "model.safetensors")
+    cfg.train.validate()
+    _resolve_paths(cfg)
+    if run_dir is None:
+        run_dir = base.path.parent / f"{base.path.name}-inpaint"
     return train(cfg, [], run_dir=run_dir, progress=progress)
 
 

@@ -94,6 +94,9 @@ class DiffusionConfig:
     # channels of an image the model is conditioned on, concatenated to x_t (SR3, Saharia
     # et al. 2021: the upsampled low-resolution image; Palette: any damaged image); 0 = none
     cond_channels: int = 0
+    # an inpainting model: the condition is the image with the region to fill blanked and
+    # the mask (cond_channels = channels + 1), as Stable Diffusion's inpainting model
+    inpainting: bool = False
 
     @property
     def z_dim(self) -> int:
@@ -117,6 +120,14 @@ class DiffusionConfig:
             raise ConfigError("model.num_classes is set but model.conditional=false")
         if not isinstance(self.text, bool):
             raise ConfigError(f"model.text={self.text!r} must be true or false")
+        if not isinstance(self.inpainting, bool):
+            raise ConfigError(f"model.inpainting={self.inpainting!r} must be true or false")
+        if self.inpainting and self.cond_channels not in (0, self.channels + 1):
+            raise ConfigError(
+                f"model.inpainting=true reads the masked image and the mask: "
+                f"model.cond_channels must be {self.channels + 1} (or 0, set from the data), "
+                f"got {self.cond_channels}"
+            )
         if self.text and self.conditional:
             raise ConfigError(
                 "model.text=true and model.conditional=true: condition on captions or on "
@@ -157,6 +168,8 @@ class DiffusionConfig:
 
     def check_ready(self) -> None:
         check_image_ready(self)
+        if self.inpainting and self.cond_channels != self.channels + 1:
+            raise ConfigError("model.cond_channels of an inpainting model is set from the data")
         if self.text and (self.text_vocab_size < 1 or self.text_context < 2):
             raise ConfigError(
                 "model.text_vocab_size and model.text_context are set from the run's "
@@ -408,6 +421,13 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def inpainting_condition(image: Tensor, fill: Tensor) -> Tensor:
+    """An inpainting model's condition (B, C + 1, H, W): the image with the region to fill
+    set to 0 (mid-grey), then the mask (1 = fill). image (B, C, H, W) in [-1, 1], fill
+    (B, 1, H, W) in {0, 1}."""
+    return torch.cat([image * (1 - fill), fill], dim=1)
+
+
 class Diffusion(LatentSampling, nn.Module):
     """The denoiser and the training schedule; ``generate`` runs a scheduler from noise.
 
@@ -543,6 +563,11 @@ class Diffusion(LatentSampling, nn.Module):
                 raise ValueError("this model is not conditioned on an image")
             return None
         shape = (n, c.cond_channels, c.image_size, c.image_size)
+        if cond is None and c.inpainting:  # nothing kept: plain generation
+            return inpainting_condition(
+                torch.zeros(n, c.channels, c.image_size, c.image_size, device=self.device),
+                torch.ones(n, 1, c.image_size, c.image_size, device=self.device),
+            )
         if cond is None or tuple(cond.shape) != shape:
             got = None if cond is None else tuple(cond.shape)
             raise ValueError(f"this model is conditioned on an image: pass cond {shape}, got {got}")
@@ -742,12 +767,22 @@ class Diffusion(LatentSampling, nn.Module):
         times in all, so the filled region is harmonised with what is kept (§4.2).
         Jumping back needs a scheduler that steps by timestep value (ddpm, ddim); others
         take resample=1. The known pixels come back exactly as given.
+
+        An inpainting model (cfg.inpainting) reads the kept pixels and the mask instead
+        and fills in one pass of the scheduler (``jump_length`` and ``resample`` unused).
         """
         n = z.size(0)
         c = self.cfg
         image = self.check_images(image, n)
         s = self._as_scheduler(scheduler)
         s.set_timesteps(steps or c.sample_steps)
+        if c.inpainting:
+            fill = (mask.to(self.device).float() >= 0.5).float()[:, :1].expand(n, 1, -1, -1)
+            cond = inpainting_condition(image, fill)
+            x = z.to(self.device).view_as(image) * s.init_noise_sigma
+            with self._guided(n, labels, text, negative, guidance, cond) as net:
+                x = denoise_loop(net, s, x, generator, callback)
+            return (1 - fill) * image + fill * x.clamp(-1.0, 1.0)
         with self._guided(n, labels, text, negative, guidance) as net:
             return repaint(net, s, image, mask.to(self.device), z.to(self.device).view_as(image),
                            generator, jump_length, resample, callback)  # fmt: skip

@@ -302,7 +302,12 @@ class DiffusionPipeline(ImagePipeline):
             inpaint = self.edit_kind(image, mask, strength) == "inpaint"
         elif inpaint and strength is not None:
             raise RequestError("strength is for image-to-image, not inpainting")
-        if inpaint:
+        if inpaint and self.model.cfg.inpainting:  # the model fills in one pass
+            if resample not in (None, 1):
+                raise RequestError(f"resample={resample}: {self.run.path} is an inpainting "
+                                   "model, which fills in one pass (resample is for RePaint)")  # fmt: skip
+            resample = 1
+        elif inpaint:
             name = req.scheduler or "ddpm"
             steps = INPAINT_STEPS if req.num_inference_steps is None else req.num_inference_steps
             req = replace(req, scheduler=name, num_inference_steps=steps)

@@ -133,7 +133,10 @@ class DiffusionTask(ImageTask):
                 "digits, or an image folder with metadata.jsonl or metadata.csv "
                 "(file_name, text); or set model.text=false"
             )
-        if m.text_encoder:  # a frozen GPT brings its own tokenizer
+        base = Path(config.train.init_from) / TOKENIZER_FILE if config.train.init_from else None
+        if base is not None and base.is_file():  # a fine-tune reads captions as its base
+            shutil.copyfile(base, data_dir / TOKENIZER_FILE)
+        elif m.text_encoder:  # a frozen GPT brings its own tokenizer
             gpt_run = _gpt_run(m.text_encoder)
             shutil.copyfile(gpt_run / TOKENIZER_FILE, data_dir / TOKENIZER_FILE)
         else:
@@ -141,6 +144,13 @@ class DiffusionTask(ImageTask):
 
             train = captions[: meta["n_train"]]
             train_bpe_tokenizer(iter(train), CAPTION_VOCAB).save(data_dir / TOKENIZER_FILE)
+
+    @classmethod
+    def _fit_model_to_data(cls, config: Config, meta: dict[str, Any]) -> None:
+        m = config.model
+        if m.inpainting:  # the masked image and the mask beside x_t
+            m.cond_channels = int(meta["spec"]["channels"]) + 1
+        super()._fit_model_to_data(config, meta)
 
     @classmethod
     def finish_config(cls, config: Config, files: DataFiles) -> None:
@@ -177,8 +187,17 @@ class DiffusionTask(ImageTask):
         return self._caption_ids
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        """ImageTask's batch, and for a text model ``text`` (B, L): the images' captions."""
+        """ImageTask's batch, and for a text model ``text`` (B, L): the images' captions;
+        for an inpainting model ``cond``: each image with a random region blanked, and the
+        region's mask (training_masks)."""
         batch = super().train_batch(step, micro, rank, world)
+        if self.config.model.inpainting:
+            from aigc.models.diffusion import inpainting_condition
+
+            images = batch["images"]
+            rng = np.random.default_rng([self.config.train.seed, step, micro * world + rank, 5])
+            fill = training_masks(len(images), images.size(-1), rng)
+            batch["cond"] = inpainting_condition(images, fill)
         if self.coder is not None:
             from aigc.tasks.images import epoch_batch_indices
 
@@ -404,6 +423,32 @@ class DiffusionTask(ImageTask):
         train, threshold = self._memo_reference
         near = nearest_distances(feats, train)
         return {"memo/copies": float((near < threshold).sum()), "memo/n": float(len(feats))}
+
+
+MASK_KINDS = {"rectangle": 0.55, "half": 0.35, "everything": 0.10}
+
+
+def training_masks(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """n masks (n, 1, size, size) float, 1 = the region an inpainting model learns to fill:
+    a rectangle of a quarter to three quarters of each side anywhere, one half of the
+    image (top, bottom, left or right), or everything (so the model still generates from
+    nothing), in the shares of MASK_KINDS."""
+    kinds = rng.choice(len(MASK_KINDS), size=n, p=list(MASK_KINDS.values()))
+    out = np.zeros((n, 1, size, size), np.float32)
+    lo, hi = max(1, size // 4), max(1, 3 * size // 4)
+    for i, k in enumerate(kinds):
+        if k == 0:
+            h, w = rng.integers(lo, hi + 1, size=2)
+            y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+            out[i, 0, y : y + h, x : x + w] = 1
+        elif k == 1:
+            half = size // 2
+            side = rng.integers(4)
+            region = [np.s_[:half, :], np.s_[half:, :], np.s_[:, :half], np.s_[:, half:]][side]
+            out[i, 0][region] = 1
+        else:
+            out[i] = 1
+    return torch.from_numpy(out)
 
 
 @contextlib.contextmanager
