@@ -670,26 +670,7 @@ el.key.addEventListener("input", onKeyChanged);
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault(); // Enter in the key field: load the models now
   clearTimeout(keyTimer);
-  el.editImage.addEventListener("change", () => {
-  const file = el.editImage.files && el.editImage.files[0];
-  if (file) loadEditImage(file);
-  else dropEditImage();
-});
-el.editCanvas.addEventListener("pointerdown", (event) => {
-  state.painting = true;
-  el.editCanvas.setPointerCapture(event.pointerId);
-  paintAt(event);
-});
-el.editCanvas.addEventListener("pointermove", (event) => state.painting && paintAt(event));
-for (const end of ["pointerup", "pointercancel"]) {
-  el.editCanvas.addEventListener(end, () => { state.painting = false; });
-}
-el.clearMask.addEventListener("click", () => {
-  if (state.edit) state.edit.mask.fill(0);
-  drawEdit();
-});
-el.dropImage.addEventListener("click", dropEditImage);
-loadModels();
+  loadModels();
 });
 el.model.addEventListener("change", showModel);
 el.form.addEventListener("submit", onGenerate);
