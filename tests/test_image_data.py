@@ -709,3 +709,32 @@ def test_subset_keeps_labels_and_captions_aligned():
     assert sub.labels["colour"].tolist() == ds.labels["colour"][idx].tolist()
     assert sub.captions == [ds.captions[i] for i in idx]
     assert len(ds.subset(ds.labels["size"] == 1)) == int((ds.labels["size"] == 1).sum())
+
+
+def test_shapes_draw_the_same_scenes_filled_or_outlined():
+    from aigc.data.images import load_image_set
+    from aigc.data.shapes import STYLES, generate_shapes
+
+    filled = generate_shapes(64, 32, seed=3)
+    outlined = generate_shapes(64, 32, seed=3, style="outlined")
+    both = load_image_set("shapes-styled", image_size=32, n=64, seed=3)
+    for a in ("shape", "colour", "size", "position"):
+        assert np.array_equal(filled.labels[a], outlined.labels[a])
+        assert np.array_equal(filled.labels[a], both.labels[a])
+    assert "style" not in filled.labels and both.classes["style"] == list(STYLES)
+    style = both.labels["style"]
+    assert 0 < style.sum() < 64  # both styles drawn
+    # an outline lies inside the filled shape's pixels, and leaves a large shape's middle dark
+    lit_f, lit_o = filled.images.max(-1) > 0, outlined.images.max(-1) > 0
+    assert not (lit_o & ~lit_f).any()
+    large = np.flatnonzero(filled.labels["size"] == 1)
+    ink = lambda images: images[large].astype(float).sum()  # noqa: E731
+    assert ink(outlined.images) < 0.7 * ink(filled.images)
+    for i in range(64):
+        want = outlined.images[i] if style[i] else filled.images[i]
+        assert np.array_equal(both.images[i], want)
+        assert ("outlined" in both.captions[i]) == bool(style[i])
+    assert outlined.captions[0].replace("outlined ", "") == filled.captions[0]
+    assert load_image_set("shapes-outlined", image_size=32, n=4, seed=3).images.tobytes() == (
+        outlined.images[:4].tobytes()
+    )

@@ -48,7 +48,9 @@ from PIL import ExifTags, Image
 from aigc.data.captions import captions_for, find_metadata
 from aigc.errors import ConfigError, DataError
 
-EMBEDDED = ("digits", "shapes")
+EMBEDDED = ("digits", "shapes", "shapes-outlined", "shapes-styled")
+# the shapes sources: each style, or both (labelled "style")
+SHAPES_STYLES = {"shapes": "filled", "shapes-outlined": "outlined", "shapes-styled": "both"}
 SPLITS = ("train", "test")
 CHANNELS = {1: "L", 3: "RGB"}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -283,10 +285,10 @@ def image_stream(
             source="digits (scikit-learn handwritten digits, 1,797 images of 8x8)",
         )
         return ImageStream(_whole(_prepare(images, image_size, channels, crop), info))
-    if source == "shapes":
+    if source in SHAPES_STYLES:
         from aigc.data.shapes import shapes_stream
 
-        stream = shapes_stream(n, image_size=image_size, seed=seed)
+        stream = shapes_stream(n, image_size=image_size, seed=seed, style=SHAPES_STYLES[source])
         return stream if channels == 3 else stream.map(lambda x: _to_channels(x, channels))
 
     path = Path(source).expanduser()

@@ -15,6 +15,13 @@ images of a set of ``n`` are the set of ``k``.
 Jitter (size ±8 %, position ±5 % of the width, colour ±12 per channel) never
 makes a label ambiguous: a shape's centre always lies inside its third of the
 image (with a margin) and the whole shape inside the image.
+
+A shape is drawn ``filled`` (the default) or ``outlined``: only a band of
+OUTLINE_WIDTH inside its edge, from the same distance function. The same seed draws
+the same scenes in either style, so the two styles are an exact pair of domains for
+image-to-image translation (pix2pix), or two unpaired ones (CycleGAN); ``style="both"``
+draws each image's style at random and labels it (a fifth attribute, ``style``), from
+a stream of its own so the scenes stay those of the same seed.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from aigc.errors import ConfigError
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 SIZES = ("small", "large")
+STYLES = ("filled", "outlined")
 POSITIONS = (
     "top left",
     "top",
@@ -73,37 +81,47 @@ MARGIN = 0.02  # a centre stays this far inside its third of the image
 # so a corner shape always fits with its centre inside its own third.
 assert RADIUS[1] * (1 + SIZE_JITTER) * max(EXTENT) + BORDER <= 1 / 3 - MARGIN
 
+OUTLINE_WIDTH = 0.05  # an outline's thickness, in image widths (1.6 pixels at 32x32)
 _N_DRAWS = 10  # uniform draws per image (one row each): see generate_shapes
 _CHUNK = 2048  # images rendered at once; bounds memory at about 20 float32 (chunk, S, S) arrays
 
 
-def caption(shape: int, colour: int, size: int, position: int) -> str:
-    """The caption of one image from its labels, e.g. "a small red circle at the top left"."""
+def caption(shape: int, colour: int, size: int, position: int, style: int = 0) -> str:
+    """The caption of one image from its labels, e.g. "a small red circle at the top left"
+    ("a small red outlined circle ..." for an outlined one)."""
     for name, value, names in (
         ("shape", shape, SHAPES),
         ("colour", colour, COLOURS),
         ("size", size, SIZES),
         ("position", position, POSITIONS),
+        ("style", style, STYLES),
     ):
         if not 0 <= int(value) < len(names):
             raise ValueError(f"{name} label must be in 0..{len(names) - 1}, got {value}")
+    drawn = "outlined " if style else ""
     return (
-        f"a {SIZES[size]} {COLOURS[colour]} {SHAPES[shape]} "
+        f"a {SIZES[size]} {COLOURS[colour]} {drawn}{SHAPES[shape]} "
         f"{_PREPOSITIONS[position]} the {POSITIONS[position]}"
     )
 
 
-def generate_shapes(n: int, image_size: int = 32, seed: int = 0) -> ImageSet:
+def generate_shapes(n: int, image_size: int = 32, seed: int = 0, style: str = "filled") -> ImageSet:
     """``n`` labelled, captioned RGB images of ``image_size``² pixels, deterministic in ``seed``.
 
     Labels: ``shape``, ``colour``, ``size``, ``position`` (indices into ``SHAPES``,
-    ``COLOURS``, ``SIZES``, ``POSITIONS``), each drawn uniformly and independently.
+    ``COLOURS``, ``SIZES``, ``POSITIONS``), each drawn uniformly and independently;
+    ``style`` "filled", "outlined", or "both" (each image's style drawn, and labelled
+    ``style``, an index into ``STYLES``).
     """
-    return shapes_stream(n, image_size, seed).collect()
+    return shapes_stream(n, image_size, seed, style).collect()
 
 
-def shapes_stream(n: int, image_size: int = 32, seed: int = 0) -> ImageStream:
+def shapes_stream(
+    n: int, image_size: int = 32, seed: int = 0, style: str = "filled"
+) -> ImageStream:
     """The images of ``generate_shapes`` drawn ``_CHUNK`` at a time (labels and captions at once)."""
+    if style not in (*STYLES, "both"):
+        raise ConfigError(f"shapes style {style!r}: choose filled, outlined or both")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"data.n (number of shapes images) must be an integer >= 1, got {n!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
@@ -121,24 +139,30 @@ def shapes_stream(n: int, image_size: int = 32, seed: int = 0) -> ImageStream:
     cx = _place(position % 3, extent, u[:, 5])  # column 0..2, left to right
     cy = _place(position // 3, extent, u[:, 6])  # row 0..2, top to bottom
     rgb = np.clip(PALETTE[colour] + COLOUR_JITTER * (2 * u[:, 7:10] - 1), 0, 255)
+    if style == "both":  # a stream of its own: the scenes are the same seed's
+        drawn = (np.random.default_rng([seed, 1]).random(n) < 0.5).astype(np.int64)
+    else:
+        drawn = np.full(n, STYLES.index(style), dtype=np.int64)
 
-    captions = [caption(*row) for row in zip(shape, colour, size, position, strict=True)]
+    captions = [caption(*row) for row in zip(shape, colour, size, position, drawn, strict=True)]
+    labels = {"shape": shape, "colour": colour, "size": size, "position": position}
+    classes = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+               "position": list(POSITIONS)}  # fmt: skip
+    if style == "both":
+        labels["style"], classes["style"] = drawn, list(STYLES)
+    kind = "" if style == "filled" else f", {style}" if style == "outlined" else ", both styles"
     info = ImageSetInfo(
-        labels={"shape": shape, "colour": colour, "size": size, "position": position},
-        classes={
-            "shape": list(SHAPES),
-            "colour": list(COLOURS),
-            "size": list(SIZES),
-            "position": list(POSITIONS),
-        },
+        labels=labels,
+        classes=classes,
         captions=captions,
-        source=f"shapes (n={n}, {image_size}x{image_size}, seed={seed})",
+        source=f"shapes (n={n}, {image_size}x{image_size}, seed={seed}{kind})",
     )
 
     def chunks() -> Generator[np.ndarray, None, ImageSetInfo]:
         for a in range(0, n, _CHUNK):
             b = min(a + _CHUNK, n)
-            cover = _coverage(shape[a:b], cx[a:b], cy[a:b], radius[a:b], image_size)  # (m, S, S)
+            cover = _coverage(shape[a:b], cx[a:b], cy[a:b], radius[a:b], image_size,
+                              drawn[a:b])  # (m, S, S)  # fmt: skip
             pixels = cover[..., None] * rgb[a:b, None, None, :].astype(np.float32)  # (m, S, S, 3)
             yield np.rint(pixels).astype(np.uint8)
         return info
@@ -163,9 +187,15 @@ def _place(cell: np.ndarray, extent: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def _coverage(
-    shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, radius: np.ndarray, size: int
+    shape: np.ndarray,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    radius: np.ndarray,
+    size: int,
+    outlined: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(m, S, S) float32 fraction of each pixel covered by each image's shape."""
+    """(m, S, S) float32 fraction of each pixel covered by each image's shape (by the band
+    of OUTLINE_WIDTH inside its edge where ``outlined``)."""
     m = len(shape)
     grid = (np.arange(size, dtype=np.float32) + 0.5)[None, :]  # pixel centres, (1, S)
     sdf = np.empty((m, size, size), dtype=np.float32)
@@ -178,6 +208,10 @@ def _coverage(
         dy = (grid - (cy[idx] * size).astype(np.float32)[:, None])[:, :, None]
         r = (radius[idx] * size).astype(np.float32)[:, None, None]
         sdf[idx] = _SDF[k](dx, dy, r)
+    if outlined is not None and outlined.any():
+        t = np.float32(OUTLINE_WIDTH * size)
+        band = np.abs(sdf + t / 2) - t / 2  # inside the edge, t thick ("onion" of the sdf)
+        sdf = np.where(outlined.astype(bool)[:, None, None], band, sdf)
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 

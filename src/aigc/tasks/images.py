@@ -51,7 +51,9 @@ if TYPE_CHECKING:
 class ImageDataConfig:
     """Where the images come from and how they are shaped."""
 
-    source: str = "digits"  # digits, shapes, or a path: image folder, MNIST IDX, CIFAR binary
+    # digits, shapes (shapes-outlined, shapes-styled: other styles), or a path: an image
+    # folder, MNIST IDX or CIFAR binary files
+    source: str = "digits"
     split: str = "train"  # the split of a source that has them (MNIST, CIFAR)
     image_size: int = 32  # images are resized to image_size x image_size
     channels: int = 0  # 1 (grey) or 3 (RGB); 0 = the source's own
@@ -208,7 +210,9 @@ class ImageData:
 
 
 def _source_spec(d: ImageDataConfig) -> str:
-    if d.source in ("digits", "shapes"):
+    from aigc.data.images import EMBEDDED
+
+    if d.source in EMBEDDED:
         return d.source
     return str(Path(d.source).expanduser().resolve())
 
@@ -220,11 +224,13 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
     are decoded a chunk at a time into a scratch file in the source's order, then
     copied from it into images.npy, training images first, a chunk at a time.
     """
-    from aigc.data.images import binarize, image_stream, is_binary, split_indices
+    from aigc.data.images import EMBEDDED, binarize, image_stream, is_binary, split_indices
 
     source = _source_spec(d)
-    if source not in ("digits", "shapes") and not Path(source).exists():
-        raise DataError(f"data.source={d.source!r}: no such file or folder (or use digits, shapes)")
+    if source not in EMBEDDED and not Path(source).exists():
+        raise DataError(
+            f"data.source={d.source!r}: no such file or folder (or use {', '.join(EMBEDDED)})"
+        )
     stream = image_stream(
         source,
         image_size=d.image_size,
