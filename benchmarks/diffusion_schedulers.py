@@ -71,9 +71,11 @@ def timed(pipe: Any, name: str, steps: int, batch: int, repeats: int) -> tuple[f
 
 
 def measure(pipe: Any, name: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the judge's caveats, said once by `aigc eval`
-        result = pipe.evaluate(n=args.n, scheduler=name, steps=steps, save=args.save)
+    result: dict[str, Any] = {}
+    if not args.time_only:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the judge's caveats, said once by `aigc eval`
+            result = pipe.evaluate(n=args.n, scheduler=name, steps=steps, save=args.save)
     rate, calls = timed(pipe, name, steps, args.batch, args.repeats)
     accuracy = next((result[k] for k in ACCURACY_KEYS if k in result), None)
     return {"name": name, "steps": steps, "calls": calls, "accuracy": accuracy,
@@ -102,6 +104,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed batches (median)")
     p.add_argument("--device", default="auto")
     p.add_argument("--save", action="store_true", help="save each eval-<name>-<steps>.json")
+    p.add_argument("--time-only", action="store_true",
+                   help="images/s alone (no evaluation): the timing column without the rest")  # fmt: skip
     args = p.parse_args()
 
     pipe = aigc.load(args.run, device=args.device)

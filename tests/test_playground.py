@@ -61,7 +61,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                   progress=False)  # fmt: skip
     aigc.train(CGAN, CGAN_TINY, run_dir=cgan, progress=False)
     aigc.train("t2i-shapes", T2I_TINY, run_dir=t2i, progress=False)
-    return {"gpt": gpt, "chat": chat, "cgan": cgan, "t2i": t2i}
+    restore = root / "restore"
+    aigc.train("restore-shapes-noise", ["data.n=200", "data.image_size=16", "model.width=8",
+                                        "model.blocks=1", "train.batch_size=16",
+                                        "train.max_steps=20", "train.eval_every=0",
+                                        "train.sample_every=0", "data.eval_metrics=[]"],
+               run_dir=restore, progress=False)  # fmt: skip
+    return {"gpt": gpt, "chat": chat, "cgan": cgan, "t2i": t2i, "restore": restore}
 
 
 @contextmanager
@@ -474,3 +480,33 @@ def test_an_image_is_inpainted_where_it_is_painted_and_kept_elsewhere(page, serv
     page.set_input_files("#edit-image", str(tmp_path / "notes.png"))
     expect(page.locator("#status")).to_have_class("error")
     expect(page.locator("#edit-area")).to_be_hidden()
+
+
+def test_a_restorer_shows_the_input_and_the_restored_image_side_by_side(page, server, runs,
+                                                                       tmp_path):  # fmt: skip
+    import numpy as np
+    from PIL import Image
+
+    from aigc.data.shapes import generate_shapes
+
+    pipe = aigc.load(runs["restore"])
+    noisy = pipe.degrade(generate_shapes(1, 24, seed=6).images[0], seed=1)[0]
+    Image.fromarray(noisy).save(tmp_path / "noisy.png")
+    page.goto(server + "/")
+    choose(page, "restore")
+    expect(page.locator("#restore-controls")).to_be_visible()
+    expect(page.locator("#image-controls")).to_be_hidden()
+    expect(page.locator("#restore-hint")).to_contain_text("removes Gaussian noise, sigma 0.2")
+    expect(page.locator("#generate")).to_have_text("Restore")
+    page.set_input_files("#restore-image", str(tmp_path / "noisy.png"))
+    page.fill("#seed", "")
+    with page.expect_request("**/v1/images/edits"):
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    captions = page.locator("#images figcaption")
+    expect(captions).to_have_text(["input, 24×24", "restored, 24×24"])
+    srcs = page.locator("#images img").evaluate_all("imgs => imgs.map(i => i.src)")
+    assert np.array_equal(_data_url_pixels(srcs[0]), noisy)  # the file as sent
+    want = pipe.restore(noisy, output="uint8")[0]
+    assert np.array_equal(_data_url_pixels(srcs[1]), want)  # what the Python API gives
+    shot(page, "playground-restore.png")

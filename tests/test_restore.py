@@ -310,3 +310,53 @@ def test_a_regression_restorer_refuses_sampling_options(denoiser):
         gen.restore(generate_shapes(1, 16).images, num_inference_steps=5)
     with pytest.raises(RequestError, match="takes no scheduler or steps"):
         gen.evaluate(save=False, scheduler="ddim")
+
+
+# serving -----------------------------------------------------------------------
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_restorer_answers_image_edits_as_the_python_api_does(denoiser):
+    import base64
+
+    import httpx
+
+    from aigc.serve.app import create_app
+    from aigc.serve.settings import ServeSettings
+
+    from .test_serve import SETTINGS, Server, _assert_openai_error
+
+    pytest.importorskip("openai")
+    srv = Server(create_app([denoiser], ServeSettings(**SETTINGS)))
+    try:
+        name = denoiser.name
+        card = next(m for m in srv.client().models.list().data if m.id == name)
+        assert card.aigc["kind"] == "restore"
+        assert card.aigc["restore"] == {"degradation": "Gaussian noise, sigma 0.2", "scale": 1,
+                                        "input_size": None}  # fmt: skip
+        noisy = aigc.load(denoiser).degrade(generate_shapes(1, 24, seed=4).images[0], seed=2)[0]
+        r = srv.client().images.edit(model=name, image=("noisy.png", _png(noisy), "image/png"),
+                                     prompt="")  # fmt: skip
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))))
+        want = aigc.load(denoiser).restore(noisy, output="uint8")[0]
+        assert np.array_equal(got, want) and got.shape == (24, 24, 3)
+        bad = [
+            ({"prompt": "make it nice"}, {"image": _png(noisy)}, "prompt"),
+            ({"n": "2"}, {"image": _png(noisy)}, "n"),
+            ({"strength": "0.5"}, {"image": _png(noisy)}, "strength"),
+            ({}, {"image": _png(noisy), "mask": _png(noisy)}, "mask"),
+            ({}, {"image": b"not an image at all"}, "image"),
+        ]
+        for data, files, param in bad:
+            resp = httpx.post(f"{srv.url}/v1/images/edits", data={"model": name, **data},
+                              files={k: (f"{k}.png", v, "image/png") for k, v in files.items()},
+                              timeout=30)  # fmt: skip
+            assert resp.status_code == 400, (param, resp.text)
+            _assert_openai_error(resp.json(), param)
+    finally:
+        srv.close()

@@ -111,6 +111,12 @@ def diffusion_card(pipe: Any, settings: ServeSettings) -> dict[str, Any]:
     }
 
 
+def restore_card(pipe: Any) -> dict[str, Any]:
+    """A restoration run's entry in GET /v1/models: its damage, factor and input size."""
+    return {"degradation": pipe.degradation.describe(), "scale": pipe.scale,
+            "input_size": pipe.input_size}  # fmt: skip
+
+
 def _checked_common(service: Service, served: ServedModel, body: ImageRequest) -> int:
     """The checks every image request passes (format, n, seed, size, prompt lengths);
     returns n."""
@@ -413,6 +419,9 @@ async def edit_images(service: Service, request: Request, variation: bool = Fals
     from aigc.pipelines.diffusion import INPAINT_STEPS, DiffusionRequest
 
     fields, files = await _form(request, variation)
+    restorer = service.models.get(fields["model"])
+    if restorer is not None and restorer.kind == "restore":
+        return await _restore(service, restorer, fields, files)
     extra = {k: fields.pop(k) for k in ("strength", "jump_length", "resample") if k in fields}
     body = ImageRequest(**fields)
     served = service.model(body.model, "image")
@@ -443,3 +452,58 @@ async def edit_images(service: Service, request: Request, variation: bool = Fals
             raise _bad_request(e, (*ImageRequest.model_fields, *extra, "image", "mask")) from None
     job = EditJob(lambda callback: pipe.run_edit(prepared, callback), n, previews if stream else 0)
     return await _answer(service, served, job, stream, request, "image_edit")
+
+
+# fields a restoration model reads from an edit request (a prompt only when empty: the
+# official client sends one with every edit)
+_RESTORE_FIELDS = frozenset({"model", "prompt", "n", "response_format", "seed", "user",
+                             "num_inference_steps", "scheduler"})  # fmt: skip
+
+
+async def _restore(
+    service: Service, served: ServedModel, fields: dict[str, Any], files: dict[str, bytes]
+) -> Response:
+    """POST /v1/images/edits to a restoration run (aigc.pipelines.restore): the whole
+    image restored (denoised, de-blocked, or super-resolved by the run's factor) on the
+    model's thread; one image per request, no mask."""
+    pipe = served.generator
+    if "mask" in files:
+        raise ApiError(400, f"{served.name!r} restores the whole image; leave out the mask",
+                       param="mask")  # fmt: skip
+    for key in fields:
+        if key not in _RESTORE_FIELDS:
+            raise ApiError(400, f"{key} is not a field of a restoration model's edits "
+                           f"({served.name!r} is a {served.family} run)", param=key,
+                           code="unsupported_parameter")  # fmt: skip
+    if fields.get("prompt"):
+        raise ApiError(400, f"{served.name!r} restores images and reads no prompt; send an "
+                       "empty one", param="prompt")  # fmt: skip
+    if fields.get("n", 1) != 1:
+        raise ApiError(400, "n: a restoration model gives one image per request", param="n")
+    if fields.get("response_format", "b64_json") != "b64_json":
+        raise ApiError(400, "response_format: only b64_json", param="response_format")
+    seed = fields.get("seed", 0)
+    if not 0 <= seed < 2**63:
+        raise ApiError(400, f"seed={seed} must be an integer in [0, 2**63)", param="seed")
+    steps = fields.get("num_inference_steps")
+    if steps is not None and not 1 <= steps <= service.settings.max_steps:
+        raise ApiError(400, f"num_inference_steps={steps} must be in [1, "
+                       f"{service.settings.max_steps}]", param="num_inference_steps")  # fmt: skip
+
+    def work() -> list[str]:
+        out = pipe.restore(files["image"], seed=seed, num_inference_steps=steps,
+                           scheduler=fields.get("scheduler"))  # fmt: skip
+        return png_b64(out.images)
+
+    deadline = service.deadline()
+    service.images_in_flight += 1
+    try:
+        data = await service.unless_cut_off(served.images.run(work, deadline))
+    except JobTimeout:
+        raise timeout_error(service.settings) from None
+    except RequestError as e:
+        raise _bad_request(e, (*_RESTORE_FIELDS, "image")) from None
+    finally:
+        service.images_in_flight -= 1
+    service.metrics.images.labels(served.name).inc(1)
+    return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in data]})

@@ -26,7 +26,7 @@ from aigc.serve.batching import (
     TextBatcher,
     TextJob,
 )
-from aigc.serve.images import diffusion_card, image_size, png_b64
+from aigc.serve.images import diffusion_card, image_size, png_b64, restore_card
 from aigc.serve.metrics import ServeMetrics
 from aigc.serve.schemas import ApiError
 from aigc.serve.settings import ServeSettings
@@ -68,9 +68,11 @@ class ServedModel:
                 "classes": dict(gen.classes) if image else {},
                 "step": int(gen.step),
                 "image_size": image_size(gen) if image else None,
-                "block_size": None if image else int(gen.model.cfg.block_size),
+                "block_size": int(gen.model.cfg.block_size) if self.kind == "text" else None,
                 # diffusion runs: text, schedulers, defaults and limits of the extensions
                 "diffusion": None if self.diffusion is None else diffusion_card(gen, settings),
+                # restoration runs: what they undo, the factor, the input size they need
+                "restore": restore_card(gen) if self.kind == "restore" else None,
             },
         }
 
@@ -110,11 +112,12 @@ def load_models(
                 name, gen, metrics, settings.max_image_batch, settings.image_wait_ms,
                 settings.queue_size, png_b64,
             )  # fmt: skip
-        elif gen.kind == "image":
+        elif gen.kind in ("image", "restore"):  # restorers answer /v1/images/edits
             served.images = ImageRunner(name, metrics, settings.queue_size)
         else:
             raise ConfigError(
-                f"{path} is a {family!r} run; aigc serve serves text and image generators"
+                f"{path} is a {family!r} run; aigc serve serves text and image generators "
+                "and image restorers"
             )
         models[name] = served
     return models

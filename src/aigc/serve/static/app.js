@@ -26,6 +26,9 @@ const el = {
   scheduler: $("scheduler"),
   guidance: $("guidance"),
   editImage: $("edit-image"),
+  restoreControls: $("restore-controls"),
+  restoreImage: $("restore-image"),
+  restoreHint: $("restore-hint"),
   editArea: $("edit-area"),
   editCanvas: $("edit-canvas"),
   brush: $("brush"),
@@ -205,7 +208,7 @@ async function loadModels() {
   const models = (body.data || []).filter((m) => m && m.id);
   state.models = new Map(models.map((m) => [m.id, m]));
   const wanted = el.model.value || sessionStorage.getItem(MODEL_STORE);
-  const groups = { text: "Text", image: "Images" };
+  const groups = { text: "Text", image: "Images", restore: "Restoration" };
   const options = [];
   for (const [kind, title] of Object.entries(groups)) {
     const group = document.createElement("optgroup");
@@ -230,20 +233,23 @@ function showModel() {
   const a = (model && model.aigc) || {};
   const text = a.kind === "text";
   const image = a.kind === "image";
+  const restore = a.kind === "restore";
   const chat = text && Boolean(a.chat);
   if (model) sessionStorage.setItem(MODEL_STORE, model.id);
   el.modelInfo.textContent = model ? describe(model) : "";
   // A disabled fieldset's fields are neither validated nor submitted.
   el.textControls.hidden = el.textControls.disabled = !text;
   el.imageControls.hidden = el.imageControls.disabled = !image;
+  el.restoreControls.hidden = el.restoreControls.disabled = !restore;
+  if (restore) el.restoreHint.textContent = restoreHint(a.restore || {});
   el.promptLabel.textContent = chat ? "Message" : "Prompt";
   el.promptHint.textContent = chat ? "Enter sends; Shift+Enter starts a new line." : "Ctrl+Enter generates.";
-  el.generate.textContent = chat ? "Send" : "Generate";
+  el.generate.textContent = chat ? "Send" : restore ? "Restore" : "Generate";
   el.reset.hidden = !chat;
   el.chat.hidden = !chat;
   el.output.hidden = !text || chat;
-  el.images.hidden = !image;
-  el.generate.disabled = !(text || image) || state.controller !== null;
+  el.images.hidden = !(image || restore);
+  el.generate.disabled = !(text || image || restore) || state.controller !== null;
   buildLabels(image && a.conditional ? a.classes || {} : {});
   state.imageSize = image ? a.image_size || 0 : 0;
   dropEditImage();
@@ -481,6 +487,52 @@ async function diffuse(d, body, signal, job) {
 }
 
 // ---------------------------------------------------------------------------
+// restoration: the uploaded image and the restored one, side by side
+
+function restoreHint(r) {
+  const what = r.scale > 1 ? `super-resolves ${r.scale}× (trained on ${r.degradation})`
+    : `removes ${r.degradation}`;
+  const size = r.input_size ? ` Give a ${r.input_size}×${r.input_size} image.` : " Any size.";
+  return `This model ${what}.${size}`;
+}
+
+/** The chosen file restored by POST /v1/images/edits, shown beside the file as sent. */
+async function restoreImage(model, signal, job) {
+  const file = el.restoreImage.files && el.restoreImage.files[0];
+  if (!file) throw new ApiError("choose an image to restore first");
+  const form = new FormData();
+  form.append("model", model.id);
+  form.append("prompt", "");
+  const seed = numberOf(el.seed, (v) => parseInt(v, 10));
+  if (seed !== null) form.append("seed", String(seed));
+  form.append("image", file, file.name);
+  setStatus("restoring…");
+  const result = await (await api("/v1/images/edits", form, signal)).json();
+  const figure = (src, caption) => {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = caption;
+    img.className = "compare";
+    const cap = document.createElement("figcaption");
+    fig.append(img, cap);
+    img.addEventListener("load", () => {
+      cap.textContent = `${caption}, ${img.naturalWidth}×${img.naturalHeight}`;
+    });
+    return fig;
+  };
+  const url = await new Promise((resolve, reject) => { // a data: URL, as the page's CSP allows
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new ApiError(`${file.name} cannot be read`));
+    reader.readAsDataURL(file);
+  });
+  const shown = (result.data || []).map((item) => figure(`data:image/png;base64,${item.b64_json}`, "restored"));
+  el.images.replaceChildren(figure(url, "input"), ...shown);
+  job.images = shown.length;
+}
+
+// ---------------------------------------------------------------------------
 // editing: an image to inpaint (a painted mask) or to redraw (image-to-image)
 
 const INPAINT_STEPS = 50; // the server's RePaint default
@@ -592,7 +644,7 @@ function paintAt(event) {
 }
 
 function summary(job, seconds) {
-  const count = job.kind === "image"
+  const count = job.kind === "image" || job.kind === "restore"
     ? `${job.images} image${job.images === 1 ? "" : "s"}`
     : job.usage !== null
       ? `${job.usage} token${job.usage === 1 ? "" : "s"}`
@@ -605,7 +657,7 @@ async function onGenerate(event) {
   const model = currentModel();
   if (!model || state.controller || !el.form.reportValidity()) return;
   const a = model.aigc || {};
-  const run = a.kind === "image" ? images : a.chat ? chat : complete;
+  const run = a.kind === "image" ? images : a.kind === "restore" ? restoreImage : a.chat ? chat : complete;
   const job = { kind: a.kind, chars: 0, usage: null, images: 0 };
   const controller = new AbortController();
   state.controller = controller;
