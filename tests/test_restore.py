@@ -140,6 +140,28 @@ def test_an_untrained_restorer_returns_its_input_or_bicubic_upsampling():
     assert three(torch.zeros(1, 1, 8, 8)).shape == (1, 1, 24, 24)
 
 
+@pytest.mark.parametrize("scale", [1, 4])
+def test_a_large_image_restored_tile_by_tile_equals_it_restored_whole(scale):
+    torch.manual_seed(0)
+    model = Restorer(RestorerConfig(image_size=16 * scale, channels=3, scale=scale, width=8,
+                                    blocks=2)).eval()  # fmt: skip
+    for p in model.parameters():  # every layer non-trivial, the tail included
+        p.data.normal_(0, 0.2)
+    x = torch.rand(1, 3, 45, 38) * 2 - 1
+    with torch.no_grad():
+        whole, tiled = model(x), model.tiled(x, tile=12)
+    assert tiled.shape == whole.shape == (1, 3, 45 * scale, 38 * scale)
+    assert torch.allclose(tiled, whole, atol=1e-4)
+
+    class NoMargin(Restorer):  # tiles without their neighbours' pixels show seams
+        receptive_radius = 0
+
+    seams = NoMargin(model.cfg)
+    seams.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(seams.eval().tiled(x, tile=12), whole, atol=1e-3)
+
+
 def test_the_adversarial_step_updates_the_critic_then_the_restorer_only():
     cfg = RestorerConfig(image_size=32, channels=3, scale=2, width=8, blocks=1, adversarial=0.1,
                          d_width=8, d_layers=2)  # fmt: skip

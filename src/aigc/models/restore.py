@@ -135,6 +135,33 @@ class Restorer(nn.Module):
         h = h + self.body_out(self.body(h))  # the long skip (EDSR)
         return self.base(x) + self.tail(self.up(h))
 
+    @property
+    def receptive_radius(self) -> int:
+        """How far (input pixels) an output pixel's value reaches, at most: a 3x3
+        convolution adds one at its resolution (head, two per block, the block output,
+        the upsampler's and the tail's), and bicubic upsampling two."""
+        return 2 * self.cfg.blocks + 4
+
+    def tiled(self, x: Tensor, tile: int = 128) -> Tensor:
+        """forward(x) computed ``tile`` x ``tile`` input pixels at a time, each tile with a
+        margin of receptive_radius pixels of its neighbours, so a large image needs the
+        memory of a tile (equal to forward up to float rounding)."""
+        B, C, h, w = x.shape
+        if h <= tile and w <= tile:
+            return self(x)
+        s, m = self.cfg.scale, self.receptive_radius
+        out = x.new_empty(B, C, h * s, w * s)
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                ya, xa = max(0, y0 - m), max(0, x0 - m)
+                part = self(x[:, :, ya : min(h, y1 + m), xa : min(w, x1 + m)])
+                dy, dx = (y0 - ya) * s, (x0 - xa) * s
+                out[:, :, y0 * s : y1 * s, x0 * s : x1 * s] = part[
+                    :, :, dy : dy + (y1 - y0) * s, dx : dx + (x1 - x0) * s
+                ]
+        return out
+
     # losses ------------------------------------------------------------------
     def pixel_loss(self, restored: Tensor, clean: Tensor) -> Tensor:
         if self.cfg.loss == "l1":

@@ -124,8 +124,8 @@ class RestoreTask(ImageTask):
         ``seeds[i]``)."""
         from aigc.data.images import to_tensor
 
-        with torch.no_grad():
-            return model(to_tensor(degraded).to(device)).float().clamp(-1, 1).cpu()
+        with torch.no_grad():  # a large image a tile at a time (Restorer.tiled)
+            return model.tiled(to_tensor(degraded).to(device)).float().clamp(-1, 1).cpu()
 
     def sampling_with(
         self, model: nn.Module, scheduler: str | None, steps: int | None
