@@ -105,6 +105,12 @@ def _restored(gen, n: int):
     return gen.restore(generate_shapes(4, gen.input_size or 16, seed=3).images[:n]).images
 
 
+def _translated(gen, n: int):
+    from aigc.data.shapes import generate_shapes
+
+    return gen.translate(generate_shapes(4, 16, seed=3).images[:n]).images
+
+
 def _prompted(gen, n: int):
     return gen.generate(n, seed=0, prompt="a small red circle at the top left")
 
@@ -124,6 +130,10 @@ T2I = [*DIFFUSION, "model.text_width=16", "model.text_heads=2", "model.text_laye
 RESTORE = [*IMAGES, "data.image_size=32", "model.width=8", "model.blocks=1", "model.d_width=8",
            "model.adversarial=0.01", "model.d_layers=2", "train.checkpoint_every=1"]  # fmt: skip
 
+TRANSLATE = [*IMAGES[1:], "model.width=8", "model.d_width=8", "model.d_layers=2",
+             "train.checkpoint_every=1"]  # fmt: skip
+CYCLEGAN = [*TRANSLATE, "model.blocks=1", "model.pool_size=4"]
+
 SR3 = [*DIFFUSION, "data.image_size=32", "model.channel_mults=[1,2]", "model.attn_resolutions=[8]"]
 
 TASK_ENTRIES: dict[str, Entry] = {
@@ -137,6 +147,8 @@ TASK_ENTRIES: dict[str, Entry] = {
     "t2i": Entry(_train(CONFIGS / "t2i-shapes.yaml", T2I), _prompted),
     "restore": Entry(_train(CONFIGS / "sr-shapes-x4.yaml", RESTORE), _restored),
     "restore_diffusion": Entry(_train(CONFIGS / "sr3-shapes-x4.yaml", SR3), _restored),
+    "cyclegan": Entry(_train(CONFIGS / "cyclegan-shapes.yaml", CYCLEGAN), _translated),
+    "pix2pix": Entry(_train(CONFIGS / "pix2pix-shapes.yaml", TRANSLATE), _translated),
     "inpainting": Entry(_inpainting, _images),  # a diffusion run made to inpaint
 }
 

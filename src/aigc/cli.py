@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -295,6 +295,8 @@ def sample(
         raise RequestError(f"{run} is a classifier; use: aigc classify {_q(run)} --text '...'")
     if gen.kind == "restore":
         raise RequestError(f"{run} restores images; use: aigc restore {_q(run)} --image FILE")
+    if gen.kind == "translate":
+        raise RequestError(f"{run} translates images; use: aigc translate {_q(run)} --image FILE")
     diffusion = {"negative_prompt": negative_prompt, "num_inference_steps": steps,
                  "scheduler": scheduler, "guidance_scale": guidance}  # fmt: skip
     if "diffuse" in gen.verbs:
@@ -432,6 +434,23 @@ def edit(
     typer.echo(f"wrote {k} {what} image{'s' if k != 1 else ''} to {where}")
 
 
+def _image_to_image_run(
+    run: Path, image: list[Path] | None, held_out: int, device: str, verb: str, takes: str
+) -> Any:
+    """The pipeline of a run that has ``verb``, after checking --image / --held-out."""
+    import aigc
+
+    for p in image or []:
+        if not p.is_file():
+            raise RequestError(f"--image {p}: no such file")
+    if bool(image) == bool(held_out):
+        raise RequestError("give --image FILE (repeatable) or --held-out N")
+    gen = aigc.load(run, device=device)
+    if verb not in gen.verbs:
+        raise RequestError(f"{run} is a {gen.config.family} run; aigc {verb} takes {takes}")
+    return gen
+
+
 @app.command()
 def restore(
     run: Annotated[Path, typer.Argument(help="A restoration or super-resolution run folder.")],
@@ -476,16 +495,8 @@ def restore(
 ) -> None:
     """Restore images with a restoration run: remove noise, JPEG artefacts or missing
     blocks, or super-resolve by the run's factor."""
-    import aigc
 
-    for p in image or []:
-        if not p.is_file():
-            raise RequestError(f"--image {p}: no such file")
-    if bool(image) == bool(held_out):
-        raise RequestError("give --image FILE (repeatable) or --held-out N")
-    gen = aigc.load(run, device=device)
-    if "restore" not in gen.verbs:
-        raise RequestError(f"{run} is a {gen.config.family} run; aigc restore takes restore runs")
+    gen = _image_to_image_run(run, image, held_out, device, "restore", "restore runs")
     sampling = {"num_inference_steps": steps, "scheduler": scheduler}
     if held_out:
         grid = gen.compare(n=held_out, seed=seed, **sampling)
@@ -505,6 +516,55 @@ def restore(
     paths = gen.save(restored, target)
     where = paths[0] if len(paths) == 1 else f"{paths[0]} ... {paths[-1]}"
     typer.echo(f"wrote {len(paths)} restored image{'s' if len(paths) > 1 else ''} to {where}")
+
+
+@app.command()
+def translate(
+    run: Annotated[Path, typer.Argument(help="A translation run folder (cyclegan or pix2pix).")],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(help="An image to translate (PNG, JPEG, WebP, BMP, GIF); repeatable."),
+    ] = None,
+    held_out: Annotated[
+        int,
+        typer.Option(
+            "--held-out",
+            help="Instead of --image: this many of the run's held-out images, translated and "
+            "shown beside the input and the cycle back (cyclegan) or the true pair (pix2pix).",
+        ),
+    ] = 0,
+    direction: Annotated[
+        str | None,
+        typer.Option(help="a2b or b2a: from which domain to which [the run's first: a2b]."),
+    ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(help="Save input | translation | cycle back side by side for --image."),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The translated .png (several images: NAME-0.png, NAME-1.png, ...)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Translate images from one domain to the other with a CycleGAN or pix2pix run."""
+
+    gen = _image_to_image_run(
+        run, image, held_out, device, "translate", "cyclegan and pix2pix runs"
+    )
+    direction = gen.check_direction(direction)
+    if held_out or compare:
+        grid = gen.compare(images=[str(p) for p in image] if image else None, n=held_out or 8,
+                           direction=direction)  # fmt: skip
+        target = out or Path(run) / "samples" / f"translated-{direction}-compared.png"
+        gen.save([grid], target)
+        typer.echo(f"wrote {held_out or len(image)} images (input | {direction} | ...) to {target}")
+        return
+    translated = gen.translate([str(p) for p in image], direction=direction, output="uint8")
+    target = out or Path(run) / "samples" / f"translated-{direction}.png"
+    paths = gen.save(translated, target)
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} ... {paths[-1]}"
+    typer.echo(f"wrote {len(paths)} translated image{'s' if len(paths) > 1 else ''} to {where}")
 
 
 @app.command("eval")

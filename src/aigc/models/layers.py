@@ -210,3 +210,26 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def least_squares_critic_loss(real: Tensor, fake: Tensor) -> Tensor:
+    """LSGAN's critic loss (Mao et al. 2017, eq. 9 with a=0, b=1), halved as the pix2pix
+    and CycleGAN code does: 0.5 * (mean((D(real) - 1)^2) + mean(D(fake)^2)), in fp32."""
+    return 0.5 * (((real.float() - 1) ** 2).mean() + (fake.float() ** 2).mean())
+
+
+def least_squares_generator_loss(fake: Tensor) -> Tensor:
+    """LSGAN's generator loss (Mao et al. 2017, eq. 9 with c=1): mean((D(G(x)) - 1)^2)."""
+    return ((fake.float() - 1) ** 2).mean()
+
+
+def check_weights(cfg: Any, keys: tuple[str, ...]) -> None:
+    """Raise ConfigError unless each model.<key> is a finite number >= 0."""
+    import math
+
+    for key in keys:
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"model.{key}={value!r} must be a number >= 0")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"model.{key}={value!r} must be a finite number >= 0")

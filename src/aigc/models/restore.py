@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aigc.errors import ConfigError
-from aigc.models.layers import PatchDiscriminator, check_choices, check_int
+from aigc.models.layers import (
+    PatchDiscriminator,
+    check_choices,
+    check_int,
+    least_squares_critic_loss,
+    least_squares_generator_loss,
+)
 
 LOSSES = ("l1", "l2")
 
@@ -169,10 +175,8 @@ class Restorer(nn.Module):
         return ((restored - clean) ** 2).mean()
 
     def critic_loss(self, clean: Tensor, restored: Tensor) -> Tensor:
-        """Least squares (Mao et al. 2017, eq. 9 with a=0, b=c=1), halved as in pix2pix."""
-        real = self.critic(clean).float()
-        fake = self.critic(restored.detach()).float()
-        return 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
+        """Least squares (Mao et al. 2017), halved as in pix2pix."""
+        return least_squares_critic_loss(self.critic(clean), self.critic(restored.detach()))
 
     def training_step(self, batch: Any, step: Any) -> dict[str, Tensor]:
         """One update (the step contract): batch["degraded"] (B, C, h, w) and
@@ -190,7 +194,7 @@ class Restorer(nn.Module):
         pixel = self.pixel_loss(restored.float(), clean.float())
         loss = pixel
         if self.critic is not None:
-            adv = ((self.critic(restored).float() - 1) ** 2).mean()
+            adv = least_squares_generator_loss(self.critic(restored))
             loss = pixel + self.cfg.adversarial * adv
             stats["adversarial"] = adv.detach()
         step.update("model", loss)

@@ -157,6 +157,59 @@ def read_pixels(value: Any, channels: int, what: str = "image", max_side: int = 
     return np.asarray(base, dtype=np.uint8).reshape(h, w, channels).copy()
 
 
+def read_image_list(
+    images: Any, channels: int, verb: str, max_side: int = 4096, limit: int = 1000
+) -> list[np.ndarray]:
+    """What the image-to-image verbs take (restore, translate): a file path, bytes, a PIL
+    image or a uint8 (H, W[, C]) array, or a list of them, or an (N, H, W, C) uint8 /
+    (N, C, H, W) [-1, 1] batch; as a list of (H, W, channels) uint8 arrays, each at its
+    own size. RequestError naming the image for a bad one."""
+    import torch
+
+    from aigc.pipelines.base import check_count
+
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.size(1) != channels:
+            raise RequestError(
+                f"a tensor of images must be (N, {channels}, H, W) in [-1, 1], got "
+                f"{tuple(images.shape)}"
+            )
+        from aigc.data.images import to_uint8
+
+        images = list(to_uint8(images))
+    elif not isinstance(images, list | tuple):
+        images = [images]
+    if not images:
+        raise RequestError(f"no images to {verb}")
+    check_count(len(images), limit=limit, what="number of images")
+    return [read_pixels(im, channels, f"image {i}", max_side=max_side)
+            for i, im in enumerate(images)]  # fmt: skip
+
+
+def save_images(images: Any, out: str | Path) -> list[Path]:
+    """Writes images (ImageOutput, an (N, C, H, W) tensor, or uint8 arrays) as PNG:
+    ``out`` itself for one image, else out's stem with -0, -1, ... appended."""
+    import torch
+
+    from aigc.data.images import save_png, to_uint8
+    from aigc.pipelines.base import ImageOutput
+
+    if isinstance(images, ImageOutput):
+        images = images.images
+    if isinstance(images, torch.Tensor):
+        images = list(to_uint8(images))
+    out = Path(out)
+    if len(images) == 1:
+        paths = [out]
+    else:
+        paths = [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
+    for a, p in zip(images, paths, strict=True):
+        save_png(a, p)
+    return paths
+
+
 def read_mask(value: Any, image: EditImage, size: int, what: str = "mask") -> np.ndarray:
     """The region to fill as a (size, size) bool array: from ``value`` (transparent, or
     white in a mask without transparency) or, when None, the image's transparent

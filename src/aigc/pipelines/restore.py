@@ -80,27 +80,9 @@ class RestorePipeline(Pipeline):
 
     def _pixels(self, images: Any) -> list[np.ndarray]:
         """Each input as (H, W, C) uint8 in the run's channels."""
-        from aigc.pipelines.editing import read_pixels
+        from aigc.pipelines.editing import read_image_list
 
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        elif isinstance(images, torch.Tensor):
-            if images.ndim != 4 or images.size(1) != self.channels:
-                raise RequestError(
-                    f"a tensor of images must be (N, {self.channels}, H, W) in [-1, 1], got "
-                    f"{tuple(images.shape)}"
-                )
-            from aigc.data.images import to_uint8
-
-            images = list(to_uint8(images))
-        elif not isinstance(images, list | tuple):
-            images = [images]
-        if not images:
-            raise RequestError("no images to restore")
-        check_count(len(images), limit=1000, what="number of images")
-        limit = MAX_OUTPUT_SIDE // self.scale
-        out = [read_pixels(im, self.channels, f"image {i}", max_side=limit)
-               for i, im in enumerate(images)]  # fmt: skip
+        out = read_image_list(images, self.channels, "restore", MAX_OUTPUT_SIDE // self.scale)
         side = self.input_size
         for i, p in enumerate(out):
             if side and p.shape[:2] != (side, side):
@@ -207,22 +189,9 @@ class RestorePipeline(Pipeline):
     def save(self, images: Any, out: str | Path) -> list[Path]:
         """Writes images (ImageOutput, a tensor, or uint8 arrays) as PNG: ``out`` itself
         for one image, else out's stem with -0, -1, ... appended."""
-        from aigc.data.images import save_png, to_uint8
+        from aigc.pipelines.editing import save_images
 
-        if isinstance(images, ImageOutput):
-            images = images.images
-        if isinstance(images, torch.Tensor):
-            images = list(to_uint8(images))
-        out = Path(out)
-        if len(images) == 1:
-            paths = [out]
-        else:
-            paths = [
-                out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))
-            ]
-        for a, p in zip(images, paths, strict=True):
-            save_png(a, p)
-        return paths
+        return save_images(images, out)
 
     def format_eval(self, result: dict[str, Any]) -> str:
         n = int(result.get("count", 0))

@@ -25,6 +25,8 @@ TASKS: dict[str, str] = {
     "diffusion": "aigc.tasks.diffusion:DiffusionTask",
     "restore": "aigc.tasks.restore:RestoreTask",
     "restore_diffusion": "aigc.tasks.restore_diffusion:RestoreDiffusionTask",
+    "cyclegan": "aigc.tasks.translate:CycleGANTask",
+    "pix2pix": "aigc.tasks.translate:Pix2PixTask",
 }
 ENTRY_POINTS = "aigc.tasks"  # installed packages add tasks under this entry-point group
 _plugins_read = False

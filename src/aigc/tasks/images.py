@@ -217,41 +217,48 @@ def _source_spec(d: ImageDataConfig) -> str:
     return str(Path(d.source).expanduser().resolve())
 
 
-def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
+def prepare(
+    d: ImageDataConfig, data_dir: Path, seed: int, val_source: str | Path | None = None
+) -> ImageData:
     """Reads the source, splits it and writes it into ``data_dir``.
 
     The images never sit in memory all at once (DESIGN.md, "Devices and scale"): they
     are decoded a chunk at a time into a scratch file in the source's order, then
     copied from it into images.npy, training images first, a chunk at a time.
+    ``val_source`` (a folder of images, e.g. CycleGAN's ``testA``) is the validation
+    split itself, read after the source, instead of a share of the source held out.
     """
     from aigc.data.images import EMBEDDED, binarize, image_stream, is_binary, split_indices
 
-    source = _source_spec(d)
-    if source not in EMBEDDED and not Path(source).exists():
-        raise DataError(
-            f"data.source={d.source!r}: no such file or folder (or use {', '.join(EMBEDDED)})"
-        )
-    stream = image_stream(
-        source,
-        image_size=d.image_size,
-        channels=d.channels or 3,
-        crop=d.crop,
-        skip_bad=d.skip_bad,
-        split=d.split,
-        n=d.n,
-        seed=seed,
-    )
+    sources = [_source_spec(d)]
+    if val_source is not None:
+        if d.holdout:
+            raise ConfigError("data.holdout needs one source to split; this data has a test set")
+        sources.append(str(Path(val_source).expanduser().resolve()))
+    for source in sources:
+        if source not in EMBEDDED and not Path(source).exists():
+            raise DataError(
+                f"data.source={source!r}: no such file or folder (or use {', '.join(EMBEDDED)})"
+            )
+    streams = [
+        image_stream(source, image_size=d.image_size, channels=d.channels or 3, crop=d.crop,
+                     skip_bad=d.skip_bad, split=d.split, n=d.n, seed=seed)
+        for source in sources
+    ]  # fmt: skip
+    source = sources[0]
     data_dir.mkdir(parents=True, exist_ok=True)
     scratch = data_dir / "images.decoded.tmp"
     try:
-        n, shape, grey = 0, None, d.channels == 0
+        n, shape, grey, counts = 0, None, d.channels == 0, []
         with open(scratch, "wb") as f:
-            for chunk in stream:
-                n, shape = n + len(chunk), chunk.shape[1:]
-                grey = grey and shape[-1] == 3 and _is_grey(chunk)
-                f.write(np.ascontiguousarray(chunk).data)
-        found = stream.info
-        if n < 2:
+            for stream in streams:
+                for chunk in stream:
+                    n, shape = n + len(chunk), chunk.shape[1:]
+                    grey = grey and shape[-1] == 3 and _is_grey(chunk)
+                    f.write(np.ascontiguousarray(chunk).data)
+                counts.append(n - sum(counts))
+        found = _joined_info([s.info for s in streams]) if len(streams) > 1 else streams[0].info
+        if min(counts) < 1 or n < 2:
             raise DataError(f"{found.source}: {n} image(s); at least 2 are needed")
         attributes = list(found.labels)
         if d.labels:
@@ -262,7 +269,10 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
                     f"data.labels: {unknown[0]!r} is not an attribute of {found.source} ({have})"
                 )
             attributes = list(d.labels)
-        train_idx, val_idx = split_indices(n, d.val_fraction, seed)
+        if len(counts) > 1:  # the validation split is the second source
+            train_idx, val_idx = np.arange(counts[0]), np.arange(counts[0], n)
+        else:
+            train_idx, val_idx = split_indices(n, d.val_fraction, seed)
         holdout, n_held, n_moved = parse_holdout(d.holdout), 0, 0
         if holdout:  # matching images move from the training split to the validation split
             held = _holdout_in_source(holdout, found, attributes, n)
@@ -315,6 +325,8 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
         "skipped": int(found.skipped),
         "sha256": digest.hexdigest(),
     }  # fmt: skip
+    if len(sources) > 1:
+        meta["spec"]["val_source"] = sources[1]
     if holdout:
         meta.update(holdout=holdout, holdout_moved=n_moved, n_holdout=n_held)
     if found.captions is not None:
@@ -323,6 +335,23 @@ def prepare(d: ImageDataConfig, data_dir: Path, seed: int) -> ImageData:
     if found.skipped:
         print(f"data: skipped {found.skipped} unreadable file(s) in {found.source}", flush=True)
     return open_data(data_dir)
+
+
+def _joined_info(infos: list[ImageSetInfo]) -> ImageSetInfo:
+    """What a training source and its separate test set hold together: labels only where
+    both have the same attributes and classes, captions only where both have them."""
+    from aigc.data.images import ImageSetInfo
+
+    first, second = infos
+    same = first.classes == second.classes and list(first.labels) == list(second.labels)
+    labels = {a: np.concatenate([np.asarray(first.labels[a]), np.asarray(second.labels[a])])
+              for a in first.labels} if same else {}  # fmt: skip
+    captions = None
+    if first.captions is not None and second.captions is not None:
+        captions = [*first.captions, *second.captions]
+    return ImageSetInfo(labels=labels, classes=first.classes if same else {}, captions=captions,
+                        source=f"{first.source} + {second.source} (test)",
+                        skipped=first.skipped + second.skipped)  # fmt: skip
 
 
 def _holdout_in_source(
