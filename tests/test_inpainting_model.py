@@ -93,8 +93,9 @@ def test_a_text_run_fine_tunes_with_its_own_tokenizer(diffusion_runs, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"task": "chat"}, "fine-tunes with --task inpaint"),
-        ({"task": "inpaint", "method": "lora"}, "not built for diffusion runs"),
+        ({"task": "chat"}, "fine-tunes with --task concept or inpaint"),
+        ({"task": "inpaint", "method": "lora"}, "--task inpaint trains every weight"),
+        ({"task": "concept"}, "not a text-to-image run"),
         ({"task": "inpaint", "overrides": ["model.width=16"]}, "model.width cannot change"),
     ],
 )

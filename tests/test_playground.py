@@ -67,7 +67,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                         "train.max_steps=20", "train.eval_every=0",
                                         "train.sample_every=0", "data.eval_metrics=[]"],
                run_dir=restore, progress=False)  # fmt: skip
-    return {"gpt": gpt, "chat": chat, "cgan": cgan, "t2i": t2i, "restore": restore}
+    translate = root / "translate"
+    aigc.train("cyclegan-shapes", ["data.n=64", "data.image_size=16", "model.width=8",
+                                   "model.blocks=1", "model.d_width=8", "train.batch_size=8",
+                                   "train.max_steps=2", "train.eval_every=0",
+                                   "train.sample_every=0", "data.eval_metrics=[]"],
+               run_dir=translate, progress=False)  # fmt: skip
+    return {"gpt": gpt, "chat": chat, "cgan": cgan, "t2i": t2i, "restore": restore,
+            "translate": translate}  # fmt: skip
 
 
 @contextmanager
@@ -510,3 +517,35 @@ def test_a_restorer_shows_the_input_and_the_restored_image_side_by_side(page, se
     want = pipe.restore(noisy, output="uint8")[0]
     assert np.array_equal(_data_url_pixels(srcs[1]), want)  # what the Python API gives
     shot(page, "playground-restore.png")
+
+
+def test_a_translator_shows_the_input_beside_its_translation_either_way(page, server, runs,
+                                                                       tmp_path):  # fmt: skip
+    import numpy as np
+    from PIL import Image
+
+    from aigc.data.shapes import generate_shapes
+
+    pipe = aigc.load(runs["translate"])
+    scene = generate_shapes(1, 32, seed=6).images[0]
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    page.goto(server + "/")
+    choose(page, "translate")
+    expect(page.locator("#translate-controls")).to_be_visible()
+    expect(page.locator("#restore-controls")).to_be_hidden()
+    expect(page.locator("#translate-hint")).to_contain_text("multiples of 4")
+    expect(page.locator("#generate")).to_have_text("Translate")
+    options = page.locator("#translate-direction option")
+    expect(options).to_have_count(2)
+    page.set_input_files("#translate-image", str(tmp_path / "scene.png"))
+    page.select_option("#translate-direction", "b2a")
+    with page.expect_request("**/v1/images/edits"):
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(DONE)
+    captions = page.locator("#images figcaption")
+    expect(captions).to_have_text(["input, 32×32", "translated, 32×32"])
+    srcs = page.locator("#images img").evaluate_all("imgs => imgs.map(i => i.src)")
+    want = pipe.translate(scene, direction="b2a", output="uint8")[0]
+    assert np.array_equal(_data_url_pixels(srcs[1]), want)  # the Python API's, the way chosen
+    assert not np.array_equal(want, pipe.translate(scene, direction="a2b", output="uint8")[0])
+    shot(page, "playground-translate.png")

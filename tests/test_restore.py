@@ -346,12 +346,10 @@ def _png(array: np.ndarray) -> bytes:
 def test_a_restorer_answers_image_edits_as_the_python_api_does(denoiser):
     import base64
 
-    import httpx
-
     from aigc.serve.app import create_app
     from aigc.serve.settings import ServeSettings
 
-    from .test_serve import SETTINGS, Server, _assert_openai_error
+    from .test_serve import SETTINGS, Server, assert_edits_refused
 
     pytest.importorskip("openai")
     srv = Server(create_app([denoiser], ServeSettings(**SETTINGS)))
@@ -374,11 +372,6 @@ def test_a_restorer_answers_image_edits_as_the_python_api_does(denoiser):
             ({}, {"image": _png(noisy), "mask": _png(noisy)}, "mask"),
             ({}, {"image": b"not an image at all"}, "image"),
         ]
-        for data, files, param in bad:
-            resp = httpx.post(f"{srv.url}/v1/images/edits", data={"model": name, **data},
-                              files={k: (f"{k}.png", v, "image/png") for k, v in files.items()},
-                              timeout=30)  # fmt: skip
-            assert resp.status_code == 400, (param, resp.text)
-            _assert_openai_error(resp.json(), param)
+        assert_edits_refused(srv.url, name, bad)
     finally:
         srv.close()

@@ -352,6 +352,19 @@ def _assert_openai_error(body: dict, param: str | None = None) -> None:
         assert error["param"] == param, error
 
 
+def assert_edits_refused(url: str, model: str, cases: list[tuple[dict, dict, str]]) -> None:
+    """Each (form fields, files, param) sent to POST /v1/images/edits is a 400 in
+    OpenAI's error shape naming ``param``."""
+    import httpx
+
+    for data, uploads, param in cases:
+        resp = httpx.post(f"{url}/v1/images/edits", data={"model": model, **data},
+                          files={k: (f"{k}.png", v, "image/png") for k, v in uploads.items()},
+                          timeout=30)  # fmt: skip
+        assert resp.status_code == 400, (param, resp.text)
+        _assert_openai_error(resp.json(), param)
+
+
 LONG = "a" * 501  # over max_prompt_chars=500
 
 # fmt: off

@@ -266,3 +266,46 @@ def test_the_translate_command(translator, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"GIF89a nothing")
     r = run_cli("translate", str(translator), "--image", str(tmp_path / "bad.png"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) <= 2
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_translator_answers_image_edits_as_the_python_api_does(translator):
+    import base64
+    import io
+
+    from aigc.serve.app import create_app
+    from aigc.serve.settings import ServeSettings
+
+    from .test_serve import SETTINGS, Server, assert_edits_refused
+
+    pytest.importorskip("openai")
+    srv = Server(create_app([translator], ServeSettings(**SETTINGS)))
+    try:
+        name = translator.name
+        card = next(m for m in srv.client().models.list().data if m.id == name)
+        assert card.aigc["kind"] == "translate"
+        assert card.aigc["translate"]["directions"] == ["a2b"]
+        assert card.aigc["translate"]["multiple"] == 16
+        scene = generate_shapes(1, 32, seed=4).images[0]
+        r = srv.client().images.edit(model=name, image=("in.png", _png(scene), "image/png"),
+                                     prompt="", extra_body={"direction": "a2b"})  # fmt: skip
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))))
+        want = aigc.load(translator).translate(scene, output="uint8")[0]
+        assert np.array_equal(got, want) and got.shape == (32, 32, 3)
+        bad = [
+            ({"direction": "b2a"}, {"image": _png(scene)}, "direction"),
+            ({"prompt": "outline it"}, {"image": _png(scene)}, "prompt"),
+            ({"seed": "3"}, {"image": _png(scene)}, "seed"),
+            ({}, {"image": _png(scene[:20])}, "image"),
+            ({}, {"image": _png(scene), "mask": _png(scene)}, "mask"),
+        ]
+        assert_edits_refused(srv.url, name, bad)
+    finally:
+        srv.close()

@@ -657,16 +657,21 @@ def finetune(
         float, typer.Option(help="LoRA: scale alpha (update * alpha/rank).")
     ] = 16.0,
     lora_targets: Annotated[
-        str, typer.Option(help="LoRA: linear layers to adapt, comma-separated.")
-    ] = "c_attn,c_proj,c_fc",
-    task: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="GPT runs: lm (more language modelling), classify (a classification head) "
-            "or chat (conversations in the chat template). Diffusion runs: inpaint (a model "
-            "that also reads the masked image and the mask)."
+            help="LoRA: linear layers to adapt, comma-separated [GPT: c_attn,c_proj,c_fc; "
+            "diffusion: kv]."
         ),
-    ] = "lm",
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="GPT runs: lm (more language modelling, the default), classify (a "
+            "classification head) or chat (conversations in the chat template). Diffusion "
+            "runs: concept (new images and captions, the default; data.path=FOLDER) or "
+            "inpaint (a model that also reads the masked image and the mask)."
+        ),
+    ] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="The new run folder [BASE-TASK-METHOD beside BASE].")
     ] = None,
@@ -675,14 +680,16 @@ def finetune(
     """Fine-tune a run into a new run that starts from its weights. A GPT run: its weights
     and tokenizer, full or LoRA; default data: the standard library's Python sources (lm),
     its docstrings labelled by package (classify), Q&A from the Python docs (chat). A
-    diffusion run: --task inpaint makes an inpainting model on the base's data."""
+    text-to-image run: a new concept from a folder of captioned images (--task concept,
+    full or LoRA, the base's own data kept in every batch), or --task inpaint, an
+    inpainting model on the base's data."""
     import aigc
 
     with _says_where_it_stopped():
         outcome = aigc.finetune(
             base, overrides or [], method=method, run_dir=run_dir, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, lora_targets=[t for t in lora_targets.split(",") if t],
-            task=task, progress=not quiet,
+            lora_alpha=lora_alpha, task=task, progress=not quiet,
+            lora_targets=None if lora_targets is None else [t for t in lora_targets.split(",") if t],
         )  # fmt: skip
     m = outcome.metrics
     shown = f", held-out loss {m['loss']:.4f}" if "loss" in m else ""
@@ -691,7 +698,8 @@ def finetune(
     run_word = _q(outcome.run_dir)
     nxt = {"classify": f"aigc classify {run_word} --text '...'",
            "chat": f"aigc chat {run_word}",
-           "inpaint": f"aigc edit {run_word} --image in.png --mask mask.png"}.get(
+           "inpaint": f"aigc edit {run_word} --image in.png --mask mask.png",
+           "concept": f"aigc sample {run_word} --prompt '...'"}.get(
                task, f"aigc sample {run_word}")  # fmt: skip
     typer.echo(f"done: step {outcome.step}{shown}; run folder: {outcome.run_dir}/   next: {nxt}")
 

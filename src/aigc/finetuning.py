@@ -91,6 +91,7 @@ def init_from_base(task: Task, train_cfg: Any, where: Path) -> tuple[int, int]:
     for name in fresh:  # a new head trains fully (PEFT's modules_to_save)
         getattr(model, name).requires_grad_(True)
     trainable, total = trainable_share(model)
+    trainable += task.lora_extras(base)
     if base_rows:  # new tokens (chat markers) train their embedding rows; the old rows stay
         wte = model.transformer.wte.weight
         keep = base_rows[0]
@@ -110,14 +111,14 @@ def finetune(
     run_dir: str | Path | None = None,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    lora_targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"),
-    task: str = "lm",
+    lora_targets: Sequence[str] | None = None,
+    task: str | None = None,
     progress: bool = True,
 ) -> TrainOutcome:
     """Fine-tunes a GPT run into a new run that starts from its latest weights and keeps
     its tokenizer and architecture; records the base (path, sha256 of its weights).
 
-    ``task`` is "lm" (more language modelling; the data default to the standard
+    ``task`` is "lm" (the default: more language modelling; the data default to the standard
     library's sources, ``data.path=stdlib``), "classify" (a classification head on the
     pooled hidden state; the data default to the standard library's docstrings labelled
     by package) or "chat" (conversations in the chat template, loss on the assistant's
@@ -130,7 +131,11 @@ def finetune(
     base = RunDir(base_run)
     family = base.info()["family"]
     if family == "diffusion":
-        return _finetune_diffusion(base, overrides, method, run_dir, task, progress)
+        lora = (lora_rank, lora_alpha, list(lora_targets or DIFFUSION_LORA_TARGETS))
+        return _finetune_diffusion(base, overrides, method, run_dir, task or "concept", lora,
+                                   progress)  # fmt: skip
+    task = task or "lm"
+    lora_targets = list(lora_targets or ("c_attn", "c_proj", "c_fc"))
     if family not in ("gpt", "chat"):
         raise ConfigError(
             f"{base.path} is a {family!r} run; fine-tuning needs a GPT language model run "
@@ -201,35 +206,80 @@ DIFFUSION_ARCH = ("width", "channel_mults", "num_res_blocks", "attn_resolutions"
                   "text_heads", "cross_attn_resolutions", "preconditioning")  # fmt: skip
 
 
+# a text-to-image LoRA: the cross-attention's keys and values from the text, what Custom
+# Diffusion (Kumari et al. 2023) fine-tunes for a new concept, beside the new word's
+# embeddings (DiffusionTask.lora_extras)
+DIFFUSION_LORA_TARGETS = ("kv",)
+
+
 def _finetune_diffusion(
     base: RunDir,
     overrides: Sequence[str],
     method: str,
     run_dir: str | Path | None,
     task: str,
+    lora: tuple[int, float, list[str]],
     progress: bool,
 ) -> TrainOutcome:
-    """``aigc finetune DIFFUSION_RUN --task inpaint``: an inpainting model made from a
-    diffusion run, as Stable Diffusion's inpainting model was: the same U-Net reading C + 1
-    more channels (the image with the region blanked, and the mask) whose input weights
-    start at zero, so it starts as the base and learns to use them on random masks
-    (aigc.tasks.diffusion.training_masks). Same data, conditions and schedule as the base."""
-    if task != "inpaint":
-        raise ConfigError(f"--task {task!r}: a diffusion run fine-tunes with --task inpaint")
-    if method != "full":
-        raise ConfigError("--method lora is not built for diffusion runs yet; use --method full")
+    """Fine-tunes a diffusion run. ``task`` "concept": a text-to-image run learns new
+    captioned images (data.path or data.source: a folder with metadata.jsonl or .csv;
+    e.g. about 20 images of a new word) while half of every batch replays the base's own
+    training images and captions (data.prior_share), so its old prompts keep working
+    (DreamBooth's prior preservation, Ruiz et al. 2023); ``method`` full or lora (rank-r
+    adapters on ``lora[2]`` plus the embeddings of the words new to the base). "inpaint":
+    an inpainting model, as Stable Diffusion's inpainting model was made: the same U-Net
+    reading C + 1 more channels (the image with the region blanked, and the mask) whose
+    input weights start at zero, so it starts as the base and learns to use them on random
+    masks (aigc.tasks.diffusion.training_masks); same data, conditions and schedule."""
+    if task not in ("concept", "inpaint"):
+        raise ConfigError(
+            f"--task {task!r}: a diffusion run fine-tunes with --task concept or inpaint"
+        )
+    if method not in ("full", "lora"):
+        raise ConfigError(f"--method {method!r}: choose full or lora")
     base_cfg = load_config(base.config_path)
+    if base_cfg.train.lora_rank:
+        raise ConfigError(f"{base.path} is itself a LoRA run; fine-tune its base")
     if base_cfg.model.inpainting:
-        raise ConfigError(f"{base.path} is already an inpainting model")
+        raise ConfigError(f"{base.path} is already an inpainting model; fine-tune the model it "
+                          "came from")  # fmt: skip
     ckpt = base.latest_checkpoint()
     if ckpt is None:
         raise CheckpointError(f"the base run {base.path} has no checkpoint; train it first")
     data = base_cfg.to_dict()
-    data["model"].update(inpainting=True, cond_channels=0)
-    defaults = ["train.max_steps=1000", "train.max_time=0", "train.eval_every=0"]
+    rank, alpha, targets = lora
+    if task == "inpaint":
+        if method != "full":
+            raise ConfigError("--task inpaint trains every weight: use --method full")
+        data["model"].update(inpainting=True, cond_channels=0)
+        defaults = ["train.max_steps=1000", "train.max_time=0", "train.eval_every=0"]
+    else:
+        if not base_cfg.model.text:
+            raise ConfigError(
+                f"{base.path} is not a text-to-image run; --task concept teaches a new "
+                "captioned concept to a run with model.text=true"
+            )
+        overrides = [("data.source" + o[len("data.path") :]) if o.startswith("data.path=") else o
+                     for o in overrides]  # fmt: skip
+        if not any(o.startswith("data.source=") for o in overrides):
+            raise ConfigError(
+                "--task concept needs the new images: data.path=FOLDER (images with captions "
+                "in metadata.jsonl or metadata.csv: file_name, text)"
+            )
+        # the new images shaped as the base's (a grey folder read as colour, say)
+        data["data"].update(holdout=[], labels=[], prior_share=0.5, eval_samples=64,
+                            eval_metrics=[], val_fraction=0.1, binarize=False,
+                            channels=base_cfg.model.channels,
+                            image_size=base_cfg.model.image_size)  # fmt: skip
+        lora_run = method == "lora"
+        defaults = ["train.max_steps=400", "train.max_time=0", "train.eval_every=0",
+                    "train.warmup_steps=20", "train.ema=0", "train.weight_decay=0.0",
+                    "train.batch_size=16", "train.checkpoint_every=200",
+                    f"train.lr={1e-3 if lora_run else 1e-4}",
+                    f"train.min_lr={1e-4 if lora_run else 1e-5}", "train.schedule=cosine"]  # fmt: skip
     cfg = load_config(data, [*defaults, *overrides])
     changed = [k for k in DIFFUSION_ARCH if getattr(cfg.model, k) != getattr(base_cfg.model, k)]
-    if changed or not cfg.model.inpainting:
+    if changed or cfg.model.inpainting != (task == "inpaint"):
         key = changed[0] if changed else "inpainting"
         raise ConfigError(
             f"model.{key} cannot change when fine-tuning: the weights of {base.path} fit "
@@ -237,10 +287,15 @@ def _finetune_diffusion(
         )
     cfg.train.init_from = str(base.path.resolve())
     cfg.train.init_sha256 = file_sha256(ckpt / "model.safetensors")
+    if method == "lora":
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"--lora-rank {rank!r} must be an integer of at least 1")
+        cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.lora_targets = rank, alpha, targets
     cfg.train.validate()
     _resolve_paths(cfg)
     if run_dir is None:
-        run_dir = base.path.parent / f"{base.path.name}-inpaint"
+        suffix = "-inpaint" if task == "inpaint" else f"-concept-{method}"
+        run_dir = base.path.parent / f"{base.path.name}{suffix}"
     return train(cfg, [], run_dir=run_dir, progress=progress)
 
 

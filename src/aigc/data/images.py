@@ -48,9 +48,10 @@ from PIL import ExifTags, Image
 from aigc.data.captions import captions_for, find_metadata
 from aigc.errors import ConfigError, DataError
 
-EMBEDDED = ("digits", "shapes", "shapes-outlined", "shapes-styled")
+EMBEDDED = ("digits", "shapes", "shapes-outlined", "shapes-styled", "shapes-stars")
 # the shapes sources: each style, or both (labelled "style")
-SHAPES_STYLES = {"shapes": "filled", "shapes-outlined": "outlined", "shapes-styled": "both"}
+SHAPES_STYLES = {"shapes": "filled", "shapes-outlined": "outlined", "shapes-styled": "both",
+                 "shapes-stars": "filled"}  # fmt: skip
 SPLITS = ("train", "test")
 CHANNELS = {1: "L", 3: "RGB"}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -288,7 +289,8 @@ def image_stream(
     if source in SHAPES_STYLES:
         from aigc.data.shapes import shapes_stream
 
-        stream = shapes_stream(n, image_size=image_size, seed=seed, style=SHAPES_STYLES[source])
+        stream = shapes_stream(n, image_size=image_size, seed=seed, style=SHAPES_STYLES[source],
+                               star=source == "shapes-stars")  # fmt: skip
         return stream if channels == 3 else stream.map(lambda x: _to_channels(x, channels))
 
     path = Path(source).expanduser()

@@ -117,9 +117,12 @@ def generate_shapes(n: int, image_size: int = 32, seed: int = 0, style: str = "f
 
 
 def shapes_stream(
-    n: int, image_size: int = 32, seed: int = 0, style: str = "filled"
+    n: int, image_size: int = 32, seed: int = 0, style: str = "filled", star: bool = False
 ) -> ImageStream:
-    """The images of ``generate_shapes`` drawn ``_CHUNK`` at a time (labels and captions at once)."""
+    """The images of ``generate_shapes`` drawn ``_CHUNK`` at a time (labels and captions at
+    once). ``star``: every shape is a five-pointed star instead, a shape the set lacks
+    ("a small red star at the top left"; labels colour, size and position), to teach a
+    trained model a new word (concept fine-tuning)."""
     if style not in (*STYLES, "both"):
         raise ConfigError(f"shapes style {style!r}: choose filled, outlined or both")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -134,8 +137,10 @@ def shapes_stream(
     size = (u[:, 2] * len(SIZES)).astype(np.int64)
     position = (u[:, 3] * len(POSITIONS)).astype(np.int64)
 
+    if star:
+        shape = np.full(n, len(SHAPES), dtype=np.int64)
     radius = np.asarray(RADIUS)[size] * (1 + SIZE_JITTER * (2 * u[:, 4] - 1))
-    extent = radius * np.asarray(EXTENT)[shape]
+    extent = radius * np.asarray((*EXTENT, STAR_EXTENT))[shape]
     cx = _place(position % 3, extent, u[:, 5])  # column 0..2, left to right
     cy = _place(position // 3, extent, u[:, 6])  # row 0..2, top to bottom
     rgb = np.clip(PALETTE[colour] + COLOUR_JITTER * (2 * u[:, 7:10] - 1), 0, 255)
@@ -144,13 +149,20 @@ def shapes_stream(
     else:
         drawn = np.full(n, STYLES.index(style), dtype=np.int64)
 
-    captions = [caption(*row) for row in zip(shape, colour, size, position, drawn, strict=True)]
-    labels = {"shape": shape, "colour": colour, "size": size, "position": position}
-    classes = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
-               "position": list(POSITIONS)}  # fmt: skip
+    if star:
+        captions = [caption(0, *row).replace(f" {SHAPES[0]} ", " star ", 1)
+                    for row in zip(colour, size, position, drawn, strict=True)]  # fmt: skip
+        labels = {"colour": colour, "size": size, "position": position}
+        classes = {"colour": list(COLOURS), "size": list(SIZES), "position": list(POSITIONS)}
+    else:
+        captions = [caption(*row) for row in zip(shape, colour, size, position, drawn, strict=True)]
+        labels = {"shape": shape, "colour": colour, "size": size, "position": position}
+        classes = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+                   "position": list(POSITIONS)}  # fmt: skip
     if style == "both":
         labels["style"], classes["style"] = drawn, list(STYLES)
     kind = "" if style == "filled" else f", {style}" if style == "outlined" else ", both styles"
+    kind += ", stars" if star else ""
     info = ImageSetInfo(
         labels=labels,
         classes=classes,
@@ -199,7 +211,7 @@ def _coverage(
     m = len(shape)
     grid = (np.arange(size, dtype=np.float32) + 0.5)[None, :]  # pixel centres, (1, S)
     sdf = np.empty((m, size, size), dtype=np.float32)
-    for k in range(len(SHAPES)):
+    for k in range(len(_SDF)):
         idx = np.flatnonzero(shape == k)
         if idx.size == 0:
             continue
@@ -260,5 +272,35 @@ def _sdf_cross(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.minimum(_sdf_box(dx, dy, arm, w), _sdf_box(dx, dy, w, arm))
 
 
-_SDF = (_sdf_circle, _sdf_square, _sdf_triangle, _sdf_diamond, _sdf_cross)
-assert len(_SDF) == len(SHAPES) == len(EXTENT)
+STAR_EXTENT = 1.2  # a star's outer radius per unit radius
+STAR_INNER = 0.45  # its inner radius, a share of the outer one
+
+
+def _sdf_star(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    # A five-pointed star, one point up: the distance to its ten-sided polygon, negative
+    # inside by the even-odd crossing rule (Quilez's sdPolygon).
+    k = np.arange(10)
+    angle = -np.pi / 2 + k * np.pi / 5
+    reach = np.where(k % 2 == 0, 1.0, STAR_INNER).astype(np.float32)
+    outer = STAR_EXTENT * r  # (m, 1, 1)
+    vx = [outer * np.float32(reach[i] * np.cos(angle[i])) for i in range(10)]
+    vy = [outer * np.float32(reach[i] * np.sin(angle[i])) for i in range(10)]
+    d2 = None
+    inside = np.zeros(np.broadcast_shapes(dx.shape, dy.shape), dtype=bool)
+    for i in range(10):
+        j = (i + 9) % 10
+        ex, ey = vx[j] - vx[i], vy[j] - vy[i]
+        wx, wy = dx - vx[i], dy - vy[i]
+        t = np.clip((wx * ex + wy * ey) / (ex * ex + ey * ey), 0, 1)
+        bx, by = wx - ex * t, wy - ey * t
+        dist = bx * bx + by * by
+        d2 = dist if d2 is None else np.minimum(d2, dist)
+        crosses = (dy >= vy[i]) != (dy >= vy[j])
+        left = ex * wy > ey * wx
+        inside ^= crosses & (left == (vy[j] > vy[i]))
+    return np.where(inside, -1.0, 1.0).astype(np.float32) * np.sqrt(d2)
+
+
+# every shape the generator draws, and after them the one the embedded set lacks
+_SDF = (_sdf_circle, _sdf_square, _sdf_triangle, _sdf_diamond, _sdf_cross, _sdf_star)
+assert len(_SDF) == len(SHAPES) + 1 == len(EXTENT) + 1

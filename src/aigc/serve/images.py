@@ -117,6 +117,14 @@ def restore_card(pipe: Any) -> dict[str, Any]:
             "input_size": pipe.input_size}  # fmt: skip
 
 
+def translate_card(pipe: Any) -> dict[str, Any]:
+    """A translation run's entry in GET /v1/models: its directions, domains, the size it
+    was trained at and the multiple that input sides must be."""
+    return {"directions": list(pipe.directions), "domains": pipe.domains,
+            "image_size": int(pipe.config.model.image_size),
+            "multiple": int(pipe.model.multiple)}  # fmt: skip
+
+
 def _checked_common(service: Service, served: ServedModel, body: ImageRequest) -> int:
     """The checks every image request passes (format, n, seed, size, prompt lengths);
     returns n."""
@@ -343,7 +351,7 @@ def _sse(event: str, obj: dict[str, Any]) -> str:
 _INT_FIELDS = ("n", "seed", "num_inference_steps", "partial_images", "jump_length", "resample")
 _FLOAT_FIELDS = ("guidance_scale", "strength")
 _TEXT_FIELDS = ("model", "prompt", "negative_prompt", "size", "response_format", "user",
-                "scheduler")  # fmt: skip
+                "scheduler", "direction")  # fmt: skip
 _BOOL_FIELDS = ("stream",)
 # OpenAI fields accepted at the value that asks for nothing aigc does not do
 _NEUTRAL = {"quality": ("auto", "standard"), "background": ("auto", "opaque"),
@@ -419,9 +427,9 @@ async def edit_images(service: Service, request: Request, variation: bool = Fals
     from aigc.pipelines.diffusion import INPAINT_STEPS, DiffusionRequest
 
     fields, files = await _form(request, variation)
-    restorer = service.models.get(fields["model"])
-    if restorer is not None and restorer.kind == "restore":
-        return await _restore(service, restorer, fields, files)
+    whole = service.models.get(fields["model"])
+    if whole is not None and whole.kind in _WHOLE_IMAGE_FIELDS:
+        return await _whole_image(service, whole, fields, files)
     extra = {k: fields.pop(k) for k in ("strength", "jump_length", "resample") if k in fields}
     body = ImageRequest(**fields)
     served = service.model(body.model, "image")
@@ -454,32 +462,37 @@ async def edit_images(service: Service, request: Request, variation: bool = Fals
     return await _answer(service, served, job, stream, request, "image_edit")
 
 
-# fields a restoration model reads from an edit request (a prompt only when empty: the
-# official client sends one with every edit)
-_RESTORE_FIELDS = frozenset({"model", "prompt", "n", "response_format", "seed", "user",
-                             "num_inference_steps", "scheduler"})  # fmt: skip
+# fields a restoration or translation model reads from an edit request (a prompt only
+# when empty: the official client sends one with every edit)
+_COMMON = frozenset({"model", "prompt", "n", "response_format", "user"})
+_WHOLE_IMAGE_FIELDS = {
+    "restore": _COMMON | {"seed", "num_inference_steps", "scheduler"},
+    "translate": _COMMON | {"direction"},
+}
+_WHOLE_IMAGE_VERBS = {"restore": "restores", "translate": "translates"}
 
 
-async def _restore(
+async def _whole_image(
     service: Service, served: ServedModel, fields: dict[str, Any], files: dict[str, bytes]
 ) -> Response:
-    """POST /v1/images/edits to a restoration run (aigc.pipelines.restore): the whole
-    image restored (denoised, de-blocked, or super-resolved by the run's factor) on the
-    model's thread; one image per request, no mask."""
-    pipe = served.generator
+    """POST /v1/images/edits to a restoration run (aigc.pipelines.restore: denoised,
+    de-blocked, or super-resolved by the run's factor) or a translation run
+    (aigc.pipelines.translate: into the other domain, ``direction``): the whole image,
+    on the model's thread; one image per request, no mask."""
+    pipe, kind = served.generator, served.kind
+    allowed, does = _WHOLE_IMAGE_FIELDS[kind], _WHOLE_IMAGE_VERBS[kind]
     if "mask" in files:
-        raise ApiError(400, f"{served.name!r} restores the whole image; leave out the mask",
+        raise ApiError(400, f"{served.name!r} {does} the whole image; leave out the mask",
                        param="mask")  # fmt: skip
     for key in fields:
-        if key not in _RESTORE_FIELDS:
-            raise ApiError(400, f"{key} is not a field of a restoration model's edits "
-                           f"({served.name!r} is a {served.family} run)", param=key,
-                           code="unsupported_parameter")  # fmt: skip
+        if key not in allowed:
+            raise ApiError(400, f"{key} is not a field of a {served.family} model's edits "
+                           f"({served.name!r})", param=key, code="unsupported_parameter")  # fmt: skip
     if fields.get("prompt"):
-        raise ApiError(400, f"{served.name!r} restores images and reads no prompt; send an "
+        raise ApiError(400, f"{served.name!r} {does} images and reads no prompt; send an "
                        "empty one", param="prompt")  # fmt: skip
     if fields.get("n", 1) != 1:
-        raise ApiError(400, "n: a restoration model gives one image per request", param="n")
+        raise ApiError(400, f"n: {served.name!r} gives one image per request", param="n")
     if fields.get("response_format", "b64_json") != "b64_json":
         raise ApiError(400, "response_format: only b64_json", param="response_format")
     seed = fields.get("seed", 0)
@@ -491,8 +504,11 @@ async def _restore(
                        f"{service.settings.max_steps}]", param="num_inference_steps")  # fmt: skip
 
     def work() -> list[str]:
-        out = pipe.restore(files["image"], seed=seed, num_inference_steps=steps,
-                           scheduler=fields.get("scheduler"))  # fmt: skip
+        if kind == "translate":
+            out = pipe.translate(files["image"], direction=fields.get("direction"))
+        else:
+            out = pipe.restore(files["image"], seed=seed, num_inference_steps=steps,
+                               scheduler=fields.get("scheduler"))  # fmt: skip
         return png_b64(out.images)
 
     deadline = service.deadline()
@@ -502,7 +518,7 @@ async def _restore(
     except JobTimeout:
         raise timeout_error(service.settings) from None
     except RequestError as e:
-        raise _bad_request(e, (*_RESTORE_FIELDS, "image")) from None
+        raise _bad_request(e, (*allowed, "image")) from None
     finally:
         service.images_in_flight -= 1
     service.metrics.images.labels(served.name).inc(1)

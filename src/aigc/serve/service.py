@@ -26,7 +26,7 @@ from aigc.serve.batching import (
     TextBatcher,
     TextJob,
 )
-from aigc.serve.images import diffusion_card, image_size, png_b64, restore_card
+from aigc.serve.images import diffusion_card, image_size, png_b64, restore_card, translate_card
 from aigc.serve.metrics import ServeMetrics
 from aigc.serve.schemas import ApiError
 from aigc.serve.settings import ServeSettings
@@ -73,6 +73,8 @@ class ServedModel:
                 "diffusion": None if self.diffusion is None else diffusion_card(gen, settings),
                 # restoration runs: what they undo, the factor, the input size they need
                 "restore": restore_card(gen) if self.kind == "restore" else None,
+                # translation runs: directions, domains, sizes
+                "translate": translate_card(gen) if self.kind == "translate" else None,
             },
         }
 
@@ -112,12 +114,12 @@ def load_models(
                 name, gen, metrics, settings.max_image_batch, settings.image_wait_ms,
                 settings.queue_size, png_b64,
             )  # fmt: skip
-        elif gen.kind in ("image", "restore"):  # restorers answer /v1/images/edits
+        elif gen.kind in ("image", "restore", "translate"):  # the last two: /v1/images/edits
             served.images = ImageRunner(name, metrics, settings.queue_size)
         else:
             raise ConfigError(
                 f"{path} is a {family!r} run; aigc serve serves text and image generators "
-                "and image restorers"
+                "image restorers and translators"
             )
         models[name] = served
     return models

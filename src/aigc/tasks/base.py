@@ -162,6 +162,12 @@ class Task(ABC):
         """Submodules that a run initialised from a base run starts fresh (a new head)."""
         return ()
 
+    def lora_extras(self, base: RunDir) -> int:
+        """Parameters beyond the adapters that a LoRA fine-tune from ``base`` trains
+        (made trainable here, after the adapters froze the rest); returns their count.
+        None by default (a text-to-image run: the embeddings of words new to the base)."""
+        return 0
+
 
 class TokenSplitsTask(Task):
     """What the tasks over labelled or masked token data share (chat, classifier): a

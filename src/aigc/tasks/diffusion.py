@@ -20,7 +20,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,19 @@ from torch import nn
 
 from aigc.config import Config
 from aigc.errors import ConfigError
+from aigc.metrics.classifier import JudgeWarning
 from aigc.models.diffusion import Diffusion, DiffusionConfig
 from aigc.runs import RunDir
 from aigc.tasks.base import TOKENIZER_FILE, DataFiles
-from aigc.tasks.images import ImageData, ImageTask, open_data, read_meta, to_model_batch
+from aigc.tasks.images import (
+    ImageData,
+    ImageDataConfig,
+    ImageTask,
+    epoch_batch_indices,
+    open_data,
+    read_meta,
+    to_model_batch,
+)
 
 CAPTION_VOCAB = 1024  # BPE merges learnt from the captions, at most
 MIN_CONTEXT = 32  # room for prompts a little longer than the training captions
@@ -80,11 +89,28 @@ def start_token(tokenizer: Any) -> int:
     return int(newline) if newline is not None else 0
 
 
+@dataclass
+class DiffusionDataConfig(ImageDataConfig):
+    """An image run's data, and for a fine-tune the base's own data kept in view."""
+
+    # a fine-tune (train.init_from): this share of every batch is drawn from the base run's
+    # training images and captions, so it keeps what it knew (DreamBooth's prior
+    # preservation, with the base's own data instead of its samples); 0 = none
+    prior_share: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        share = self.prior_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < 1:
+            raise ConfigError(f"data.prior_share={share!r} must be a number in [0, 1)")
+
+
 class DiffusionTask(ImageTask):
     """Trains a denoiser on a run's images; evaluates its samples like the GAN's, and a
     text-to-image run by the faithfulness of images to held-out captions."""
 
     name = "diffusion"
+    data_config = DiffusionDataConfig
     model_config = DiffusionConfig
     model_class = Diffusion
     pipeline_class = "aigc.pipelines.diffusion:DiffusionPipeline"
@@ -101,7 +127,8 @@ class DiffusionTask(ImageTask):
         self.coder: CaptionCoder | None = None
         self._caption_ids: torch.Tensor | None = None
         self._clip = None  # the CLIP-style judge, once trained or loaded
-        self._memo_reference: tuple[np.ndarray, float] | None = None  # train features, threshold
+        self._memo_reference: tuple[np.ndarray, float | None] | None = None  # features, threshold
+        self._prior: tuple[ImageData, torch.Tensor | None] | None = None  # the base's data
         m = config.model
         if m.text:
             from aigc.data.tokenizers import load_tokenizer
@@ -186,10 +213,81 @@ class DiffusionTask(ImageTask):
             self._caption_ids = self.coder.encode(list(captions), truncate=True)
         return self._caption_ids
 
+    def prior(self) -> tuple[ImageData, torch.Tensor | None]:
+        """The base run's prepared data (a fine-tune's train.init_from) and, for a text
+        model, its captions as tokens of this run's tokenizer (the base's own)."""
+        if self._prior is None:
+            if not self.config.train.init_from:
+                raise ConfigError("data.prior_share > 0 needs a base run: use aigc finetune")
+            data = open_data(Path(self.config.train.init_from) / "data")
+            if data.images.shape[1:] != self.data.images.shape[1:]:
+                raise ConfigError(
+                    f"data.prior_share: the base's images are {data.images.shape[1:]}, this "
+                    f"run's {self.data.images.shape[1:]}; keep the base's image_size and channels"
+                )
+            ids = None
+            if self.coder is not None:
+                if not data.meta.get("captions"):
+                    raise ConfigError("data.prior_share: the base run's images have no captions")
+                ids = self.coder.encode(list(data.meta["captions"]), truncate=True)
+            self._prior = (data, ids)
+        return self._prior
+
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         """ImageTask's batch, and for a text model ``text`` (B, L): the images' captions;
         for an inpainting model ``cond``: each image with a random region blanked, and the
-        region's mask (training_masks)."""
+        region's mask (training_masks). With data.prior_share, the last rows are the base
+        run's training images (and captions), in an order of their own."""
+        batch = self._own_batch(step, micro, rank, world)
+        share = self.config.data.prior_share
+        if not share:
+            return batch
+        B = self.config.train.batch_size
+        k = min(B - 1, max(1, round(B * share)))  # rows from the base's data
+        data, ids = self.prior()
+        idx = epoch_batch_indices(data.n_train, step, B * self.config.train.grad_accum * world,
+                                  self.config.train.seed + 1)  # fmt: skip
+        part = micro * world + rank
+        idx = idx[part * B : (part + 1) * B][:k]
+        prior = {"images": to_model_batch(data.train_images[idx])}
+        if ids is not None:
+            prior["text"] = ids[idx]
+        out = {}
+        for key, value in batch.items():
+            if key not in prior:
+                raise ConfigError(f"data.prior_share: a {key!r} batch has no prior counterpart")
+            mine = value[: B - k]
+            extra = prior[key]
+            if key == "text":  # pad the shorter captions (-1) to one width
+                width = max(mine.size(1), extra.size(1))
+                mine = torch.nn.functional.pad(mine, (0, width - mine.size(1)), value=-1)
+                extra = torch.nn.functional.pad(extra, (0, width - extra.size(1)), value=-1)
+            out[key] = torch.cat([mine, extra])
+        return out
+
+    def lora_extras(self, base: RunDir) -> int:
+        """A LoRA fine-tune of a text-to-image run also learns the token embeddings of the
+        words its captions bring that the base's training captions never used (a new
+        concept's word, as textual inversion learns one); the other rows get no gradient
+        and keep the base's values. Returns how many weights that adds."""
+        if self.coder is None or self.config.model.text_gpt or self.data is None:
+            return 0
+        base_meta = read_meta(base.data_dir)
+        seen = {t for c in base_meta.get("captions", [])[: base_meta["n_train"]]
+                for t in self.coder.ids(c)}  # fmt: skip
+        mine = {t for c in self.data.meta.get("captions", []) for t in self.coder.ids(c)}
+        new = sorted(mine - seen)
+        if not new:
+            return 0
+        weight = self.model.text_encoder.tok.weight
+        keep = torch.ones(weight.size(0), 1, dtype=weight.dtype)
+        keep[new] = 0
+        weight.requires_grad_(True)
+        weight.register_hook(lambda g: g * (1 - keep.to(g.device, g.dtype)))
+        self.new_tokens = new
+        return len(new) * weight.size(1)
+
+    def _own_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         batch = super().train_batch(step, micro, rank, world)
         if self.config.model.inpainting:
             from aigc.models.diffusion import inpainting_condition
@@ -199,8 +297,6 @@ class DiffusionTask(ImageTask):
             fill = training_masks(len(images), images.size(-1), rng)
             batch["cond"] = inpainting_condition(images, fill)
         if self.coder is not None:
-            from aigc.tasks.images import epoch_batch_indices
-
             B = self.config.train.batch_size
             idx = epoch_batch_indices(
                 len(self.data.train_images), step, B * self.config.train.grad_accum * world,
@@ -362,9 +458,15 @@ class DiffusionTask(ImageTask):
             retrieval_chance,
         )
 
-        judge = self.clip_judge().model
         data = self.data or open_data(self.run.data_dir)
         pool = list(data.meta["captions"][data.n_train :])
+        if len(set(pool)) < 2:  # one caption: nothing to tell images apart by
+            import warnings
+
+            warnings.warn("the CLIP-style judge is not used: every validation caption is the "
+                          "same", JudgeWarning, stacklevel=2)  # fmt: skip
+            return {}
+        judge = self.clip_judge().model
         first: dict[str, int] = {}
         for i, c in enumerate(pool):
             first.setdefault(c, i)
@@ -419,8 +521,17 @@ class DiffusionTask(ImageTask):
             chunks = (to_model_batch(data.train_images[i : i + 2000])
                       for i in range(0, data.n_train, 2000))  # fmt: skip
             train = np.concatenate([self.judge_features(x) for x in chunks])
-            self._memo_reference = train, nearest_pair_distance(train)
+            try:
+                self._memo_reference = train, nearest_pair_distance(train)
+            except ValueError:  # one distinct training image: no scale to call a copy by
+                import warnings
+
+                warnings.warn("memorisation is not measured: the training images look alike "
+                              "to the judge (fewer than two distinct)", JudgeWarning, stacklevel=2)  # fmt: skip
+                self._memo_reference = train, None
         train, threshold = self._memo_reference
+        if threshold is None:
+            return {}
         near = nearest_distances(feats, train)
         return {"memo/copies": float((near < threshold).sum()), "memo/n": float(len(feats))}
 

@@ -29,6 +29,10 @@ const el = {
   restoreControls: $("restore-controls"),
   restoreImage: $("restore-image"),
   restoreHint: $("restore-hint"),
+  translateControls: $("translate-controls"),
+  translateImage: $("translate-image"),
+  translateDirection: $("translate-direction"),
+  translateHint: $("translate-hint"),
   editArea: $("edit-area"),
   editCanvas: $("edit-canvas"),
   brush: $("brush"),
@@ -208,7 +212,7 @@ async function loadModels() {
   const models = (body.data || []).filter((m) => m && m.id);
   state.models = new Map(models.map((m) => [m.id, m]));
   const wanted = el.model.value || sessionStorage.getItem(MODEL_STORE);
-  const groups = { text: "Text", image: "Images", restore: "Restoration" };
+  const groups = { text: "Text", image: "Images", restore: "Restoration", translate: "Translation" };
   const options = [];
   for (const [kind, title] of Object.entries(groups)) {
     const group = document.createElement("optgroup");
@@ -234,6 +238,7 @@ function showModel() {
   const text = a.kind === "text";
   const image = a.kind === "image";
   const restore = a.kind === "restore";
+  const translate = a.kind === "translate";
   const chat = text && Boolean(a.chat);
   if (model) sessionStorage.setItem(MODEL_STORE, model.id);
   el.modelInfo.textContent = model ? describe(model) : "";
@@ -242,14 +247,16 @@ function showModel() {
   el.imageControls.hidden = el.imageControls.disabled = !image;
   el.restoreControls.hidden = el.restoreControls.disabled = !restore;
   if (restore) el.restoreHint.textContent = restoreHint(a.restore || {});
+  el.translateControls.hidden = el.translateControls.disabled = !translate;
+  if (translate) showTranslate(a.translate || {});
   el.promptLabel.textContent = chat ? "Message" : "Prompt";
   el.promptHint.textContent = chat ? "Enter sends; Shift+Enter starts a new line." : "Ctrl+Enter generates.";
-  el.generate.textContent = chat ? "Send" : restore ? "Restore" : "Generate";
+  el.generate.textContent = chat ? "Send" : restore ? "Restore" : translate ? "Translate" : "Generate";
   el.reset.hidden = !chat;
   el.chat.hidden = !chat;
   el.output.hidden = !text || chat;
-  el.images.hidden = !(image || restore);
-  el.generate.disabled = !(text || image || restore) || state.controller !== null;
+  el.images.hidden = !(image || restore || translate);
+  el.generate.disabled = !(text || image || restore || translate) || state.controller !== null;
   buildLabels(image && a.conditional ? a.classes || {} : {});
   state.imageSize = image ? a.image_size || 0 : 0;
   dropEditImage();
@@ -498,26 +505,50 @@ function restoreHint(r) {
 
 /** The chosen file restored by POST /v1/images/edits, shown beside the file as sent. */
 async function restoreImage(model, signal, job) {
-  const file = el.restoreImage.files && el.restoreImage.files[0];
-  if (!file) throw new ApiError("choose an image to restore first");
+  const seed = numberOf(el.seed, (v) => parseInt(v, 10));
+  await wholeImage(model, signal, job, el.restoreImage, seed === null ? {} : { seed: String(seed) },
+    "restore", "restored");
+}
+
+// translation: the uploaded image and its translation into the other domain
+
+function showTranslate(t) {
+  const names = { a2b: "A → B", b2a: "B → A" };
+  const domains = t.domains || {};
+  el.translateDirection.replaceChildren(...(t.directions || []).map((d) => new Option(
+    `${names[d] || d} (${domains[d[0]] || d[0]} to ${domains[d[d.length - 1]] || d[d.length - 1]})`, d)));
+  el.translateHint.textContent = `Sides must be multiples of ${t.multiple || 1} pixels`
+    + ` (trained at ${t.image_size}×${t.image_size}).`;
+}
+
+/** The chosen file translated by POST /v1/images/edits, shown beside the file as sent. */
+async function translateImage(model, signal, job) {
+  await wholeImage(model, signal, job, el.translateImage,
+    { direction: el.translateDirection.value }, "translate", "translated");
+}
+
+/** POST /v1/images/edits of a whole image (no mask, empty prompt) with ``fields``;
+  shows the file as sent beside the answer. */
+async function wholeImage(model, signal, job, input, fields, verb, caption) {
+  const file = input.files && input.files[0];
+  if (!file) throw new ApiError(`choose an image to ${verb} first`);
   const form = new FormData();
   form.append("model", model.id);
   form.append("prompt", "");
-  const seed = numberOf(el.seed, (v) => parseInt(v, 10));
-  if (seed !== null) form.append("seed", String(seed));
+  for (const [k, v] of Object.entries(fields)) form.append(k, v);
   form.append("image", file, file.name);
-  setStatus("restoring…");
+  setStatus(`${verb === "restore" ? "restoring" : "translating"}…`);
   const result = await (await api("/v1/images/edits", form, signal)).json();
-  const figure = (src, caption) => {
+  const figure = (src, text) => {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
     img.src = src;
-    img.alt = caption;
+    img.alt = text;
     img.className = "compare";
     const cap = document.createElement("figcaption");
     fig.append(img, cap);
     img.addEventListener("load", () => {
-      cap.textContent = `${caption}, ${img.naturalWidth}×${img.naturalHeight}`;
+      cap.textContent = `${text}, ${img.naturalWidth}×${img.naturalHeight}`;
     });
     return fig;
   };
@@ -527,7 +558,7 @@ async function restoreImage(model, signal, job) {
     reader.onerror = () => reject(new ApiError(`${file.name} cannot be read`));
     reader.readAsDataURL(file);
   });
-  const shown = (result.data || []).map((item) => figure(`data:image/png;base64,${item.b64_json}`, "restored"));
+  const shown = (result.data || []).map((item) => figure(`data:image/png;base64,${item.b64_json}`, caption));
   el.images.replaceChildren(figure(url, "input"), ...shown);
   job.images = shown.length;
 }
@@ -644,7 +675,7 @@ function paintAt(event) {
 }
 
 function summary(job, seconds) {
-  const count = job.kind === "image" || job.kind === "restore"
+  const count = ["image", "restore", "translate"].includes(job.kind)
     ? `${job.images} image${job.images === 1 ? "" : "s"}`
     : job.usage !== null
       ? `${job.usage} token${job.usage === 1 ? "" : "s"}`
@@ -657,7 +688,8 @@ async function onGenerate(event) {
   const model = currentModel();
   if (!model || state.controller || !el.form.reportValidity()) return;
   const a = model.aigc || {};
-  const run = a.kind === "image" ? images : a.kind === "restore" ? restoreImage : a.chat ? chat : complete;
+  const whole = { restore: restoreImage, translate: translateImage };
+  const run = a.kind === "image" ? images : whole[a.kind] || (a.chat ? chat : complete);
   const job = { kind: a.kind, chars: 0, usage: null, images: 0 };
   const controller = new AbortController();
   state.controller = controller;
