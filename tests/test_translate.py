@@ -231,6 +231,14 @@ def test_a_short_pix2pix_run_learns_and_its_numbers_are_recomputable(translator)
         assert ok.mean() == pytest.approx(result[f"content_kept_a2b/{x}"])
         kept &= ok
     assert kept.mean() == pytest.approx(result["content_kept_a2b"])
+    real = clf.model.predict(to_tensor(b_val))  # the ceiling: the true outlined images
+    assert float((real["domain"] == 1).float().mean()) == pytest.approx(
+        result["judged_target_real_a2b"]
+    )
+    b_labels = gen.task.domain("b").split_labels("val")[:60]
+    right = np.all([real[x].numpy() == b_labels[:, attrs.index(x)]
+                    for x in ("shape", "colour", "size", "position")], axis=0)  # fmt: skip
+    assert right.mean() == pytest.approx(result["content_kept_real_a2b"])
     text = gen.format_eval(result)
     assert "a2b: judged as the target domain" in text and f"{result['psnr_a2b']:.2f} dB" in text
 

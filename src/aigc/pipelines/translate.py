@@ -154,4 +154,9 @@ class TranslatePipeline(Pipeline):
             if f"fid_{d}" in result:
                 parts.append(f"FID {result[f'fid_{d}']:.2f}")
             lines.append(f"  {d}: " + ", ".join(parts))
+            if f"judged_target_real_{d}" in result:
+                real = f"judged as the target domain {100 * result[f'judged_target_real_{d}']:.1f}%"
+                if f"content_kept_real_{d}" in result:
+                    real += f", labels read right {100 * result[f'content_kept_real_{d}']:.1f}%"
+                lines.append(f"      (the real held-out {d[-1].upper()} images: {real})")
         return "\n".join(lines)

@@ -344,6 +344,7 @@ class TranslateTask(ImageTask):
                 if len(directions) == 2:
                     back = to_uint8(self.translate_batch(model, out, f"{dst}2{src}", device))
                     sums[f"cycle/{src}"] += float(psnr(back, source).sum())
+            sums.update(self._real_sums(clf, d, rank, world))
         names = self.config.data.eval_metrics
         if world == 1 and names:
             extractor = self.feature_extractor(device)
@@ -356,11 +357,52 @@ class TranslateTask(ImageTask):
                 sums.update({f"feature/{k}_{d}": float(v) for k, v in values.items()})
         return sums
 
+    def _judged(self, clf: Any, images: np.ndarray, labels: np.ndarray | None, data: ImageData,
+                target: int) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+        """(taken for domain ``target``, all content attributes as ``labels`` say) per image."""
+        from aigc.data.images import to_tensor
+
+        predicted = clf.model.predict(to_tensor(images))
+        domain = predicted["domain"].numpy() == target
+        shared = self.content_attributes
+        if not shared or labels is None:
+            return domain, None
+        kept = np.ones(len(images), dtype=bool)
+        for x in shared:
+            kept &= predicted[x].numpy() == labels[:, data.attributes.index(x)]
+        return domain, kept
+
+    def _real_sums(self, clf: Any, direction: str, rank: int, world: int) -> dict[str, float]:
+        """The judge on the target domain's real held-out images, with their own labels:
+        what a perfect translation would score (the ceiling of judged_target and
+        content_kept)."""
+        dst = ends(direction)[1]
+        data = self.domain(dst)
+        val = data.val_images[: self.config.data.eval_samples]
+        labels = data.split_labels("val")
+        rows = np.arange(rank, len(val), world)
+        d = direction
+        sums = {f"real/count/{d}": 0.0, f"real/target/{d}": 0.0}
+        if self.content_attributes:
+            sums[f"real/kept/{d}"] = 0.0
+        for i in range(0, len(rows), EVAL_BATCH):
+            part = rows[i : i + EVAL_BATCH]
+            domain, kept = self._judged(clf, np.array(val[part]),
+                                        None if labels is None else labels[part], data,
+                                        DOMAINS.index(dst))  # fmt: skip
+            sums[f"real/count/{d}"] += len(part)
+            sums[f"real/target/{d}"] += float(domain.sum())
+            if kept is not None:
+                sums[f"real/kept/{d}"] += float(kept.sum())
+        return sums
+
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Per direction: judged_target_<d> and content_kept_<d> (shares of the held-out
         images), content_kept_<d>/<attribute>, psnr_<d>, ssim_<d> (dB and SSIM against
-        the true pair), cycle_psnr_<domain>, fid_<d>, ...; and their means over the
-        directions without the suffix."""
+        the true pair), cycle_psnr_<domain>, fid_<d>, ...; the same judge's verdicts on
+        the target domain's real held-out images (judged_target_real_<d>,
+        content_kept_real_<d>: the ceiling); and means over the directions without the
+        suffix."""
         out: dict[str, float] = {}
         directions = [d for d in DIRECTIONS if sums.get(f"count/{d}")]
         for d in directions:
@@ -376,7 +418,19 @@ class TranslateTask(ImageTask):
                     out[f"{k}_{d}"] = sums[f"{k}/{d}"] / n
             if f"cycle/{src}" in sums:
                 out[f"cycle_psnr_{src}"] = sums[f"cycle/{src}"] / n
-        for k in ("judged_target", "content_kept", "psnr", "ssim"):
+            real = sums.get(f"real/count/{d}", 0.0)
+            if real:
+                out[f"judged_target_real_{d}"] = sums[f"real/target/{d}"] / real
+                if f"real/kept/{d}" in sums:
+                    out[f"content_kept_real_{d}"] = sums[f"real/kept/{d}"] / real
+        for k in (
+            "judged_target",
+            "content_kept",
+            "psnr",
+            "ssim",
+            "judged_target_real",
+            "content_kept_real",
+        ):
             values = [out[f"{k}_{d}"] for d in directions if f"{k}_{d}" in out]
             if values:
                 out[k] = float(np.mean(values))
