@@ -535,7 +535,9 @@ def translate(
     ] = 0,
     direction: Annotated[
         str | None,
-        typer.Option(help="a2b or b2a: from which domain to which [the run's first: a2b]."),
+        typer.Option(
+            help="a2b or b2a: from which domain to which (default: the run's first, a2b)."
+        ),
     ] = None,
     compare: Annotated[
         bool,
