@@ -299,7 +299,7 @@ class TranslateTask(ImageTask):
         as the target domain, content kept (all shared attributes, and each), and PSNR and
         SSIM against the true pair (paired data); the cycle's PSNR (both directions
         learnt); FID/KID/PR of the translations (one process)."""
-        from aigc.data.images import to_tensor, to_uint8
+        from aigc.data.images import to_uint8
         from aigc.metrics.image import FeatureSets, feature_metrics
         from aigc.metrics.restoration import psnr, ssim
 
@@ -325,18 +325,14 @@ class TranslateTask(ImageTask):
                 source = np.array(val[part])
                 out = to_uint8(self.translate_batch(model, source, d, device))
                 kept[d].append(out)
-                predicted = clf.model.predict(to_tensor(out))
+                domain, each = self._judged(clf, out, None if labels is None else labels[part],
+                                            self.domain(src), DOMAINS.index(dst))  # fmt: skip
                 sums[f"count/{d}"] += len(part)
-                sums[f"target/{d}"] += float((predicted["domain"] == DOMAINS.index(dst)).sum())
-                if shared:
-                    src_data = self.domain(src)
-                    all_kept = np.ones(len(part), dtype=bool)
-                    for x in shared:
-                        truth = labels[part, src_data.attributes.index(x)]
-                        ok = predicted[x].numpy() == truth
+                sums[f"target/{d}"] += float(domain.sum())
+                if each:
+                    for x, ok in each.items():
                         sums[f"kept/{d}/{x}"] += float(ok.sum())
-                        all_kept &= ok
-                    sums[f"kept/{d}"] += float(all_kept.sum())
+                    sums[f"kept/{d}"] += float(np.all(list(each.values()), axis=0).sum())
                 if self.info["paired"]:
                     truth = np.array(self.domain(dst).val_images[part])
                     sums[f"psnr/{d}"] += float(psnr(out, truth).sum())
@@ -358,19 +354,17 @@ class TranslateTask(ImageTask):
         return sums
 
     def _judged(self, clf: Any, images: np.ndarray, labels: np.ndarray | None, data: ImageData,
-                target: int) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-        """(taken for domain ``target``, all content attributes as ``labels`` say) per image."""
+                target: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+        """Per image of (N, H, W, C) uint8 ``images``: taken for domain ``target``, and for
+        each content attribute, read as ``labels`` (rows of ``data``'s label columns) say."""
         from aigc.data.images import to_tensor
 
         predicted = clf.model.predict(to_tensor(images))
         domain = predicted["domain"].numpy() == target
-        shared = self.content_attributes
-        if not shared or labels is None:
-            return domain, None
-        kept = np.ones(len(images), dtype=bool)
-        for x in shared:
-            kept &= predicted[x].numpy() == labels[:, data.attributes.index(x)]
-        return domain, kept
+        if labels is None:
+            return domain, {}
+        return domain, {x: predicted[x].numpy() == labels[:, data.attributes.index(x)]
+                        for x in self.content_attributes}  # fmt: skip
 
     def _real_sums(self, clf: Any, direction: str, rank: int, world: int) -> dict[str, float]:
         """The judge on the target domain's real held-out images, with their own labels:
@@ -387,13 +381,13 @@ class TranslateTask(ImageTask):
             sums[f"real/kept/{d}"] = 0.0
         for i in range(0, len(rows), EVAL_BATCH):
             part = rows[i : i + EVAL_BATCH]
-            domain, kept = self._judged(clf, np.array(val[part]),
+            domain, each = self._judged(clf, np.array(val[part]),
                                         None if labels is None else labels[part], data,
                                         DOMAINS.index(dst))  # fmt: skip
             sums[f"real/count/{d}"] += len(part)
             sums[f"real/target/{d}"] += float(domain.sum())
-            if kept is not None:
-                sums[f"real/kept/{d}"] += float(kept.sum())
+            if each:
+                sums[f"real/kept/{d}"] += float(np.all(list(each.values()), axis=0).sum())
         return sums
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
