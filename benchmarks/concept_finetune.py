@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500, help="prompts judged per row")
     p.add_argument("--images", type=int, default=20, help="the new concept's images")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--out", default="", help="the fine-tuned run's folder [a temporary one]")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -272,7 +272,7 @@ def _finetune_diffusion(
                             channels=base_cfg.model.channels,
                             image_size=base_cfg.model.image_size)  # fmt: skip
         lora_run = method == "lora"
-        defaults = ["train.max_steps=400", "train.max_time=0", "train.eval_every=0",
+        defaults = ["train.max_steps=800", "train.max_time=0", "train.eval_every=0",
                     "train.warmup_steps=20", "train.ema=0", "train.weight_decay=0.0",
                     "train.batch_size=16", "train.checkpoint_every=200",
                     f"train.lr={1e-3 if lora_run else 1e-4}",
