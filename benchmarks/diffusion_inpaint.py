@@ -2,8 +2,9 @@
 lower half by default), filled by RePaint, and judged by the run's domain classifier:
 the share of completions judged as the image's own class (a digit completed from its
 upper half should still be that digit), beside the judge's verdict on the masked image
-itself (the region left black) and on the originals, and the PSNR of the filled region
-to the truth. Rows: the plain replacement method (resample 1) and RePaint at each
+itself (the region left black), on the originals and on the region copied from the
+training image nearest on the kept pixels (how often the kept part decides the class),
+and the PSNR of the filled region to the truth. Rows: the plain replacement method (resample 1) and RePaint at each
 --resample count, each with its network calls and images/s.
 
     python benchmarks/diffusion_inpaint.py runs/ddpm-digits --n 500
@@ -134,6 +135,15 @@ def replace(args, pipe, data, clf) -> None:
               + f" {exact:>11.1%} {len(idx) / dt:>9.2f}", flush=True)  # fmt: skip
 
 
+def nearest_fill(truth: torch.Tensor, train: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each image's region filled from the training image nearest to it on the kept pixels:
+    what a sampler of the training set's own posterior would draw at its sharpest, so a
+    reference for how often the kept part alone decides the class."""
+    keep = (1 - mask).expand_as(truth[:1]).flatten(1).bool()[0]
+    near = torch.cdist(truth.flatten(1)[:, keep], train.flatten(1)[:, keep]).argmin(1)
+    return truth * (1 - mask) + train[near] * mask
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean PSNR (dB, peak 2 for [-1, 1]) over images of the masked pixels."""
     m = mask.expand_as(a)
@@ -188,6 +198,9 @@ def main() -> None:
           f"{'PSNR (dB)':>10} {'images/s':>9}")  # fmt: skip
     print(f"{'(originals)':<26} {'':>6} {judged(truth):>20.1%}")
     print(f"{'(masked region black)':<26} {'':>6} {judged(truth * (1 - mask) - mask):>20.1%}")
+    nearest = nearest_fill(truth, to_model_batch(np.asarray(data.train_images)), mask)
+    print(f"{'(nearest training image)':<26} {'':>6} {judged(nearest):>20.1%} "
+          f"{psnr(nearest, truth, mask):>10.2f}")  # fmt: skip
     for r in args.resample:
         out = []
         t0 = time.perf_counter()
