@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,31 +56,15 @@ def rate(fn: Callable[[], object], n: int, repeats: int) -> float:
     return n / statistics.median(times)
 
 
-def restorer(run: str | None, recipe: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """images (N, h, w, C) uint8 -> restored uint8, by a trained run or random weights."""
-    if run:
-        pipe = aigc.load(run)
-        return lambda x: np.stack(pipe.restore(list(x), output="uint8"))
+def recipe_model(recipe: str, size: int) -> Any:
+    """The recipe's model config for RGB images of ``size`` pixels."""
     cfg = load_config(f"{CONFIGS}/{recipe}.yaml").model
     cfg.image_size, cfg.channels = size, 3
-    cfg.scale = 4 if recipe.startswith("sr-") else 1
-    model = Restorer(cfg).eval()
-
-    def run_model(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return to_uint8(model(to_tensor(x)).clamp(-1, 1))
-
-    return run_model
+    return cfg
 
 
-def translator(run: str | None, recipe: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """images (N, size, size, 3) uint8 -> translated uint8 (a2b), by a run or random weights."""
-    if run:
-        pipe = aigc.load(run)
-        return lambda x: np.stack(pipe.translate(list(x), output="uint8"))
-    cfg = load_config(f"{CONFIGS}/{recipe}.yaml").model
-    cfg.image_size, cfg.channels = size, 3
-    net = CycleGAN(cfg).g_ab if recipe.startswith("cyclegan") else Pix2Pix(cfg).g
+def on_uint8(net: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """A network of [-1, 1] tensors as a function of (N, H, W, C) uint8 arrays."""
     net.eval()
 
     def run_model(x: np.ndarray) -> np.ndarray:
@@ -87,6 +72,25 @@ def translator(run: str | None, recipe: str, size: int) -> Callable[[np.ndarray]
             return to_uint8(net(to_tensor(x)).clamp(-1, 1))
 
     return run_model
+
+
+def restorer(run: str | None, recipe: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """images (N, h, w, C) uint8 -> restored uint8, by a trained run or random weights."""
+    if run:
+        pipe = aigc.load(run)
+        return lambda x: np.stack(pipe.restore(list(x), output="uint8"))
+    cfg = recipe_model(recipe, size)
+    cfg.scale = 4 if recipe.startswith("sr-") else 1
+    return on_uint8(Restorer(cfg))
+
+
+def translator(run: str | None, recipe: str, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """images (N, size, size, 3) uint8 -> translated uint8 (a2b), by a run or random weights."""
+    if run:
+        pipe = aigc.load(run)
+        return lambda x: np.stack(pipe.translate(list(x), output="uint8"))
+    cfg = recipe_model(recipe, size)
+    return on_uint8(CycleGAN(cfg).g_ab if recipe.startswith("cyclegan") else Pix2Pix(cfg).g)
 
 
 def main() -> None:
