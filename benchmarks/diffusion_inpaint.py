@@ -4,8 +4,9 @@ the share of completions judged as the image's own class (a digit completed from
 upper half should still be that digit), beside the judge's verdict on the masked image
 itself (the region left black), on the originals and on the region copied from the
 training image nearest on the kept pixels (how often the kept part decides the class),
-and the PSNR of the filled region to the truth. Rows: the plain replacement method (resample 1) and RePaint at each
---resample count, each with its network calls and images/s.
+and the PSNR of the filled region to the truth. Rows: the plain replacement method
+(resample 1) and RePaint at each --resample count, each with its network calls and
+images/s.
 
     python benchmarks/diffusion_inpaint.py runs/ddpm-digits --n 500
     python benchmarks/diffusion_inpaint.py runs/ddpm-digits --region left-half --resample 1 5 10
