@@ -6,10 +6,12 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format bench clean browser
+.PHONY: demo test lint format bench clean browser system
 
-# The report's page test drives a real browser: Debian's chromium, headless.
-CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+# Debian packages: the report's page test drives a real browser (chromium, headless);
+# the embedded spoken digits and noisy speech are made by the flite synthesiser.
+SYSTEM_PACKAGES := chromium flite
+SYSTEM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES)
 
 $(BIN)/python:
 	$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "aigc needs Python 3.11 or newer (set PY=python3.11)")'
@@ -36,11 +38,13 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/aigc quickstart
 
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then $(CHROMIUM_INSTALL); else sudo sh -c '$(CHROMIUM_INSTALL)'; fi; }
+system:
+	@command -v chromium >/dev/null 2>&1 && command -v flite >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then $(SYSTEM_INSTALL); else sudo sh -c '$(SYSTEM_INSTALL)'; fi; }
 
-test: $(VENV)/.test-installed browser
+browser: system
+
+test: $(VENV)/.test-installed system
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
