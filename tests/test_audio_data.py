@@ -261,3 +261,58 @@ def test_spoken_digits_are_one_second_labelled_and_split_by_voice():
     assert set(held.voice.tolist()) == {VOICES.index("slt")} and len(held) == 20
     with pytest.raises(DataError, match="held-out voice 'bob'"):
         sd.split(("bob",))
+
+
+# the audio judge ---------------------------------------------------------------------
+
+
+def _tone_set(n_per_class: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes a judge can tell apart: low (300-400 Hz) and high (2-3 kHz) tones."""
+    rng = np.random.default_rng(0)
+    waves, labels = [], []
+    for label, (lo, hi) in enumerate([(300, 400), (2000, 3000)]):
+        for _ in range(n_per_class):
+            tone = _tone(rng.uniform(lo, hi), seconds=0.25, amp=rng.uniform(0.1, 0.9))
+            waves.append(tone)
+            labels.append(label)
+    return np.stack(waves), np.asarray(labels)
+
+
+def test_the_judge_input_ignores_loudness_and_keeps_sixty_decibels():
+    from aigc.metrics.audio_classifier import judge_input
+
+    wave = _harmonic()
+    x = judge_input(wave[None])
+    assert x.shape[:2] == (1, 1) and x.max() == pytest.approx(1.0)
+    assert x.min() >= -1.0 - 1e-6
+    torch.testing.assert_close(judge_input(0.01 * wave[None]), x, atol=1e-4, rtol=0)
+
+
+def test_a_judge_learns_held_out_classes_and_is_cached(tmp_path, monkeypatch):
+    from aigc.metrics.audio_classifier import cached_audio_judge, train_audio_judge
+
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
+    waves, labels = _tone_set()
+    held = np.arange(len(waves)) % 4 == 0
+    args = (waves, {"band": labels}, {"band": ["low", "high"]}, held)
+    judge = train_audio_judge(*args, steps=40, batch_size=8)
+    assert judge.accuracy["band"] == 1.0 and judge.heldout == int(held.sum())
+    assert torch.equal(judge.predict(waves)["band"], torch.from_numpy(labels))
+    assert judge.features(waves).shape == (len(waves), judge.model.feature_dim)
+    probs = judge.probabilities(waves, "band")
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(waves)))
+    # seeded: the same clips, the same weights
+    again = train_audio_judge(*args, steps=40, batch_size=8)
+    for a, b in zip(judge.model.parameters(), again.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    first = cached_audio_judge("tones", *args, steps=40, batch_size=8)
+    assert len(list((tmp_path / "classifiers").glob("audio-*.safetensors"))) == 1
+    import aigc.metrics.audio_classifier as module
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached judge was trained again")
+
+    monkeypatch.setattr(module, "train_audio_judge", no_training)
+    second = cached_audio_judge("tones", *args, steps=40, batch_size=8)
+    torch.testing.assert_close(first.features(waves), second.features(waves))
+    assert second.accuracy == first.accuracy and second.heldout == first.heldout

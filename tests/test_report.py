@@ -176,6 +176,7 @@ def test_missing_pieces_become_notes_and_hostile_names_are_escaped(tmp_path):
     (hostile / "eval.json").write_text("{not json")
     (hostile / "samples" / "step-00000002.txt").write_text(f"</pre>{XSS}\n", encoding="utf-8")
     (hostile / "samples" / "step-00000002-x.png").write_bytes(b"not a png")
+    (hostile / "samples" / "step-00000002-y.wav").write_bytes(b"RIFF but no more")
 
     page = write_report([bare, hostile], tmp_path / "r.html").read_text(encoding="utf-8")
     assert "<script" not in page.lower() and "<img src=x" not in page and "<b>gan" not in page
@@ -190,9 +191,33 @@ def test_missing_pieces_become_notes_and_hostile_names_are_escaped(tmp_path):
         "No checkpoint yet",
         "eval.json is damaged",
         "x.png is not a PNG",
+        "y.wav is not a WAV file",
     ):
         assert note in page, note
     assert page.count('class="chart"') == 2  # the hostile run's losses and held-out curves
+
+
+def test_sample_sounds_are_played_inline_beside_their_spectrograms(tmp_path):
+    from aigc.samples import AudioSample, write_samples
+
+    run = tmp_path / "speech"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"family": "diffusion"}))
+    t = np.arange(16000) / 16000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for step in (100, 200):
+        write_samples(run / "samples", step, {"seven": AudioSample(tone, 16000)})
+    page = write_report([run], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert page.count('<audio controls preload="none" src="data:audio/wav;base64,') == 2
+    assert page.count('alt="log-mel spectrogram of seven at step') == 2
+    assert "Sample sounds during training" in page
+    assert "media-src data:" in page  # the page's policy lets it play what it embeds
+    src = re.search(r'alt="log-mel spectrogram of seven at step 100" src="data:image/png;base64,'
+                    r'([^"]+)"', page)  # fmt: skip
+    spectrogram = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.group(1)))))
+    # a 440 Hz tone: one bright band low in the picture (low frequencies at the bottom)
+    row = spectrogram.mean(1).argmax()
+    assert spectrogram.shape[0] * 0.6 < row < spectrogram.shape[0] and spectrogram.max() == 255
 
 
 def test_a_folder_that_is_not_a_run_raises_the_run_folder_error(tmp_path, gan_run):

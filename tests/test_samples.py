@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aigc.samples import SAMPLE_KINDS, find_samples, write_samples
+from aigc.data.audio import read_audio
+from aigc.samples import SAMPLE_KINDS, AudioSample, find_samples, write_samples
 
 
 class Recorder:
@@ -22,13 +23,20 @@ class Recorder:
         assert dataformats == "HWC"
         self.calls.append(("image", tag, step))
 
+    def add_audio(self, tag, snd_tensor, step, sample_rate):
+        assert snd_tensor.shape[0] == 1 and float(snd_tensor.abs().max()) <= 1.0
+        self.calls.append(("audio", tag, step, sample_rate))
+
 
 def test_each_kind_is_written_and_found_again(tmp_path):
     grid = np.random.default_rng(0).integers(0, 256, (6, 10, 3), np.uint8)
     grey = np.zeros((4, 4, 1), np.uint8)
+    tone = np.sin(np.arange(800) / 5).astype(np.float32) * 0.5
+    clip = AudioSample(tone, 8000)
     tb = Recorder()
     for step in (20, 10):
-        write_samples(tmp_path, step, {"a": "one", "b": "two", "grid 1": grid, "g": grey}, tb)
+        samples = {"a": "one", "b": "two", "grid 1": grid, "g": grey, "say/seven": clip}
+        write_samples(tmp_path, step, samples, tb)
     assert (tmp_path / "step-00000010.txt").read_text() == "=== a ===\none\n\n=== b ===\ntwo\n"
     with Image.open(tmp_path / "step-00000020-grid_1.png") as im:
         assert np.array_equal(np.asarray(im), grid)
@@ -38,6 +46,11 @@ def test_each_kind_is_written_and_found_again(tmp_path):
     assert sorted(found["image"]) == ["g", "grid_1"]
     assert [s for s, _ in found["image"]["grid_1"]] == [10, 20]
     assert ("text", "samples/a", 20) in tb.calls and ("image", "samples/grid 1", 10) in tb.calls
+    assert [s for s, _ in found["audio"]["say_seven"]] == [10, 20]
+    back, rate = read_audio(tmp_path / "step-00000010-say_seven.wav")
+    assert rate == 8000
+    np.testing.assert_allclose(back, tone, atol=1 / 32768 + 1e-7)
+    assert ("audio", "samples/say/seven", 20, 8000) in tb.calls
 
 
 def test_a_sample_of_no_known_kind_is_refused(tmp_path):

@@ -3,7 +3,8 @@
 ``write_report(runs, out)`` reads each run folder (run.json, config.yaml,
 metrics.jsonl, eval.json, samples/, the latest checkpoint's state.json) and
 writes a single HTML file that needs nothing else: CSS inline, charts and sample
-grids embedded as base64 PNG data URIs, and a Content-Security-Policy that
+grids embedded as base64 PNG data URIs (sample sounds as WAV data URIs beside their
+spectrograms), and a Content-Security-Policy that
 forbids the page from loading anything or running scripts. Every string that
 comes from a file is HTML-escaped.
 
@@ -38,6 +39,7 @@ MAX_SAMPLE_STEPS = 6  # sample grids / texts shown per run, evenly spaced over t
 MAX_PANELS = 12  # chart panels per figure
 MAX_TEXT_CHARS = 6000  # of one sample text file
 MAX_IMAGE_BYTES = 8 << 20  # a sample image larger than this is not embedded
+MAX_AUDIO_BYTES = 4 << 20  # nor a sample sound (two minutes of 16 kHz 16-bit mono)
 
 # Words that mark a training scalar as a loss worth a curve (matched against the
 # parts of a key split at "_", so "d_loss" and "g_loss" match and "lr" does not).
@@ -49,7 +51,7 @@ EVAL_PREFIXES = ("val_", "eval_")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Nothing may be fetched and no script may run; only inline CSS and data: images.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+_CSP = "default-src 'none'; img-src data:; media-src data:; style-src 'unsafe-inline'"
 
 
 # ---------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class RunSummary:
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
     eval: dict[str, Any] | None = None  # eval.json
     image_samples: dict[str, list[tuple[int, Path]]] = field(default_factory=dict)
+    audio_samples: dict[str, list[tuple[int, Path]]] = field(default_factory=dict)
     text_samples: list[tuple[int, Path]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     loss_keys: frozenset[str] | None = None  # the task's; None for a task this install lacks
@@ -232,6 +235,7 @@ def _read_progress(run: RunDir, s: RunSummary) -> None:
 def _find_samples(run: RunDir, s: RunSummary) -> None:
     found = find_samples(run.samples_dir)
     s.image_samples = found.get("image", {})
+    s.audio_samples = found.get("audio", {})
     s.text_samples = found.get("text", {}).get("", [])
     if not found:
         s.notes.append("samples/ holds no samples yet.")
@@ -581,6 +585,56 @@ def _image_samples(s: RunSummary) -> str:
     return "".join(out)
 
 
+def _audio_samples(s: RunSummary) -> str:
+    """Each named clip at evenly spaced steps: a player (the WAV inline) and the clip's
+    log-mel spectrogram as a picture."""
+    out = []
+    for name, files in s.audio_samples.items():
+        chosen = evenly_spaced(files, MAX_SAMPLE_STEPS)
+        figures = []
+        for step, p in chosen:
+            data = p.read_bytes() if p.stat().st_size <= MAX_AUDIO_BYTES else b""
+            picture = _spectrogram_png(p) if data[:4] == b"RIFF" else None
+            if picture is None:
+                figures.append(
+                    f'<figure class="missing"><figcaption>step {step:,}: {_e(p.name)} is not '
+                    "a WAV file of a readable size</figcaption></figure>"
+                )
+                continue
+            wav = "data:audio/wav;base64," + base64.b64encode(data).decode("ascii")
+            figures.append(
+                f'<figure><img class="spectrogram" alt="log-mel spectrogram of {_e(name)} at '
+                f'step {step}" src="{_data_uri(picture)}"><audio controls preload="none" '
+                f'src="{wav}"></audio><figcaption>step {step:,}</figcaption></figure>'
+            )
+        more = f" ({len(chosen)} of {len(files)} steps)" if len(files) > len(chosen) else ""
+        out.append(f'<h4>{_e(name)}{more}</h4><div class="samples">{"".join(figures)}</div>')
+    return "".join(out)
+
+
+def _spectrogram_png(path: Path) -> bytes | None:
+    """A WAV file's log-mel spectrogram (low frequencies at the bottom) as a PNG, or None
+    when the file cannot be read as audio."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from aigc.data.audio import MelSpec, read_audio
+    from aigc.errors import DataError
+
+    try:
+        wave, rate = read_audio(path)
+    except DataError:
+        return None
+    spec = MelSpec(sample_rate=rate, n_fft=512, hop=max(1, rate // 100), n_mels=64)
+    mel = spec(torch.from_numpy(wave)).numpy()
+    top = mel.max()
+    grey = np.clip((mel - (top - 8.0)) / 8.0, 0, 1)[::-1]  # 8 nats (70 dB) of range
+    buf = io.BytesIO()
+    Image.fromarray((grey * 255).astype(np.uint8)).resize((grey.shape[1] * 2, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def _text_samples(s: RunSummary) -> str:
     chosen = evenly_spaced(s.text_samples, MAX_SAMPLE_STEPS)
     out = []
@@ -611,6 +665,8 @@ def _run_section(s: RunSummary, name: str, anchor: str) -> str:
     ]
     if s.image_samples:
         parts += ["<h3>Samples during training</h3>", _image_samples(s)]
+    if s.audio_samples:
+        parts += ["<h3>Sample sounds during training</h3>", _audio_samples(s)]
     if s.text_samples:
         parts += ["<h3>Sample texts during training</h3>", _text_samples(s)]
     if s.config_text is not None:

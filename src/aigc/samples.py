@@ -7,7 +7,9 @@ reads them back through the same table (``find_samples``), so a new kind (audio 
 follow.
 
 - text: every text of a step in ``step-N.txt``, one "=== name ===" section each;
-- image: an (H, W, C) uint8 array per name in ``step-N-<name>.png``.
+- image: an (H, W, C) uint8 array per name in ``step-N-<name>.png``;
+- audio: an :class:`AudioSample` (waveform and sample rate) per name in
+  ``step-N-<name>.wav`` (16-bit PCM).
 """
 
 from __future__ import annotations
@@ -69,7 +71,41 @@ TEXT = SampleKind(
 IMAGE = SampleKind(
     "image", _is_image, _write_images, _log_image, re.compile(r"step-(\d+)-(.+)\.png")
 )
-SAMPLE_KINDS: tuple[SampleKind, ...] = (TEXT, IMAGE)
+
+
+@dataclass(frozen=True)
+class AudioSample:
+    """A waveform written as a sample: ``wave`` (T,) or (C, T) float in [-1, 1] at
+    ``sample_rate`` Hz."""
+
+    wave: np.ndarray
+    sample_rate: int
+
+
+def _write_audio(folder: Path, step: int, clips: dict[str, AudioSample]) -> None:
+    from aigc.data.audio import write_audio
+
+    for k, clip in clips.items():
+        write_audio(folder / f"step-{step:08d}-{_safe(k)}.wav", clip.wave, clip.sample_rate)
+
+
+def _log_audio(writer: Any, name: str, clip: AudioSample, step: int) -> None:
+    import torch
+
+    wave = np.asarray(clip.wave, dtype=np.float32)
+    mono = wave.mean(axis=0) if wave.ndim == 2 else wave
+    writer.add_audio(f"samples/{name}", torch.from_numpy(np.clip(mono, -1, 1))[None], step,
+                     sample_rate=clip.sample_rate)  # fmt: skip
+
+
+AUDIO = SampleKind(
+    "audio",
+    lambda v: isinstance(v, AudioSample),
+    _write_audio,
+    _log_audio,
+    re.compile(r"step-(\d+)-(.+)\.wav"),
+)
+SAMPLE_KINDS: tuple[SampleKind, ...] = (TEXT, IMAGE, AUDIO)
 
 
 def write_samples(folder: Path, step: int, samples: dict[str, Any], writer: Any = None) -> None:
