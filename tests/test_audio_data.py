@@ -316,3 +316,54 @@ def test_a_judge_learns_held_out_classes_and_is_cached(tmp_path, monkeypatch):
     second = cached_audio_judge("tones", *args, steps=40, batch_size=8)
     torch.testing.assert_close(first.features(waves), second.features(waves))
     assert second.accuracy == first.accuracy and second.heldout == first.heldout
+
+
+# noisy speech --------------------------------------------------------------------------
+
+
+def test_noises_have_their_spectra_and_mixing_hits_the_asked_snr():
+    from aigc.data.noisy_speech import make_noise, mix_at_snr
+
+    n = 32000
+    f = np.fft.rfftfreq(n, 1 / 16000)
+    slopes = {}
+    for kind in ("white", "pink", "brown"):
+        x = make_noise(kind, n, seed=3)
+        assert np.sqrt(np.mean(x.astype(np.float64) ** 2)) == pytest.approx(1.0, rel=1e-4)
+        power = np.abs(np.fft.rfft(x)) ** 2
+        band = (f > 50) & (f < 5000)
+        slopes[kind] = np.polyfit(np.log(f[band]), np.log(power[band] + 1e-20), 1)[0]
+        np.testing.assert_array_equal(x, make_noise(kind, n, seed=3))
+    assert slopes["white"] == pytest.approx(0, abs=0.1)
+    assert slopes["pink"] == pytest.approx(-1, abs=0.1)
+    assert slopes["brown"] == pytest.approx(-2, abs=0.1)
+    hum = make_noise("hum", n, seed=1)
+    assert min(abs(_peak_hz(hum, 16000) - 50), abs(_peak_hz(hum, 16000) - 60)) < 1
+    clean = _tone(440, seconds=2.0)
+    noise = make_noise("music", n, seed=2)
+    for snr in (0.0, 7.5, 20.0):
+        mixed = mix_at_snr(clean, noise, snr)
+        residual = (mixed - clean).astype(np.float64)
+        measured = 10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean(residual**2))
+        assert measured == pytest.approx(snr, abs=1e-3)
+    with pytest.raises(DataError, match="silent"):
+        mix_at_snr(np.zeros(n, np.float32), noise, 5.0)
+    with pytest.raises(DataError, match="noise 'rain'"):
+        make_noise("rain", n, 0)
+
+
+@needs_flite
+def test_noisy_speech_is_seeded_balanced_and_keeps_its_clean_reference():
+    from aigc.data.noisy_speech import NOISES, TEST_SNRS, noisy_speech, sentences
+
+    assert len(sentences()) > 100
+    a = noisy_speech(6, seed=5, voices=("kal16",), snrs=TEST_SNRS, seconds=0.5)
+    b = noisy_speech(6, seed=5, voices=("kal16",), snrs=TEST_SNRS, seconds=0.5)
+    np.testing.assert_array_equal(a.noisy, b.noisy)
+    assert a.noisy.shape == a.clean.shape == (6, 8000)
+    assert sorted(a.noise.tolist()) == list(range(len(NOISES)))
+    assert set(a.snr.tolist()) <= set(TEST_SNRS) and np.abs(a.noisy).max() <= 0.9 + 1e-6
+    for row in range(6):  # the clean part is the reference the mixture's SNR is about
+        residual = (a.noisy[row] - a.clean[row]).astype(np.float64)
+        snr = 10 * np.log10(np.mean(a.clean[row].astype(np.float64) ** 2) / np.mean(residual**2))
+        assert snr == pytest.approx(a.snr[row], abs=0.01)
