@@ -1,0 +1,224 @@
+"""Symbolic music: four-part chorales on a sixteenth-note grid, MIDI in and out through
+``music21``, and the music-theory checks samples are measured by.
+
+A chorale is a (T, 4) array of MIDI pitches (0 = rest) for soprano, alto, tenor and
+bass at T sixteenth notes, with a (T, 4) flag of where a note starts (a held note and a
+repeated one differ only there), its key (tonic pitch class and mode) and its metre.
+The embedded source is the corpus inside the ``music21`` package: its 371 Bach
+chorales, of which those in exactly four parts are kept. Files are always parsed from
+source (``forceSource=True``): music21's own parse cache is pickled, and aigc never
+unpickles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aigc.errors import DataError
+
+VOICES = ("soprano", "alto", "tenor", "bass")
+STEPS_PER_QUARTER = 4  # the sixteenth-note grid
+REST = 0
+# the range each voice keeps to (MIDI pitches, inclusive): the usual SATB ranges of
+# harmony textbooks widened by a step or two, since Bach's parts reach a little further
+VOICE_RANGES = {"soprano": (60, 81), "alto": (53, 74), "tenor": (48, 69), "bass": (36, 64)}
+MAJOR = frozenset({0, 2, 4, 5, 7, 9, 11})
+# minor: the natural scale with the raised sixth and seventh of the melodic and
+# harmonic forms, which chorales in minor use all the time
+MINOR = frozenset({0, 2, 3, 5, 7, 8, 9, 10, 11})
+
+
+@dataclass(frozen=True)
+class Chorale:
+    """``pitches`` (T, 4) int16 MIDI pitches (0 = rest) and ``onsets`` (T, 4) bool per
+    sixteenth for soprano, alto, tenor and bass; ``tonic`` a pitch class 0-11 and
+    ``mode`` "major" or "minor"; ``beats`` quarter notes per bar."""
+
+    name: str
+    pitches: np.ndarray
+    onsets: np.ndarray
+    tonic: int
+    mode: str
+    beats: float = 4.0
+
+    def __len__(self) -> int:
+        return len(self.pitches)
+
+    def scale(self) -> frozenset[int]:
+        """The pitch classes of the key (tonic + the mode's degrees, mod 12)."""
+        steps = MAJOR if self.mode == "major" else MINOR
+        return frozenset((self.tonic + s) % 12 for s in steps)
+
+
+def chorale_from_score(score, name: str = "") -> Chorale:
+    """A music21 score of exactly four parts (highest first) as a Chorale. DataError
+    when it has another number of parts, no notes, or a part sounding two notes at once
+    (a chord: the top note is kept, as a chorale's voice is one line)."""
+    parts = list(score.parts)
+    if len(parts) != 4:
+        raise DataError(f"{name or 'the score'}: a chorale has four parts, this has {len(parts)}")
+    length = round(float(score.flatten().highestTime) * STEPS_PER_QUARTER)
+    if length == 0:
+        raise DataError(f"{name or 'the score'}: no notes")
+    pitches = np.zeros((length, 4), np.int16)
+    onsets = np.zeros((length, 4), bool)
+    for v, part in enumerate(parts):
+        for n in part.flatten().notes:
+            start = round(float(n.offset) * STEPS_PER_QUARTER)
+            end = round(float(n.offset + n.quarterLength) * STEPS_PER_QUARTER)
+            if end <= start or start >= length:
+                continue  # grace notes take no time on the grid
+            midi = max(p.midi for p in n.pitches)
+            pitches[start:end, v] = midi
+            tied_on = n.tie is not None and n.tie.type in ("continue", "stop")
+            onsets[start, v] = not (tied_on and start > 0 and pitches[start - 1, v] == midi)
+    if not onsets.any():
+        raise DataError(f"{name or 'the score'}: no notes")
+    key = score.analyze("key")
+    metre = score.recurse().getElementsByClass("TimeSignature")
+    beats = float(metre[0].barDuration.quarterLength) if len(metre) else 4.0
+    return Chorale(name, pitches, onsets, int(key.tonic.pitchClass), str(key.mode), beats)
+
+
+def bach_chorales(limit: int | None = None) -> list[Chorale]:
+    """The four-part Bach chorales of music21's corpus in its Riemenschneider order
+    (``limit`` the first so many). Parsing all of them takes about a minute: prepare
+    them once and keep the arrays."""
+    from music21 import corpus
+
+    names = list(corpus.chorales.Iterator(returnType="filename"))
+    out = []
+    for name in names[:limit]:
+        score = corpus.parse(name, forceSource=True)
+        if len(score.parts) == 4:
+            try:
+                out.append(chorale_from_score(score, str(name)))
+            except DataError:
+                continue
+    return out
+
+
+def read_midi(path: str | os.PathLike) -> Chorale:
+    """A four-part MIDI file as a Chorale; DataError naming the file when it cannot be
+    read, has no notes, or has another number of parts."""
+    from music21 import converter
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such MIDI file")
+    try:
+        score = converter.parse(str(path), format="midi", forceSource=True,
+                                quarterLengthDivisors=(4, 3))  # fmt: skip
+    except Exception as e:  # music21 raises many kinds for a damaged file
+        raise DataError(f"{path}: not a MIDI file music21 can read ({type(e).__name__})") from None
+    return chorale_from_score(score, str(path))
+
+
+def to_score(chorale: Chorale, tempo: float = 80.0):
+    """The chorale as a music21 score of four parts (onsets start notes; a held pitch
+    continues the note), at ``tempo`` quarter notes per minute."""
+    from music21 import instrument, meter, note, stream
+    from music21 import tempo as m21tempo
+
+    score = stream.Score()
+    step = 1.0 / STEPS_PER_QUARTER
+    for v, name in enumerate(VOICES):
+        part = stream.Part(id=name)
+        part.partName = name.capitalize()
+        part.insert(0, instrument.Choir())
+        if v == 0:
+            part.insert(0, m21tempo.MetronomeMark(number=tempo))
+            part.insert(0, meter.TimeSignature(f"{round(chorale.beats)}/4"))
+        t = 0
+        length = len(chorale)
+        while t < length:
+            midi = int(chorale.pitches[t, v])
+            end = t + 1
+            while end < length and chorale.pitches[end, v] == midi and not chorale.onsets[end, v]:
+                end += 1
+            element = note.Rest() if midi == REST else note.Note(midi)
+            element.quarterLength = (end - t) * step
+            part.insert(t * step, element)
+            t = end
+        score.insert(0, part)
+    return score
+
+
+def write_midi(chorale: Chorale, path: str | os.PathLike, tempo: float = 80.0) -> Path:
+    """The chorale as a standard MIDI file (one track per voice), written through a
+    temporary file. Returns the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    to_score(chorale, tempo).write("midi", fp=str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+# music-theory checks ----------------------------------------------------------------
+
+
+def in_key_rate(chorale: Chorale) -> float:
+    """The share of notes (onsets) whose pitch class is in the chorale's key."""
+    notes = chorale.pitches[chorale.onsets & (chorale.pitches != REST)]
+    if len(notes) == 0:
+        return float("nan")
+    scale = np.array(sorted(chorale.scale()))
+    return float(np.isin(notes % 12, scale).mean())
+
+
+def in_range_rate(chorale: Chorale) -> float:
+    """The share of notes (onsets) inside their voice's range (VOICE_RANGES)."""
+    inside = total = 0
+    for v, name in enumerate(VOICES):
+        lo, hi = VOICE_RANGES[name]
+        notes = chorale.pitches[chorale.onsets[:, v] & (chorale.pitches[:, v] != REST), v]
+        inside += int(((notes >= lo) & (notes <= hi)).sum())
+        total += len(notes)
+    return inside / total if total else float("nan")
+
+
+@dataclass(frozen=True)
+class Parallels:
+    """Parallel perfect fifths and octaves (unisons counted as octaves) between the six
+    voice pairs: ``fifths`` and ``octaves`` counted over ``moves``, the chord changes in
+    which both voices of a pair move to a new pitch."""
+
+    fifths: int
+    octaves: int
+    moves: int
+
+    @property
+    def rate(self) -> float:
+        """Parallel fifths and octaves per pair move."""
+        return (self.fifths + self.octaves) / self.moves if self.moves else float("nan")
+
+
+def parallels(chorale: Chorale) -> Parallels:
+    """Counts consecutive perfect fifths or octaves: two voices a fifth (or octave, or
+    unison) apart, mod 12, at one chord and again at the next, both having moved in the
+    same direction. Chords are the grid steps where some voice starts a note."""
+    events = np.nonzero(chorale.onsets.any(axis=1))[0]
+    chords = chorale.pitches[events].astype(int)  # (E, 4)
+    fifths = octaves = moves = 0
+    for a in range(4):
+        for b in range(a + 1, 4):
+            for prev, cur in itertools.pairwise(chords):
+                if REST in (prev[a], prev[b], cur[a], cur[b]):
+                    continue
+                da, db = cur[a] - prev[a], cur[b] - prev[b]
+                if da == 0 or db == 0:
+                    continue
+                moves += 1
+                if np.sign(da) != np.sign(db):
+                    continue
+                before, after = (prev[a] - prev[b]) % 12, (cur[a] - cur[b]) % 12
+                if before == after == 7:
+                    fifths += 1
+                elif before == after == 0:
+                    octaves += 1
+    return Parallels(fifths, octaves, moves)

@@ -1,0 +1,126 @@
+"""Chorales on a sixteenth-note grid: scores and MIDI files in and out through music21,
+the embedded Bach corpus, and the music-theory checks counted by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aigc.data.music import (
+    REST,
+    Chorale,
+    bach_chorales,
+    chorale_from_score,
+    in_key_rate,
+    in_range_rate,
+    parallels,
+    read_midi,
+    write_midi,
+)
+from aigc.errors import DataError
+
+
+def _chorale(columns: list[list[int]], tonic: int = 0, mode: str = "major") -> Chorale:
+    """One chord per quarter note: columns[i] = (S, A, T, B) MIDI pitches, every one a
+    new note; 4 sixteenths each."""
+    pitches = np.repeat(np.asarray(columns, np.int16), 4, axis=0)
+    onsets = np.zeros_like(pitches, dtype=bool)
+    onsets[::4] = True
+    onsets &= pitches != REST
+    return Chorale("test", pitches, onsets, tonic, mode, 4.0)
+
+
+def test_a_score_becomes_the_grid_with_ties_rests_and_chords():
+    from music21 import chord, note, stream, tie
+
+    score = stream.Score()
+    lines = [
+        [("n", 72, 1.0), ("n", 74, 0.5), ("tie", 74, 0.5), ("rest", 0, 1.0)],
+        [("n", 67, 2.0), ("n", 67, 1.0)],  # a repeated pitch: two onsets
+        [("chord", (60, 64), 3.0)],  # a chord in one voice: its top note
+        [("n", 48, 0.75), ("n", 43, 2.25)],
+    ]
+    for line in lines:
+        part = stream.Part()
+        t = 0.0
+        for kind, pitch, length in line:
+            if kind == "rest":
+                el = note.Rest()
+            elif kind == "chord":
+                el = chord.Chord(list(pitch))
+            else:
+                el = note.Note(pitch)
+            if kind == "tie":
+                el.tie = tie.Tie("stop")
+            el.quarterLength = length
+            part.insert(t, el)
+            t += length
+        score.insert(0, part)
+    c = chorale_from_score(score, "made")
+    assert c.pitches.shape == (12, 4)
+    assert c.pitches[:, 0].tolist() == [72] * 4 + [74] * 4 + [0] * 4
+    assert c.onsets[:, 0].tolist() == [True] + [False] * 3 + [True] + [False] * 7
+    assert c.pitches[:, 1].tolist() == [67] * 12
+    assert np.nonzero(c.onsets[:, 1])[0].tolist() == [0, 8]
+    assert c.pitches[:, 2].tolist() == [64] * 12
+    assert np.nonzero(c.onsets[:, 3])[0].tolist() == [0, 3]
+    score.remove(score.parts[3])
+    with pytest.raises(DataError, match="a chorale has four parts, this has 3"):
+        chorale_from_score(score, "three")
+
+
+def test_midi_round_trips_the_grid(tmp_path):
+    c = _chorale([[72, 67, 64, 48], [72, 67, 62, 43], [74, 65, 62, 47], [0, 64, 60, 48]])
+    path = write_midi(c, tmp_path / "c.mid")
+    assert path.read_bytes()[:4] == b"MThd" and not list(tmp_path.glob(".*.tmp"))
+    back = read_midi(path)
+    np.testing.assert_array_equal(back.pitches, c.pitches)
+    np.testing.assert_array_equal(back.onsets, c.onsets)  # repeated 72 and 67: new onsets
+    (tmp_path / "bad.mid").write_bytes(b"MThd but nothing after")
+    with pytest.raises(DataError, match=r"bad\.mid: not a MIDI file"):
+        read_midi(tmp_path / "bad.mid")
+    with pytest.raises(DataError, match=r"gone\.mid: no such MIDI file"):
+        read_midi(tmp_path / "gone.mid")
+
+
+def test_parallels_counted_by_hand():
+    c = _chorale([
+        [72, 67, 64, 48],
+        [74, 67, 65, 50],  # S, T, B move up; S-B 24 -> 24: parallel octaves
+        [76, 69, 64, 45],  # S-A 7 -> 7, both up: parallel fifths; T and B go down
+        [77, 69, 65, 50],  # S-T 12 -> 12, both up: octaves; S-B 31 -> 27, T-B 19 -> 15
+    ])  # fmt: skip
+    p = parallels(c)
+    # pairs where both voices move: 3 (S, T, B) + 6 (all four) + 3 (S, T, B)
+    assert (p.fifths, p.octaves, p.moves) == (1, 2, 12)
+    assert p.rate == pytest.approx(3 / 12)
+    # T-B 7 -> 7 and S-B 24 -> 24, every voice rising
+    both = parallels(_chorale([[72, 64, 55, 48], [74, 65, 57, 50]]))
+    assert (both.fifths, both.octaves, both.moves) == (1, 1, 6)
+    # the same intervals in contrary or oblique motion are not parallels
+    oblique = parallels(_chorale([[72, 64, 55, 48], [72, 65, 57, 50]]))
+    assert (oblique.fifths, oblique.octaves, oblique.moves) == (1, 0, 3)
+
+
+def test_key_and_range_checks():
+    c = _chorale([[72, 67, 64, 48], [73, 67, 64, 48], [74, 66, 62, 50]])  # C major: C#, F#
+    assert in_key_rate(c) == pytest.approx(10 / 12)
+    minor = _chorale([[69, 64, 60, 45], [68, 64, 59, 40]], tonic=9, mode="minor")  # G# is in
+    assert in_key_rate(minor) == 1.0
+    wide = _chorale([[90, 67, 64, 48], [72, 40, 64, 30]])  # soprano, alto, bass out of range
+    assert in_range_rate(wide) == pytest.approx(5 / 8)
+
+
+def test_the_embedded_bach_chorales():
+    chorales = bach_chorales(limit=3)
+    assert len(chorales) == 3
+    first = chorales[0]
+    assert first.name.endswith("bwv269") and (first.tonic, first.mode, first.beats) == (
+        7,
+        "major",
+        3.0,
+    )
+    assert first.pitches.shape[1] == 4 and first.onsets[0].all()
+    for c in chorales:
+        assert in_range_rate(c) > 0.95 and in_key_rate(c) > 0.9
+        assert parallels(c).rate < 0.02
