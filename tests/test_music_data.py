@@ -3,6 +3,8 @@ the embedded Bach corpus, and the music-theory checks counted by hand."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,50 @@ def test_the_embedded_bach_chorales():
     for c in chorales:
         assert in_range_rate(c) > 0.95 and in_key_rate(c) > 0.9
         assert parallels(c).rate < 0.02
+
+
+# tokens and the n-gram floor -------------------------------------------------------------
+
+
+def test_tokens_round_trip_and_transpose():
+    from aigc.data.music import BOS, EOS, HOLD, REST_TOKEN, decode, encode, transpositions
+
+    c = _chorale([[72, 67, 64, 48], [72, 67, 62, 0], [74, 65, 62, 47]])
+    c.onsets[4, 1] = False  # the alto's G tied over into the second chord
+    tokens = encode(c)
+    assert tokens[0] == BOS and tokens[-1] == EOS and len(tokens) == 2 + 4 * len(c)
+    assert tokens[1 + 4 * 1 + 0] == HOLD and tokens[1 + 4 * 4 + 1] == HOLD
+    assert tokens[1 + 4 * 4 + 3] == REST_TOKEN
+    back = decode(tokens)
+    np.testing.assert_array_equal(back.pitches, c.pitches)
+    np.testing.assert_array_equal(back.onsets, c.onsets)
+    up = decode(encode(c, transpose=5))
+    np.testing.assert_array_equal(up.pitches, np.where(c.pitches > 0, c.pitches + 5, 0))
+    shifts = transpositions(c)
+    assert shifts == list(range(-6, 7))
+    with pytest.raises(DataError, match="leave"):
+        encode(_chorale([[90, 67, 64, 48]]), transpose=5)
+    assert 5 not in transpositions(_chorale([[90, 67, 64, 48]]))
+    # a sample cut short: whole sixteenths kept, a hold after silence is silence
+    cut = decode([BOS, HOLD, 50, 60, 70, 40])
+    assert cut.pitches.tolist() == [[0, 50 - 4 + 28, 60 - 4 + 28, 70 - 4 + 28]]
+
+
+def test_kneser_ney_by_hand_and_its_distributions_sum_to_one():
+    from aigc.metrics.ngram import KneserNey
+
+    lm = KneserNey(order=2, vocab_size=4, discount=0.5).fit([[0, 1, 2, 1, 2], [0, 1, 3]])
+    # continuation counts: 1 follows {0, 2}, 2 and 3 follow {1}; 4 bigram types
+    uni = {0: 0.09375, 1: 0.46875, 2: 0.21875, 3: 0.21875}  # max(N - D, 0) / 4 + 0.375 / 4
+    for w, p in uni.items():
+        assert lm.prob([3], w) == pytest.approx(p)  # an unseen context backs off wholly
+    # after 1 (seen 3 times, 2 kinds): max(c - D, 0) / 3 + (D * 2 / 3) * P1
+    assert lm.prob([1], 2) == pytest.approx(1.5 / 3 + uni[2] / 3)
+    assert lm.prob([1], 3) == pytest.approx(0.5 / 3 + uni[3] / 3)
+    assert lm.prob([1], 0) == pytest.approx(uni[0] / 3)
+    tri = KneserNey(order=3, vocab_size=6).fit([[0, 1, 2, 3, 1, 2, 4], [0, 2, 3, 1, 5]])
+    for context in ([0, 0], [1, 2], [2, 3], [5, 5], [4]):
+        assert sum(tri.distribution(context)) == pytest.approx(1.0)
+    total, n = tri.nll([[0, 1, 2, 3]])
+    by_hand = -sum(math.log(tri.prob(ctx, w)) for ctx, w in [([0, 0], 1), ([0, 1], 2), ([1, 2], 3)])
+    assert n == 3 and total == pytest.approx(by_hand)

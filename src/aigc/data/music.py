@@ -222,3 +222,67 @@ def parallels(chorale: Chorale) -> Parallels:
                 elif before == after == 0:
                     octaves += 1
     return Parallels(fifths, octaves, moves)
+
+
+# tokens -------------------------------------------------------------------------------
+
+BOS, EOS, HOLD, REST_TOKEN = 0, 1, 2, 3  # a chorale's start and end; a held note; silence
+LOWEST, HIGHEST = 28, 92  # the pitches tokens cover (E1 to G#6): every voice transposed
+PITCH_BASE = 4  # token of LOWEST
+VOCAB_SIZE = PITCH_BASE + HIGHEST - LOWEST + 1
+TOKEN_NAMES = ("<bos>", "<eos>", "hold", "rest")
+
+
+def token_name(token: int) -> str:
+    """A token as a reader would name it: <bos>, <eos>, hold, rest or a MIDI pitch."""
+    if token < PITCH_BASE:
+        return TOKEN_NAMES[token]
+    return str(token - PITCH_BASE + LOWEST)
+
+
+def encode(chorale: Chorale, transpose: int = 0) -> np.ndarray:
+    """The chorale as tokens: <bos>, then per sixteenth soprano, alto, tenor and bass,
+    each a pitch (a note starts), ``hold`` (the note goes on) or ``rest``; then <eos>.
+    ``transpose`` shifts every pitch by that many semitones. DataError when a pitch
+    falls outside LOWEST..HIGHEST."""
+    pitches = chorale.pitches.astype(np.int64)
+    sounding = pitches != REST
+    shifted = pitches + transpose
+    if sounding.any() and (shifted[sounding].min() < LOWEST or shifted[sounding].max() > HIGHEST):
+        raise DataError(
+            f"{chorale.name}: transposed by {transpose}, its pitches leave {LOWEST}..{HIGHEST}"
+        )
+    grid = np.where(chorale.onsets & sounding, shifted - LOWEST + PITCH_BASE, HOLD)
+    grid = np.where(sounding, grid, REST_TOKEN)
+    return np.concatenate([[BOS], grid.reshape(-1), [EOS]]).astype(np.int64)
+
+
+def decode(tokens: np.ndarray | list[int], name: str = "sample", tonic: int = 0,
+           mode: str = "major", beats: float = 4.0) -> Chorale:  # fmt: skip
+    """Tokens (with or without <bos>) back to a Chorale, up to <eos> or the last whole
+    sixteenth. A ``hold`` after silence, or a stray <bos>, is read as a rest."""
+    toks = [int(t) for t in tokens]
+    if toks and toks[0] == BOS:
+        toks = toks[1:]
+    if EOS in toks:
+        toks = toks[: toks.index(EOS)]
+    steps = len(toks) // 4
+    pitches = np.zeros((steps, 4), np.int16)
+    onsets = np.zeros((steps, 4), bool)
+    for i in range(steps):
+        for v in range(4):
+            t = toks[4 * i + v]
+            if t >= PITCH_BASE:
+                pitches[i, v], onsets[i, v] = t - PITCH_BASE + LOWEST, True
+            elif t == HOLD and i > 0:
+                pitches[i, v] = pitches[i - 1, v]
+    return Chorale(name, pitches, onsets, tonic, mode, beats)
+
+
+def transpositions(chorale: Chorale, max_shift: int = 6) -> list[int]:
+    """The shifts in -max_shift..max_shift that keep every pitch within LOWEST..HIGHEST."""
+    sounding = chorale.pitches[chorale.pitches != REST].astype(int)
+    if len(sounding) == 0:
+        return [0]
+    lo, hi = LOWEST - sounding.min(), HIGHEST - sounding.max()
+    return [k for k in range(-max_shift, max_shift + 1) if lo <= k <= hi]
