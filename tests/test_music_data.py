@@ -17,6 +17,7 @@ from aigc.data.music import (
     in_range_rate,
     parallels,
     read_midi,
+    split_chorales,
     write_midi,
 )
 from aigc.errors import DataError
@@ -126,6 +127,11 @@ def test_the_embedded_bach_chorales():
     for c in chorales:
         assert in_range_rate(c) > 0.95 and in_key_rate(c) > 0.9
         assert parallels(c).rate < 0.02
+    train, held = split_chorales(chorales + chorales[:1] * 7, 0.2, seed=1)
+    assert len(held) == 2 and len(train) == 8
+    assert [c.name for c in split_chorales(chorales, 0.5, seed=1)[1]] == [
+        c.name for c in split_chorales(chorales, 0.5, seed=1)[1]
+    ]
 
 
 # tokens and the n-gram floor -------------------------------------------------------------

@@ -286,3 +286,16 @@ def transpositions(chorale: Chorale, max_shift: int = 6) -> list[int]:
         return [0]
     lo, hi = LOWEST - sounding.min(), HIGHEST - sounding.max()
     return [k for k in range(-max_shift, max_shift + 1) if lo <= k <= hi]
+
+
+def split_chorales(
+    chorales: list[Chorale], val_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Chorale], list[Chorale]]:
+    """(train, held-out) by whole chorale: a seeded ``val_fraction`` of them held out."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in (0, 1)")
+    order = np.random.default_rng(seed).permutation(len(chorales))
+    n_val = max(1, round(val_fraction * len(chorales)))
+    held = set(order[:n_val].tolist())
+    return ([c for i, c in enumerate(chorales) if i not in held],
+            [c for i, c in enumerate(chorales) if i in held])  # fmt: skip
