@@ -32,7 +32,7 @@ from typing import Any
 
 from aigc.errors import CheckpointError, ConfigError, RequestError
 from aigc.runs import RunDir, atomic_write_text
-from aigc.samples import find_samples
+from aigc.samples import AUDIO, IMAGE, TEXT, find_samples
 from aigc.tasks import get_task
 
 MAX_SAMPLE_STEPS = 6  # sample grids / texts shown per run, evenly spaced over training
@@ -234,9 +234,9 @@ def _read_progress(run: RunDir, s: RunSummary) -> None:
 
 def _find_samples(run: RunDir, s: RunSummary) -> None:
     found = find_samples(run.samples_dir)
-    s.image_samples = found.get("image", {})
-    s.audio_samples = found.get("audio", {})
-    s.text_samples = found.get("text", {}).get("", [])
+    s.image_samples = found.get(IMAGE.name, {})
+    s.audio_samples = found.get(AUDIO.name, {})
+    s.text_samples = found.get(TEXT.name, {}).get("", [])
     if not found:
         s.notes.append("samples/ holds no samples yet.")
 
