@@ -93,7 +93,8 @@ def fit_length(wave: np.ndarray, samples: int) -> np.ndarray:
 @dataclass(frozen=True)
 class SpokenDigits:
     """The embedded spoken digits: ``waves`` (N, 16000) float32; ``digit``, ``voice``,
-    ``rate`` and ``pitch`` (N,) int indices into DIGITS, VOICES, RATES and PITCHES."""
+    ``rate`` and ``pitch`` (N,) int indices into DIGITS, VOICES and the rates and pitches
+    the set was made with (RATES and PITCHES by default)."""
 
     waves: np.ndarray
     digit: np.ndarray
