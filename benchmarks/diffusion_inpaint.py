@@ -5,10 +5,10 @@ upper half should still be that digit), beside the judge's verdict on the masked
 itself (the region left black), on the originals and on the region copied from the
 training image nearest on the kept pixels (how often the kept part decides the class),
 and the PSNR of the filled region to the truth. Rows: the plain replacement method
-(resample 1) and RePaint at each --resample count, each with its network calls and
-images/s.
+(resample 1) and RePaint at each --resample count, each without and with reconstruction
+guidance at each --reconstruction weight, with its network calls and images/s.
 
-    python benchmarks/diffusion_inpaint.py runs/ddpm-digits --n 500
+    python benchmarks/diffusion_inpaint.py runs/ddpm-digits --batch 250
     python benchmarks/diffusion_inpaint.py runs/ddpm-digits --region left-half --resample 1 5 10
 
 ``--replace`` (a text-to-image run of the shapes): each held-out shape is masked out (a
@@ -18,7 +18,7 @@ right"); the run's judge reads all four attributes of the result against the pro
 beside the same prompts drawn from nothing, and every kept pixel is compared with the
 input's.
 
-    python benchmarks/diffusion_inpaint.py runs/t2i-shapes --replace --n 500 --resample 1 5
+    python benchmarks/diffusion_inpaint.py runs/t2i-shapes --replace --n 500
 """
 
 from __future__ import annotations
@@ -106,14 +106,14 @@ def replace(args, pipe, data, clf) -> None:
         return float(right.mean()), each
 
     ids = task.coder.encode(prompts)
-    head = f"{'filled by':<26} {'calls':>6} {'all four':>9} " + " ".join(f"{a:>9}" for a in attrs)
+    head = f"{'filled by':<26} {'calls':>9} {'all four':>9} " + " ".join(f"{a:>9}" for a in attrs)
     print(f"\n{head} {'kept exact':>11} {'images/s':>9}")
     drawn = torch.cat([task.generate_from(model, ids[i : i + args.batch], args.seed + i,
                                           pipe.device).cpu() for i in range(0, len(idx), args.batch)])  # fmt: skip
     total, each = judged(drawn)
-    print(f"{'(drawn from nothing)':<26} {'':>6} {total:>9.1%} "
+    print(f"{'(drawn from nothing)':<26} {'':>9} {total:>9.1%} "
           + " ".join(f"{each[a]:>9.1%}" for a in attrs))  # fmt: skip
-    for r in args.resample:
+    for r, w in [(r, w) for w in args.reconstruction for r in args.resample]:
         out = []
         t0 = time.perf_counter()
         for i in range(0, len(idx), args.batch):
@@ -122,7 +122,8 @@ def replace(args, pipe, data, clf) -> None:
             z = torch.randn(len(truth[part]), model.cfg.z_dim, generator=gen)
             out.append(model.inpaint(truth[part], masks[part], z, None, "ddpm", args.steps,
                                      generator=gen, text=ids[part].to(pipe.device),
-                                     jump_length=args.jump_length, resample=r).cpu())  # fmt: skip
+                                     jump_length=args.jump_length, resample=r,
+                                     reconstruction=w).cpu())  # fmt: skip
         dt = time.perf_counter() - t0
         filled = torch.cat(out)
         got = to_uint8(filled)
@@ -130,10 +131,18 @@ def replace(args, pipe, data, clf) -> None:
         exact = float(np.mean([np.array_equal(got[k] * keep[k], given[k] * keep[k])
                                for k in range(len(idx))]))  # fmt: skip
         total, each = judged(filled)
-        name = "replacement (resample 1)" if r == 1 else f"RePaint, resample {r}"
-        calls = repaint_calls(args.steps, args.jump_length, r)
-        print(f"{name:<26} {calls:>6} {total:>9.1%} " + " ".join(f"{each[a]:>9.1%}" for a in attrs)
+        name, calls = row_name(args, r, w)
+        print(f"{name:<26} {calls:>9} {total:>9.1%} " + " ".join(f"{each[a]:>9.1%}" for a in attrs)
               + f" {exact:>11.1%} {len(idx) / dt:>9.2f}", flush=True)  # fmt: skip
+
+
+def row_name(args: argparse.Namespace, resample: int, weight: float) -> tuple[str, str]:
+    """A row's name and its network calls ("+grad": each call also back-propagated)."""
+    name = "replacement (resample 1)" if resample == 1 else f"RePaint, resample {resample}"
+    if weight > 0:
+        name = f"{'replacement' if resample == 1 else f'RePaint {resample}'} + recon. {weight:g}"
+    calls = repaint_calls(args.steps, args.jump_length, resample)
+    return name, f"{calls}{'+grad' if weight > 0 else ''}"
 
 
 def nearest_fill(truth: torch.Tensor, train: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -159,7 +168,14 @@ def main() -> None:
     p.add_argument("--region", choices=REGIONS, default="lower-half")
     p.add_argument("--steps", type=int, default=50, help="DDPM steps")
     p.add_argument("--jump-length", type=int, default=5)
-    p.add_argument("--resample", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--resample", type=int, nargs="+", default=[1])
+    p.add_argument(
+        "--reconstruction",
+        type=float,
+        nargs="+",
+        default=[0.0, 16.0],
+        help="reconstruction guidance weights (0: none), each with each --resample",
+    )
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -195,14 +211,14 @@ def main() -> None:
     def judged(images: torch.Tensor) -> float:
         return float((clf.model.predict(images.cpu())[attr] == want).float().mean())
 
-    print(f"\n{'filled by':<26} {'calls':>6} {'judged as own ' + attr:>20} "
+    print(f"\n{'filled by':<26} {'calls':>9} {'judged as own ' + attr:>20} "
           f"{'PSNR (dB)':>10} {'images/s':>9}")  # fmt: skip
-    print(f"{'(originals)':<26} {'':>6} {judged(truth):>20.1%}")
-    print(f"{'(masked region black)':<26} {'':>6} {judged(truth * (1 - mask) - mask):>20.1%}")
+    print(f"{'(originals)':<26} {'':>9} {judged(truth):>20.1%}")
+    print(f"{'(masked region black)':<26} {'':>9} {judged(truth * (1 - mask) - mask):>20.1%}")
     nearest = nearest_fill(truth, to_model_batch(np.asarray(data.train_images)), mask)
-    print(f"{'(nearest training image)':<26} {'':>6} {judged(nearest):>20.1%} "
+    print(f"{'(nearest training image)':<26} {'':>9} {judged(nearest):>20.1%} "
           f"{psnr(nearest, truth, mask):>10.2f}")  # fmt: skip
-    for r in args.resample:
+    for r, w in [(r, w) for w in args.reconstruction for r in args.resample]:
         out = []
         t0 = time.perf_counter()
         for i in range(0, len(idx), args.batch):
@@ -214,12 +230,12 @@ def main() -> None:
                 lab = model.random_labels(len(part), gen).cpu()
             out.append(model.inpaint(part, mask.expand(len(part), -1, -1, -1), z, lab,
                                      "ddpm", args.steps, generator=gen,
-                                     jump_length=args.jump_length, resample=r).cpu())  # fmt: skip
+                                     jump_length=args.jump_length, resample=r,
+                                     reconstruction=w).cpu())  # fmt: skip
         dt = time.perf_counter() - t0
         filled = torch.cat(out)
-        name = "replacement (resample 1)" if r == 1 else f"RePaint, resample {r}"
-        calls = repaint_calls(args.steps, args.jump_length, r)
-        print(f"{name:<26} {calls:>6} {judged(filled):>20.1%} {psnr(filled, truth, mask):>10.2f} "
+        name, calls = row_name(args, r, w)
+        print(f"{name:<26} {calls:>9} {judged(filled):>20.1%} {psnr(filled, truth, mask):>10.2f} "
               f"{len(idx) / dt:>9.2f}", flush=True)  # fmt: skip
 
 

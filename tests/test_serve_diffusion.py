@@ -423,11 +423,11 @@ def test_edits_through_the_openai_client_are_the_python_apis_inpainting(client, 
         model="t2i", image=("in.png", _png_bytes(EDIT_IMAGE), "image/png"),
         mask=("mask.png", _png_bytes(EDIT_MASK), "image/png"), prompt="a small red circle", n=2,
         size="32x32", response_format="b64_json",
-        extra_body={"seed": 4, "num_inference_steps": 6, "resample": 2},
+        extra_body={"seed": 4, "num_inference_steps": 6, "resample": 2, "reconstruction": 3},
     )  # fmt: skip
     got = np.stack(_pngs(r))
     want = pipes["t2i"].inpaint(EDIT_IMAGE, EDIT_MASK, prompt="a small red circle", n=2, seed=4,
-                                num_inference_steps=6, resample=2)  # fmt: skip
+                                num_inference_steps=6, resample=2, reconstruction=3)  # fmt: skip
     assert np.array_equal(got, _u8(want))
     assert np.array_equal(got[:, :20], np.broadcast_to(EDIT_IMAGE[:20], (2, 20, 32, 3)))
     # OpenAI's convention: the image's own transparent pixels, no mask
@@ -435,7 +435,7 @@ def test_edits_through_the_openai_client_are_the_python_apis_inpainting(client, 
     r = client.images.edit(
         model="t2i", image=("in.png", _png_bytes(rgba, "RGBA"), "image/png"),
         prompt="a small red circle", n=2, response_format="b64_json",
-        extra_body={"seed": 4, "num_inference_steps": 6, "resample": 2},
+        extra_body={"seed": 4, "num_inference_steps": 6, "resample": 2, "reconstruction": 3},
     )  # fmt: skip
     assert np.array_equal(np.stack(_pngs(r)), got)
 

@@ -398,7 +398,13 @@ def edit(
     ] = 5,
     resample: Annotated[
         int | None,
-        typer.Option(help="Inpainting (RePaint): walks per stretch [5 with ddpm/ddim, else 1]."),
+        typer.Option(help="Inpainting (RePaint): walks per stretch [1]; more needs ddpm/ddim."),
+    ] = None,
+    reconstruction: Annotated[
+        float | None,
+        typer.Option(
+            help="Inpainting: reconstruction guidance weight [16 with ddpm/ddim, else 0]."
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed and settings, same images.")] = None,
     out: Annotated[
@@ -425,7 +431,7 @@ def edit(
     kind = gen.edit_kind(image, mask, strength)
     with _denoising_bar() as advance:
         result = gen.edit(image, mask, strength, jump_length=jump_length, resample=resample,
-                          callback=advance, **common)  # fmt: skip
+                          reconstruction=reconstruction, callback=advance, **common)  # fmt: skip
     target = out or Path(run) / "samples" / f"{kind}.png"
     paths = gen.save(result.images, target)
     where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"

@@ -756,6 +756,7 @@ class Diffusion(LatentSampling, nn.Module):
         jump_length: int = 5,
         resample: int = 5,
         callback: Callable[[int, int, Tensor], None] | None = None,
+        reconstruction: float = 0.0,
     ) -> Tensor:
         """The masked region of ``image`` (n, C, H, W) in [-1, 1] filled in by RePaint
         (Lugmayr et al. 2022, Algorithm 1), any run conditioned as for ``generate``.
@@ -766,7 +767,10 @@ class Diffusion(LatentSampling, nn.Module):
         steps through the forward process (line 8) to be denoised again, ``resample``
         times in all, so the filled region is harmonised with what is kept (§4.2).
         Jumping back needs a scheduler that steps by timestep value (ddpm, ddim); others
-        take resample=1. The known pixels come back exactly as given.
+        take resample=1. The known pixels come back exactly as given. ``reconstruction``
+        > 0 adds reconstruction guidance of that weight (aigc.schedulers.loops
+        `reconstruction_guided`), which needs gradients and so runs outside inference
+        mode whatever the caller's.
 
         An inpainting model (cfg.inpainting) reads the kept pixels and the mask instead
         and fills in one pass of the scheduler (``jump_length`` and ``resample`` unused).
@@ -783,9 +787,10 @@ class Diffusion(LatentSampling, nn.Module):
             with self._guided(n, labels, text, negative, guidance, cond) as net:
                 x = denoise_loop(net, s, x, generator, callback)
             return (1 - fill) * image + fill * x.clamp(-1.0, 1.0)
-        with self._guided(n, labels, text, negative, guidance) as net:
+        grads = torch.inference_mode(False) if reconstruction > 0 else contextlib.nullcontext()
+        with grads, self._guided(n, labels, text, negative, guidance) as net:
             return repaint(net, s, image, mask.to(self.device), z.to(self.device).view_as(image),
-                           generator, jump_length, resample, callback)  # fmt: skip
+                           generator, jump_length, resample, callback, reconstruction)  # fmt: skip
 
     def interpolate(self, z0: Tensor, z1: Tensor, steps: int) -> Tensor:
         from aigc.models.layers import slerp

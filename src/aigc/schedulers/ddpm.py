@@ -98,6 +98,28 @@ class DiscreteScheduler(Scheduler):
             eps = (sample - sa * x0) / s1  # consistent with the clipped x_0
         return x0, eps
 
+    def x0_estimate(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor) -> Tensor:
+        """The unclipped x_0 estimate at ``timestep``, differentiable in ``sample`` and the
+        output (what a guidance gradient flows through; `_x0_eps_at` without the clamp)."""
+        a = self._abar(int(timestep))
+        sa, s1 = math.sqrt(a), math.sqrt(1 - a)
+        if self.prediction_type == "epsilon":
+            return (sample - s1 * model_output) / sa
+        if self.prediction_type == "sample":
+            return model_output
+        return sa * sample - s1 * model_output
+
+    def move_x0(self, model_output: Tensor, timestep: int | Tensor, delta: Tensor) -> Tensor:
+        """The network output whose x_0 estimate (at the same sample) is ``model_output``'s
+        plus ``delta``: a guided x_0 handed to ``step`` in the output's own units."""
+        a = self._abar(int(timestep))
+        sa, s1 = math.sqrt(a), math.sqrt(1 - a)
+        if self.prediction_type == "epsilon":
+            return model_output - (sa / s1) * delta
+        if self.prediction_type == "sample":
+            return model_output + delta
+        return model_output - delta / s1
+
     def _prev(self, t: int) -> int:
         return t - self.step_ratio
 

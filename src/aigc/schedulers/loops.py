@@ -13,7 +13,7 @@ from torch import Tensor
 
 from aigc.schedulers.base import Scheduler
 from aigc.schedulers.ddim import DDIMScheduler
-from aigc.schedulers.ddpm import DDPMScheduler
+from aigc.schedulers.ddpm import DDPMScheduler, DiscreteScheduler
 
 Net = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor], None]
@@ -73,6 +73,25 @@ def repaint_calls(total: int, jump_length: int, resample: int) -> int:
     return total + (resample - 1) * jump_length * len(range(jump_length, total, jump_length))
 
 
+def reconstruction_guided(
+    net: Net, s: DiscreteScheduler, x: Tensor, t: Tensor, known: Tensor, keep: Tensor, weight: float
+) -> Tensor:
+    """The network's output at (x, t) with its x_0 estimate moved by reconstruction
+    guidance (Ho et al. 2022, "Video Diffusion Models", eq. 7): by
+    -weight sqrt(abar_t) / 2 times the gradient in x of the squared error of the x_0
+    estimate on the ``keep`` region against ``known`` (each image's own sum). Unlike
+    pasting alone, this lets what is kept steer the whole x_0 estimate, so a half digit
+    is completed as the digit it begins. Builds a graph through ``net`` whatever the
+    caller's grad mode, except in inference mode (pass tensors made outside it)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = net(s.scale_model_input(xg, t), t)
+        err = (keep * (known - s.x0_estimate(out, t, xg))).square().sum()
+        (grad,) = torch.autograd.grad(err, xg)
+    a = float(s.alphas_cumprod[int(t)])
+    return s.move_x0(out.detach(), t, -weight * math.sqrt(a) / 2 * grad)
+
+
 def repaint(
     net: Net,
     s: Scheduler,
@@ -83,6 +102,7 @@ def repaint(
     jump_length: int = 5,
     resample: int = 5,
     callback: Callback | None = None,
+    reconstruction: float = 0.0,
 ) -> Tensor:
     """The region of ``image`` (B, C, H, W) where ``mask`` (B, 1 or C, H, W) is true (or
     >= 0.5) filled by RePaint (Lugmayr et al. 2022, Algorithm 1) with ``s`` (timesteps
@@ -92,7 +112,9 @@ def repaint(
     the forward process q(x_t | x_t-1) (line 8) and is denoised again, ``resample``
     times in all (§4.2). Going back needs a rule that steps by timestep value (ddpm,
     ddim); a counting one takes resample=1, the plain replacement method. The known
-    pixels come back exactly as given. ValueError for a bad mask or setting."""
+    pixels come back exactly as given. ``reconstruction`` > 0 adds reconstruction
+    guidance of that weight to every step (see `reconstruction_guided`; ddpm or ddim),
+    at about three network calls' cost per step. ValueError for a bad mask or setting."""
     if mask.dim() != image.dim() or mask.size(0) != image.size(0) or (
         mask.shape[2:] != image.shape[2:] or mask.size(1) not in (1, image.size(1))
     ):  # fmt: skip
@@ -108,6 +130,15 @@ def repaint(
             f"resampling goes back in time, which {type(s).__name__} cannot (it counts its "
             "steps): use ddpm or ddim, or resample=1"
         )
+    if isinstance(reconstruction, bool) or not isinstance(reconstruction, int | float) or not (
+        0 <= reconstruction < math.inf
+    ):  # fmt: skip
+        raise ValueError(f"reconstruction={reconstruction!r} must be a number >= 0")
+    if reconstruction > 0 and not isinstance(s, DDPMScheduler | DDIMScheduler):
+        raise ValueError(
+            f"reconstruction guidance needs an x_0 estimate in the schedule's units, which "
+            f"{type(s).__name__} does not give: use ddpm or ddim"
+        )
     fill = (mask.float() >= 0.5).to(image.dtype)
     keep = 1.0 - fill
     taus = s.timesteps
@@ -118,7 +149,11 @@ def repaint(
     pos = calls = 0  # x is at the level of taus[pos]; pos == total: clean
     while pos < total:
         t = taus[pos]
-        result = s.step(net(s.scale_model_input(x, t), t), t, x, generator=generator)
+        if reconstruction > 0:
+            out = reconstruction_guided(net, s, x, t, image, keep, reconstruction)
+        else:
+            out = net(s.scale_model_input(x, t), t)
+        result = s.step(out, t, x, generator=generator)
         pos, calls = pos + 1, calls + 1
         if pos < total:  # line 5: the known region at the new level
             known = s.add_noise(image, _randn(image, generator), taus[pos].expand(len(image)))

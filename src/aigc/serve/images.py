@@ -349,7 +349,7 @@ def _sse(event: str, obj: dict[str, Any]) -> str:
 
 # form fields by type; OpenAI's and aigc's extensions (diffusers' names, and RePaint's)
 _INT_FIELDS = ("n", "seed", "num_inference_steps", "partial_images", "jump_length", "resample")
-_FLOAT_FIELDS = ("guidance_scale", "strength")
+_FLOAT_FIELDS = ("guidance_scale", "strength", "reconstruction")
 _TEXT_FIELDS = ("model", "prompt", "negative_prompt", "size", "response_format", "user",
                 "scheduler", "direction")  # fmt: skip
 _BOOL_FIELDS = ("stream",)
@@ -430,7 +430,8 @@ async def edit_images(service: Service, request: Request, variation: bool = Fals
     whole = service.models.get(fields["model"])
     if whole is not None and whole.kind in _WHOLE_IMAGE_FIELDS:
         return await _whole_image(service, whole, fields, files)
-    extra = {k: fields.pop(k) for k in ("strength", "jump_length", "resample") if k in fields}
+    extra = {k: fields.pop(k) for k in ("strength", "jump_length", "resample", "reconstruction")
+             if k in fields}  # fmt: skip
     body = ImageRequest(**fields)
     served = service.model(body.model, "image")
     if served.diffusion is None:
