@@ -232,6 +232,7 @@ def test_quickstart(tmp_path):
     assert "--- sample (prompt 'The for statement') ---\nThe for statement" in out
     assert f"The run folder is {run_dir}/" in out
     assert "Try next:" in out and f"aigc sample {run_dir}" in out
+    assert "aigc train music-chorales" in out and "aigc train denoise-speech" in out  # audio
     assert RunDir(run_dir).latest_checkpoint() is not None
     assert not (tmp_path / "runs").exists()  # --run-dir was honoured
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -111,6 +112,16 @@ def _translated(gen, n: int):
     return gen.translate(generate_shapes(4, 16, seed=3).images[:n]).images
 
 
+def _composed(gen, n: int):
+    return [c.pitches.tolist() for c in gen.generate(n, bars=1, seed=0).chorales]
+
+
+def _denoised(gen, n: int):
+    wave = np.sin(np.arange(4000) / 7.0).astype(np.float32) * 0.3
+    return [gen.denoise(wave * (k + 1) / n, sample_rate=16000).waveforms[0].tolist()
+            for k in range(n)]  # fmt: skip
+
+
 def _prompted(gen, n: int):
     return gen.generate(n, seed=0, prompt="a small red circle at the top left")
 
@@ -134,6 +145,14 @@ TRANSLATE = [*IMAGES[1:], "model.width=8", "model.d_width=8", "model.d_layers=2"
              "train.checkpoint_every=1"]  # fmt: skip
 CYCLEGAN = [*TRANSLATE, "model.blocks=1", "model.pool_size=4"]
 
+MUSIC = ["data.limit=12", "model.block_size=32", "model.n_layer=1", "model.n_head=2",
+         "model.n_embd=16", "data.eval_samples=2", "data.eval_sample_bars=1",
+         "train.batch_size=4", "train.sample_every=0", "train.checkpoint_every=1"]  # fmt: skip
+
+DENOISE = ["model.width=8", "model.blocks=1", "data.val_mixtures=6", "data.limit_sentences=2",
+           "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
+           "data.eval_pesq=false"]  # fmt: skip
+
 SR3 = [*DIFFUSION, "data.image_size=32", "model.channel_mults=[1,2]", "model.attn_resolutions=[8]"]
 
 TASK_ENTRIES: dict[str, Entry] = {
@@ -150,6 +169,8 @@ TASK_ENTRIES: dict[str, Entry] = {
     "cyclegan": Entry(_train(CONFIGS / "cyclegan-shapes.yaml", CYCLEGAN), _translated),
     "pix2pix": Entry(_train(CONFIGS / "pix2pix-shapes.yaml", TRANSLATE), _translated),
     "inpainting": Entry(_inpainting, _images),  # a diffusion run made to inpaint
+    "music": Entry(_train(CONFIGS / "music-chorales.yaml", MUSIC), _composed),
+    "denoise": Entry(_train(CONFIGS / "denoise-speech.yaml", DENOISE), _denoised),
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from aigc.data.audio import read_audio
-from aigc.samples import SAMPLE_KINDS, AudioSample, find_samples, write_samples
+from aigc.samples import SAMPLE_KINDS, AudioSample, MidiSample, find_samples, write_samples
 
 
 class Recorder:
@@ -35,7 +35,8 @@ def test_each_kind_is_written_and_found_again(tmp_path):
     clip = AudioSample(tone, 8000)
     tb = Recorder()
     for step in (20, 10):
-        samples = {"a": "one", "b": "two", "grid 1": grid, "g": grey, "say/seven": clip}
+        samples = {"a": "one", "b": "two", "grid 1": grid, "g": grey, "say/seven": clip,
+                   "tune": MidiSample(b"MThd" + bytes([step]))}  # fmt: skip
         write_samples(tmp_path, step, samples, tb)
     assert (tmp_path / "step-00000010.txt").read_text() == "=== a ===\none\n\n=== b ===\ntwo\n"
     with Image.open(tmp_path / "step-00000020-grid_1.png") as im:
@@ -51,6 +52,10 @@ def test_each_kind_is_written_and_found_again(tmp_path):
     assert rate == 8000
     np.testing.assert_allclose(back, tone, atol=1 / 32768 + 1e-7)
     assert ("audio", "samples/say/seven", 20, 8000) in tb.calls
+    assert [s for s, _ in found["midi"]["tune"]] == [10, 20]
+    assert ("text", "samples/tune", 10) in tb.calls  # TensorBoard: a note of the file
+    assert (tmp_path / "step-00000020-tune.mid").read_bytes() == b"MThd\x14"
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
 def test_a_sample_of_no_known_kind_is_refused(tmp_path):

@@ -162,6 +162,12 @@ def _quickstart_images(minutes: float, target: Path) -> None:
         f"  aigc sample {_q(outcome.run_dir)} --interpolate 8 --out walk.png\n"
         "  aigc train cgan-digits      # a conditional GAN: aigc sample runs/cgan-digits --class 7"
     )
+    typer.echo(
+        "\nAudio:\n"
+        "  aigc train music-chorales   # Bach chorales; aigc sample runs/music-chorales --out pieces/\n"
+        "  aigc train denoise-speech   # a speech denoiser; aigc denoise runs/denoise-speech "
+        "--audio noisy.wav"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -247,11 +253,17 @@ def sample(
     ] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    n: Annotated[int, typer.Option("--n", help="Image runs: how many images.")] = 64,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Image runs: how many images [64]; music: pieces [4].")
+    ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Image runs: a grid .png, or a folder for one PNG per image."),
+        typer.Option(
+            help="Image runs: a grid .png, or a folder for one PNG per image; music runs: a "
+            "folder for a .mid and a .wav per piece."
+        ),
     ] = None,
+    bars: Annotated[int, typer.Option(help="Music runs: bars of 4/4 per piece.")] = 8,
     class_: Annotated[
         str | None, typer.Option("--class", help="Image runs: the class to draw (name or index).")
     ] = None,
@@ -297,6 +309,20 @@ def sample(
         raise RequestError(f"{run} restores images; use: aigc restore {_q(run)} --image FILE")
     if gen.kind == "translate":
         raise RequestError(f"{run} translates images; use: aigc translate {_q(run)} --image FILE")
+    if gen.kind == "music":
+        if prompt:
+            raise RequestError(f"{run} composes music from nothing; it takes no --prompt")
+        result = gen.generate(4 if n is None else n, bars=bars, temperature=temperature,
+                              top_k=top_k, seed=seed)  # fmt: skip
+        folder = out or Path(run) / "samples" / "composed"
+        if folder.suffix:
+            raise RequestError(f"--out {folder}: give a folder; each piece is written as a "
+                               ".mid and a .wav in it")  # fmt: skip
+        paths = result.audio().save(folder)
+        typer.echo(f"wrote {len(paths)} piece{'s' if len(paths) != 1 else ''} of {bars} bars "
+                   f"to {folder}/ (NNNNN.mid and NNNNN.wav)")  # fmt: skip
+        return
+    n = 64 if n is None else n
     diffusion = {"negative_prompt": negative_prompt, "num_inference_steps": steps,
                  "scheduler": scheduler, "guidance_scale": guidance}  # fmt: skip
     if "diffuse" in gen.verbs:
@@ -455,6 +481,39 @@ def _image_to_image_run(
     if verb not in gen.verbs:
         raise RequestError(f"{run} is a {gen.config.family} run; aigc {verb} takes {takes}")
     return gen
+
+
+@app.command()
+def denoise(
+    run: Annotated[Path, typer.Argument(help="A speech denoising run folder.")],
+    audio: Annotated[Path, typer.Option(help="The noisy audio (WAV, FLAC, OGG, MP3), any length.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The denoised file (.wav, .flac, .ogg or .mp3) [NAME-denoised.wav]."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Denoise speech with a denoising run: the file comes back at its own sample rate and
+    length; long files go through in overlapping chunks."""
+    import time
+
+    import aigc
+    from aigc.data.audio import AUDIO_SUFFIXES, write_audio
+
+    target = out or audio.with_name(f"{audio.stem}-denoised.wav")
+    if target.suffix.lower() not in AUDIO_SUFFIXES:
+        raise RequestError(f"--out {target}: write .wav, .flac, .ogg or .mp3")
+    gen = aigc.load(run, device=device)
+    if "denoise" not in gen.verbs:
+        raise RequestError(f"{run} is a {gen.config.family} run; aigc denoise takes denoising runs")
+    t0 = time.perf_counter()
+    result = gen.denoise(audio)
+    seconds = time.perf_counter() - t0
+    wave, rate = result.waveforms[0], result.sample_rate
+    write_audio(target, wave, rate)
+    length = len(wave) / rate
+    typer.echo(f"wrote {length:.1f} s at {rate} Hz to {target} ({seconds:.2f} s, "
+               f"{length / max(seconds, 1e-9):.0f}x real time)")  # fmt: skip
 
 
 @app.command()

@@ -9,7 +9,9 @@ follow.
 - text: every text of a step in ``step-N.txt``, one "=== name ===" section each;
 - image: an (H, W, C) uint8 array per name in ``step-N-<name>.png``;
 - audio: an :class:`AudioSample` (waveform and sample rate) per name in
-  ``step-N-<name>.wav`` (16-bit PCM).
+  ``step-N-<name>.wav`` (16-bit PCM);
+- MIDI: a :class:`MidiSample` (a standard MIDI file's bytes) per name in
+  ``step-N-<name>.mid``.
 """
 
 from __future__ import annotations
@@ -105,7 +107,36 @@ AUDIO = SampleKind(
     _log_audio,
     re.compile(r"step-(\d+)-(.+)\.wav"),
 )
-SAMPLE_KINDS: tuple[SampleKind, ...] = (TEXT, IMAGE, AUDIO)
+
+
+@dataclass(frozen=True)
+class MidiSample:
+    """A standard MIDI file's bytes written as a sample (symbolic music)."""
+
+    data: bytes
+
+
+def _write_midi(folder: Path, step: int, files: dict[str, MidiSample]) -> None:
+    for k, f in files.items():
+        path = folder / f"step-{step:08d}-{_safe(k)}.mid"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(f.data)
+        tmp.replace(path)
+
+
+def _log_midi(writer: Any, name: str, f: MidiSample, step: int) -> None:
+    # TensorBoard has no MIDI view; the rendered audio beside it is what it plays
+    writer.add_text(f"samples/{name}", f"MIDI file, {len(f.data)} bytes", step)
+
+
+MIDI = SampleKind(
+    "midi",
+    lambda v: isinstance(v, MidiSample),
+    _write_midi,
+    _log_midi,
+    re.compile(r"step-(\d+)-(.+)\.mid"),
+)
+SAMPLE_KINDS: tuple[SampleKind, ...] = (TEXT, IMAGE, AUDIO, MIDI)
 
 
 def write_samples(folder: Path, step: int, samples: dict[str, Any], writer: Any = None) -> None:

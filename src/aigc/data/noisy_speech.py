@@ -156,23 +156,27 @@ def noisy_speech(
     noises: tuple[str, ...] = NOISES,
     seconds: float = 2.0,
     peak: float = 0.9,
+    pool: tuple[int, ...] | None = None,
 ) -> NoisySpeech:
     """``n`` mixtures of ``seconds`` each: a sentence in one of ``voices`` (cut or
     zero-padded to length), one of ``noises`` at one of ``snrs``, all drawn from
     ``seed``; row i uses noise kind i mod len(noises), so every kind is equally present.
-    Each pair is scaled together so that the mixture peaks at most at ``peak``."""
+    Each pair is scaled together so that the mixture peaks at most at ``peak``.
+    ``pool``: the indices into :func:`sentences` to draw from (default all), so that
+    test sentences can be kept out of training."""
     for v in voices:
         if v not in VOICES:
             raise DataError(f"voice {v!r}: flite's 16 kHz voices are {', '.join(VOICES)}")
     samples = round(seconds * SAMPLE_RATE)
     rng = np.random.default_rng(seed)
-    pool = sentences()
+    every = sentences()
+    pool = tuple(range(len(every))) if pool is None else tuple(pool)
     clean, noisy, rows = [], [], []
     for i in range(n):
         kind = noises[i % len(noises)]
-        s_i, v_i = int(rng.integers(len(pool))), int(rng.integers(len(voices)))
+        s_i, v_i = pool[int(rng.integers(len(pool)))], int(rng.integers(len(voices)))
         snr = float(snrs[int(rng.integers(len(snrs)))])
-        speech = trim_silence(synthesise(pool[s_i], voices[v_i]))[:samples]
+        speech = trim_silence(synthesise(every[s_i], voices[v_i]))[:samples]
         speech = np.pad(speech, (0, samples - len(speech)))
         mixture = mix_at_snr(speech, make_noise(kind, samples, int(rng.integers(2**31))), snr)
         scale = min(1.0, peak / max(float(np.abs(mixture).max()), 1e-12))

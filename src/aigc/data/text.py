@@ -49,6 +49,7 @@ from aigc.errors import CheckpointError, ConfigError, DataError
 CHUNK_SIZE = 1 << 20  # bytes per read; memory use is a small multiple of this
 EMBEDDED = "pydoc"
 STDLIB = "stdlib"  # the standard library's Python sources (aigc.data.stdlib), for fine-tuning
+FOLK_ABC = "folk-abc"  # music21's folk tunes in ABC notation (aigc.data.abc)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FORMATS = ("auto", "text", "jsonl")
 ENCODING_ERRORS = ("strict", "replace")
@@ -98,8 +99,15 @@ class TextSource:
         """True for the standard library's sources of the running interpreter."""
         return self.path == STDLIB
 
+    @property
+    def is_folk_abc(self) -> bool:
+        """True for the folk tunes in ABC notation inside music21."""
+        return self.path == FOLK_ABC
+
     def describe(self) -> str:
         """A one-line description for logs and corpus.json."""
+        if self.is_folk_abc:
+            return "folk-abc (music21's Essen and O'Neill folk tunes in ABC notation)"
         if self.is_stdlib:
             v = sys.version_info
             return f"stdlib (Python {v.major}.{v.minor} standard library sources)"
@@ -372,6 +380,18 @@ def _stdlib_documents(stats: ReadStats) -> Iterator[Document]:
         yield Document(f"stdlib:{rel}", partial(read, text))
 
 
+def _folk_abc_documents(stats: ReadStats) -> Iterator[Document]:
+    """The folk tunes (aigc.data.abc), one document per tune, in their shuffled order."""
+    from aigc.data.abc import folk_tunes
+
+    def read(text: str) -> Iterator[str]:
+        stats.add_bytes(len(text.encode("utf-8")))
+        yield from _single(normalize_text(text))
+
+    for origin, text in folk_tunes():
+        yield Document(f"folk-abc:{origin}", partial(read, text))
+
+
 def _is_jsonl(path: Path, fmt: str) -> bool:
     if fmt == "jsonl" or (fmt == "auto" and path.suffix.lower() in JSONL_SUFFIXES):
         return True
@@ -448,6 +468,9 @@ def iter_documents(
     if src.is_stdlib:
         yield from _stdlib_documents(stats)
         return
+    if src.is_folk_abc:
+        yield from _folk_abc_documents(stats)
+        return
     for path in _list_files(src):
         if _is_jsonl(path, src.format):
             yield from _jsonl_documents(path, src, stats)
@@ -466,6 +489,10 @@ def _source_bytes(src: TextSource) -> int:
         from aigc.data.stdlib import read_stdlib
 
         return sum(len(t.encode("utf-8")) for _, t in read_stdlib().files)
+    if src.is_folk_abc:
+        from aigc.data.abc import folk_tunes
+
+        return sum(len(t.encode("utf-8")) for _, t in folk_tunes())
     try:
         return sum(p.stat().st_size for p in _list_files(src))
     except (DataError, OSError):

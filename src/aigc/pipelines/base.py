@@ -45,6 +45,35 @@ class ImageOutput:
     prompts: list[str] | None = None  # a text-to-image model's prompt per image
 
 
+@dataclass
+class AudioOutput:
+    """Generated sound: ``waveforms``, one (T,) float32 array in [-1, 1] per output (their
+    lengths may differ), at ``sample_rate`` Hz; with the seed that fixes them and, for
+    symbolic music, the MIDI file of each (bytes)."""
+
+    waveforms: list[Any]
+    sample_rate: int
+    seed: int | None = None
+    midi: list[bytes] | None = None
+
+    def save(self, folder: str | Path, fmt: str = "wav") -> list[Path]:
+        """Writes NNNNN.wav (or .flac) for each waveform, and NNNNN.mid beside it where
+        there is MIDI, into ``folder`` (made if missing); returns the audio paths."""
+        from aigc.data.audio import write_audio
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, wave in enumerate(self.waveforms):
+            paths.append(write_audio(folder / f"{i:05d}.{fmt}", wave, self.sample_rate))
+            if self.midi is not None:
+                mid = folder / f"{i:05d}.mid"
+                tmp = mid.with_name(f".{mid.name}.tmp")
+                tmp.write_bytes(self.midi[i])
+                tmp.replace(mid)
+        return paths
+
+
 class EvalResult(dict):
     """An evaluation: a dict of named numbers (and the names of what they depend on,
     such as the feature extractor), with ``step`` and ``metrics`` as attributes."""

@@ -38,6 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from aigc.serve.audio import denoise_audio
 from aigc.serve.errors import add_error_handlers
 from aigc.serve.images import edit_images, generate_images, prompt_to_labels
 from aigc.serve.metrics import ServeMetrics
@@ -129,6 +130,10 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
     @app.post("/v1/images/variations", dependencies=keyed)
     async def image_variations(request: Request) -> Response:
         return await edit_images(service, request, variation=True)
+
+    @app.post("/v1/audio/denoise", dependencies=keyed)
+    async def audio_denoise(request: Request) -> Response:
+        return await denoise_audio(service, request)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

@@ -114,12 +114,13 @@ def load_models(
                 name, gen, metrics, settings.max_image_batch, settings.image_wait_ms,
                 settings.queue_size, png_b64,
             )  # fmt: skip
-        elif gen.kind in ("image", "restore", "translate"):  # the last two: /v1/images/edits
+        elif gen.kind in ("image", "restore", "translate", "denoise"):
+            # restore and translate: /v1/images/edits; denoise: /v1/audio/denoise
             served.images = ImageRunner(name, metrics, settings.queue_size)
         else:
             raise ConfigError(
-                f"{path} is a {family!r} run; aigc serve serves text and image generators "
-                "image restorers and translators"
+                f"{path} is a {family!r} run; aigc serve serves text and image generators, "
+                "image restorers and translators, and speech denoisers"
             )
         models[name] = served
     return models
@@ -205,7 +206,9 @@ class Service:
                 param="model", code="model_not_found",
             )  # fmt: skip
         if served.kind != kind:
-            where = "/v1/completions" if served.kind == "text" else "/v1/images/generations"
+            where = {"text": "/v1/completions", "denoise": "/v1/audio/denoise"}.get(
+                served.kind, "/v1/images/generations"
+            )
             raise ApiError(
                 400, f"{name!r} is a {served.kind} model ({served.family}); use {where}",
                 param="model", code="wrong_model_kind",

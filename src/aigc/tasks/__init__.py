@@ -27,6 +27,8 @@ TASKS: dict[str, str] = {
     "restore_diffusion": "aigc.tasks.restore_diffusion:RestoreDiffusionTask",
     "cyclegan": "aigc.tasks.translate:CycleGANTask",
     "pix2pix": "aigc.tasks.translate:Pix2PixTask",
+    "music": "aigc.tasks.music:MusicTask",
+    "denoise": "aigc.tasks.denoise:DenoiseTask",
 }
 ENTRY_POINTS = "aigc.tasks"  # installed packages add tasks under this entry-point group
 _plugins_read = False

@@ -78,6 +78,49 @@ def fit_vocab(model: GPTConfig, tokenizer: Tokenizer) -> None:
         )
 
 
+def _nll(model: nn.Module, buf: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(buf[:, :-1])
+    return (
+        F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), buf[:, 1:].reshape(-1), reduction="sum"
+        )
+        .double()
+        .cpu()
+    )
+
+
+def stream_nll(
+    model: nn.Module,
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> tuple[float, int]:
+    """Summed cross-entropy (nats) of a GPT over a token stream, and the tokens scored:
+    the stream is cut into consecutive windows of ``block_size`` tokens (the last one
+    shorter), so every token but the first is predicted exactly once; this rank takes
+    every ``world``-th window."""
+    T = block_size
+    starts = list(range(0, len(tokens) - 1, T))[rank::world]
+    nll = torch.zeros((), dtype=torch.float64)
+    count = 0
+    full = [s for s in starts if s + T + 1 <= len(tokens)]
+    tail = [s for s in starts if s + T + 1 > len(tokens)]
+    for i in range(0, len(full), batch_size):
+        chunk = np.asarray(full[i : i + batch_size])
+        rows = tokens[chunk[:, None] + np.arange(T + 1)].astype(np.int64)
+        buf = torch.from_numpy(rows).to(device)
+        nll += _nll(model, buf)
+        count += buf.shape[0] * T
+    for s in tail:
+        buf = torch.from_numpy(tokens[s:].astype(np.int64))[None].to(device)
+        nll += _nll(model, buf)
+        count += buf.shape[1] - 1
+    return float(nll), count
+
+
 class LMTask(Task):
     """Trains a GPT on a token stream; evaluates loss, perplexity and bits per character."""
 
@@ -177,28 +220,11 @@ class LMTask(Task):
         The split is cut into consecutive windows of block_size tokens (the last
         one shorter), so every token but the first is predicted exactly once.
         """
-        val = self.corpus.val
-        T = self.config.model.block_size
-        starts = list(range(0, len(val) - 1, T))[rank::world]
-        nll = torch.zeros((), dtype=torch.float64)
-        count = 0
-        bs = self.config.data.eval_batch_size
-        full = [s for s in starts if s + T + 1 <= len(val)]
-        tail = [s for s in starts if s + T + 1 > len(val)]
-        for i in range(0, len(full), bs):
-            chunk = np.asarray(full[i : i + bs])
-            buf = torch.from_numpy(val[chunk[:, None] + np.arange(T + 1)].astype(np.int64)).to(
-                device
-            )
-            nll += self._nll(model, buf)
-            count += buf.shape[0] * T
-        for s in tail:
-            buf = torch.from_numpy(val[s:].astype(np.int64))[None].to(device)
-            nll += self._nll(model, buf)
-            count += buf.shape[1] - 1
+        T, bs = self.config.model.block_size, self.config.data.eval_batch_size
+        nll, count = stream_nll(model, self.corpus.val, T, bs, rank, world, device)
         # generated texts are judged on rank 0; every rank sends the same keys
         judged = self.sample_sums(model) if rank == 0 else dict.fromkeys(sample_keys(), 0.0)
-        return {"nll": float(nll), "count": float(count), **judged}
+        return {"nll": nll, "count": float(count), **judged}
 
     def sample_sums(self, model: nn.Module) -> dict[str, float]:
         """data.eval_samples texts of data.eval_sample_tokens from fixed seeds, judged for
@@ -234,17 +260,6 @@ class LMTask(Task):
             corpus = self.corpus or TokenCorpus.open(self.run.data_dir)
             self._index = CorpusIndex.build(code_points_of_tokens(corpus.train, self.tokenizer))
         return self._index
-
-    @staticmethod
-    def _nll(model: nn.Module, buf: torch.Tensor) -> torch.Tensor:
-        logits, _ = model(buf[:, :-1])
-        return (
-            F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), buf[:, 1:].reshape(-1), reduction="sum"
-            )
-            .double()
-            .cpu()
-        )
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Loss (nats/token), perplexity, bits per character and per byte."""
