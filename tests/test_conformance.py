@@ -118,7 +118,7 @@ def _composed(gen, n: int):
 
 def _denoised(gen, n: int):
     wave = np.sin(np.arange(4000) / 7.0).astype(np.float32) * 0.3
-    return [gen.denoise(wave * (k + 1) / n, sample_rate=16000).waveforms[0].tolist()
+    return [gen.denoise(wave * (k + 1) / 4, sample_rate=16000).waveforms[0].tolist()
             for k in range(n)]  # fmt: skip
 
 
