@@ -97,9 +97,9 @@ def read_chorales(d: MusicDataConfig) -> list:
 
 def real_rates(chorales: list) -> dict[str, float]:
     """The music checks of real chorales, with keys estimated as for samples."""
-    from aigc.data.music import in_range_rate
+    from aigc.data.music import in_range_rate, parallels
 
-    par = [_parallels(c) for c in chorales]
+    par = [parallels(c) for c in chorales]
     moves = sum(p.moves for p in par)
     return {
         "in_key": float(np.nanmean([_in_key(c) for c in chorales])),
@@ -115,12 +115,6 @@ def _in_key(chorale) -> float:
 
     tonic, mode = estimate_key(chorale)
     return in_key_rate(replace(chorale, tonic=tonic, mode=mode))
-
-
-def _parallels(chorale):
-    from aigc.data.music import parallels
-
-    return parallels(chorale)
 
 
 class MusicTask(Task):
@@ -237,12 +231,12 @@ class MusicTask(Task):
         keys = ("samples", "in_key", "in_range", "fifths", "octaves", "moves")
         judged = dict.fromkeys(keys, 0.0)
         if rank == 0:
-            from aigc.data.music import in_range_rate
+            from aigc.data.music import in_range_rate, parallels
 
             chorales = self.generate(model, d.eval_samples, d.eval_sample_bars,
                                      seed=self.config.train.seed, device=device)  # fmt: skip
             for c in chorales:
-                p = _parallels(c)
+                p = parallels(c)
                 judged["samples"] += 1
                 judged["in_key"] += _nan0(_in_key(c))
                 judged["in_range"] += _nan0(in_range_rate(c))
