@@ -13,8 +13,6 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from aigc.errors import RequestError
-from aigc.serve.batching import JobTimeout
-from aigc.serve.errors import timeout_error
 from aigc.serve.schemas import ApiError
 
 if TYPE_CHECKING:
@@ -70,15 +68,9 @@ async def denoise_audio(service: Service, request: Request) -> Response:
         sf.write(buf, out.waveforms[0], out.sample_rate, format=kind, subtype=subtype)
         return buf.getvalue()
 
-    deadline = service.deadline()
-    service.images_in_flight += 1
     try:
-        body = await service.unless_cut_off(served.images.run(work, deadline))
-    except JobTimeout:
-        raise timeout_error(service.settings) from None
+        body = await service.on_model_thread(served, work, service.deadline())
     except RequestError as e:
         raise ApiError(400, str(e), param="file") from None
-    finally:
-        service.images_in_flight -= 1
     return Response(body, media_type=FORMATS[fmt][2],
                     headers={"x-aigc-created": str(int(time.time()))})  # fmt: skip

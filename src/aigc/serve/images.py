@@ -158,7 +158,7 @@ def _checked_common(service: Service, served: ServedModel, body: ImageRequest) -
 async def generate_images(service: Service, body: ImageRequest, request: Request) -> Response:
     """The answer to POST /v1/images/generations; ApiError for a request it cannot serve."""
     served = service.model(body.model, "image")
-    s, gen = service.settings, served.generator
+    gen = served.generator
     deadline = service.deadline()
     n = _checked_common(service, served, body)
     if served.diffusion is not None:
@@ -177,13 +177,7 @@ async def generate_images(service: Service, body: ImageRequest, request: Request
     def work() -> list[str]:
         return png_b64(gen.generate(n, labels=labels, seed=body.seed))
 
-    service.images_in_flight += 1
-    try:
-        data = await service.unless_cut_off(served.images.run(work, deadline))
-    except JobTimeout:
-        raise timeout_error(s) from None
-    finally:
-        service.images_in_flight -= 1
+    data = await service.on_model_thread(served, work, deadline)
     service.metrics.images.labels(served.name).inc(n)
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in data]})
 
@@ -512,15 +506,9 @@ async def _whole_image(
                                scheduler=fields.get("scheduler"))  # fmt: skip
         return png_b64(out.images)
 
-    deadline = service.deadline()
-    service.images_in_flight += 1
     try:
-        data = await service.unless_cut_off(served.images.run(work, deadline))
-    except JobTimeout:
-        raise timeout_error(service.settings) from None
+        data = await service.on_model_thread(served, work, service.deadline())
     except RequestError as e:
         raise _bad_request(e, (*allowed, "image")) from None
-    finally:
-        service.images_in_flight -= 1
     service.metrics.images.labels(served.name).inc(1)
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in data]})

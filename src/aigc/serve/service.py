@@ -22,6 +22,7 @@ from aigc.serve.batching import (
     DiffusionBatcher,
     ImageJob,
     ImageRunner,
+    JobTimeout,
     ShuttingDown,
     TextBatcher,
     TextJob,
@@ -217,6 +218,20 @@ class Service:
 
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout_s
+
+    async def on_model_thread(self, served: ServedModel, work: Any, deadline: float) -> Any:
+        """work() on a whole-request model's thread (image generators, restorers,
+        translators, denoisers), counted among the requests in flight; the timeout error
+        once ``deadline`` passes."""
+        from aigc.serve.errors import timeout_error
+
+        self.images_in_flight += 1
+        try:
+            return await self.unless_cut_off(served.images.run(work, deadline))
+        except JobTimeout:
+            raise timeout_error(self.settings) from None
+        finally:
+            self.images_in_flight -= 1
 
 
 def _created(run: Any) -> int:
