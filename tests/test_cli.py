@@ -233,6 +233,7 @@ def test_quickstart(tmp_path):
     assert f"The run folder is {run_dir}/" in out
     assert "Try next:" in out and f"aigc sample {run_dir}" in out
     assert "aigc train music-chorales" in out and "aigc train denoise-speech" in out  # audio
+    assert "aigc train spoken-digits" in out and "aigc train tts-digits" in out
     assert RunDir(run_dir).latest_checkpoint() is not None
     assert not (tmp_path / "runs").exists()  # --run-dir was honoured
 

@@ -122,6 +122,15 @@ def _denoised(gen, n: int):
             for k in range(n)]  # fmt: skip
 
 
+def _spoken(gen, n: int):
+    return gen.generate(n, labels="seven", seed=0, output="tensor")
+
+
+def _said(gen, n: int):
+    texts = gen.task.meta["train_strings"]  # a tiny run has heard only their phones
+    return [gen.speak(texts[k], seed=0).waveforms[0].tolist() for k in range(n)]
+
+
 def _prompted(gen, n: int):
     return gen.generate(n, seed=0, prompt="a small red circle at the top left")
 
@@ -153,6 +162,16 @@ DENOISE = ["model.width=8", "model.blocks=1", "data.val_mixtures=6", "data.limit
            "train.batch_size=2", "train.sample_every=0", "train.checkpoint_every=1",
            "data.eval_pesq=false"]  # fmt: skip
 
+SPOKEN = ["data.image_size=16", "model.width=8", "model.channel_mults=[1,2]", "model.groups=4",
+          "model.attn_resolutions=[]", "model.sample_steps=2", "train.batch_size=8",
+          "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=1",
+          "data.eval_samples=10", "data.judge_steps=2", "data.vocoder_iters=2"]  # fmt: skip
+
+TTS = ["data.strings=6", "data.val_strings=2", "data.voices=[slt]", "model.width=16",
+       "model.encoder_layers=1", "model.decoder_layers=1", "train.batch_size=4",
+       "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=1",
+       "data.judge_steps=2", "data.vocoder_iters=2"]  # fmt: skip
+
 SR3 = [*DIFFUSION, "data.image_size=32", "model.channel_mults=[1,2]", "model.attn_resolutions=[8]"]
 
 TASK_ENTRIES: dict[str, Entry] = {
@@ -171,6 +190,8 @@ TASK_ENTRIES: dict[str, Entry] = {
     "inpainting": Entry(_inpainting, _images),  # a diffusion run made to inpaint
     "music": Entry(_train(CONFIGS / "music-chorales.yaml", MUSIC), _composed),
     "denoise": Entry(_train(CONFIGS / "denoise-speech.yaml", DENOISE), _denoised),
+    "spoken": Entry(_train(CONFIGS / "spoken-digits.yaml", SPOKEN), _spoken),
+    "tts": Entry(_train(CONFIGS / "tts-digits.yaml", TTS), _said),
 }
 
 

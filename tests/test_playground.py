@@ -1,4 +1,5 @@
-"""The web playground of `aigc serve` in a real browser: streamed text, chat, images, keys.
+"""The web playground of `aigc serve` in a real browser: streamed text, chat, images, keys,
+speech and denoised recordings.
 
 Debian's headless Chromium (/usr/bin/chromium, `make browser`) driven by Playwright;
 no browser is downloaded. The page runs under its own Content-Security-Policy, so a
@@ -27,6 +28,10 @@ from aigc.serve.app import create_app
 from aigc.serve.settings import ServeSettings
 
 from .conftest import RECIPE, ROOT, T2I_TINY, TINY
+from .test_denoise import RECIPE as DENOISE_RECIPE
+from .test_denoise import TINY as DENOISE_TINY
+from .test_tts import RECIPE as TTS_RECIPE
+from .test_tts import TINY as TTS_TINY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -550,3 +555,202 @@ def test_a_translator_shows_the_input_beside_its_translation_either_way(page, se
     assert np.array_equal(_data_url_pixels(srcs[1]), want)  # the Python API's, the way chosen
     assert not np.array_equal(want, pipe.translate(scene, direction="a2b", output="uint8")[0])
     shot(page, "playground-translate.png")
+
+
+# ---------------------------------------------------------------------------
+# audio: each clip a player (an object URL) and a spectrogram drawn by the page
+
+
+@pytest.fixture(scope="module")
+def audio_runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny text-to-speech run (voices slt and awb) and a tiny speech denoiser, as
+    tests/test_tts.py and tests/test_denoise.py make them; flite makes their data."""
+    if shutil.which("flite") is None:
+        pytest.skip("flite is missing: `make system` installs it")
+    root = tmp_path_factory.mktemp("playground-audio")
+    tts, denoise = root / "tts", root / "denoise"
+    aigc.train(TTS_RECIPE, TTS_TINY, run_dir=tts, progress=False)
+    aigc.train(DENOISE_RECIPE, [*DENOISE_TINY, "train.max_steps=2"], run_dir=denoise,
+               progress=False)  # fmt: skip
+    return {"tts": tts, "denoise": denoise}
+
+
+@pytest.fixture(scope="module")
+def audio_server(audio_runs) -> Iterator[str]:
+    with serving(create_app(list(audio_runs.values()))) as url:
+        yield url
+
+
+CLIPS_DONE = re.compile(r"^done \((\d+) clips? of \d+\.\d\d s, \d+\.\d s\)$")
+
+# A player's duration in seconds, once it has read the clip's header.
+DURATION = """async audio => {
+  if (audio.readyState < 1) await new Promise((loaded, failed) => {
+    audio.addEventListener("loadedmetadata", loaded, {once: true});
+    audio.addEventListener("error", () => failed(new Error("the clip did not load")), {once: true});
+  });
+  return audio.duration;
+}"""
+
+# A canvas's pixels, as [width, height, [r, g, b, a, ...]].
+PIXELS = """canvas => [canvas.width, canvas.height,
+  Array.from(canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data)]"""
+
+# The page's FFT of a real signal, as [re, im].
+PAGE_FFT = """x => {
+  const re = Float64Array.from(x), im = new Float64Array(x.length);
+  fft(re, im);
+  return [Array.from(re), Array.from(im)];
+}"""
+
+
+def _canvas_pixels(canvas):
+    import numpy as np
+
+    width, height, data = canvas.evaluate(PIXELS)
+    return np.array(data, np.uint8).reshape(height, width, 4)
+
+
+def _spectrogram_colours(wave, ramp):
+    """What the page should draw for ``wave``, computed here with numpy: the STFT (Hann
+    window of 512, hop 128), power in dB over the 80 dB below the loudest bin, mapped
+    through the page's colour ramp; low frequencies in the last row."""
+    import numpy as np
+
+    frame, hop, bins = 512, 128, 256
+    columns = max(1, (len(wave) - frame) // hop + 1)
+    padded = np.zeros(max(len(wave), frame), np.float64)
+    padded[: len(wave)] = wave
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(frame) / frame)
+    frames = np.stack([padded[t * hop : t * hop + frame] * hann for t in range(columns)])
+    db = 10 * np.log10(np.abs(np.fft.rfft(frames, axis=1)[:, :bins]) ** 2 + 1e-12)
+    level = np.clip((db - db.max() + 80) / 80, 0, 1)
+    colours = ramp.reshape(256, 3)[np.round(level * 255).astype(int)]  # (columns, bins, 3)
+    return colours.transpose(1, 0, 2)[::-1]  # (bins, columns, 3), low frequencies at the bottom
+
+
+def test_a_speech_model_says_the_text_with_a_player_and_a_spectrogram(page, audio_server):
+    import io
+
+    import httpx
+    import numpy as np
+    import soundfile as sf
+
+    page.goto(audio_server + "/")
+    choose(page, "tts")
+    expect(page.locator("#speech-controls")).to_be_visible()
+    expect(page.locator("#text-controls")).to_be_hidden()
+    expect(page.locator("#model-info")).to_contain_text("voices slt, awb")
+    expect(page.locator("#speech-input")).to_have_attribute("placeholder", "4 2 7")
+    expect(page.locator("#generate")).to_have_text("Say")
+    assert page.locator("#voice option").all_text_contents() == ["slt", "awb"]
+    expect(page.locator("#speed")).to_have_value("1")
+    page.fill("#speech-input", "4 2")
+    page.select_option("#voice", "awb")
+    page.fill("#seed", "3")
+    with page.expect_response("**/v1/audio/speech") as answered:
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(CLIPS_DONE)
+    sent = answered.value.request.post_data_json
+    assert sent == {"model": "tts", "input": "4 2", "voice": "awb", "speed": 1, "seed": 3,
+                    "response_format": "wav"}  # fmt: skip
+    assert answered.value.headers["content-type"] == "audio/wav"
+    # the same request again (the same seed: the same sound), to see what the page got
+    again = httpx.post(f"{audio_server}/v1/audio/speech", json=sent, timeout=60)
+    wave, rate = sf.read(io.BytesIO(again.content), dtype="float32")
+
+    audio = page.locator("#sounds audio")
+    expect(audio).to_have_count(1)
+    assert audio.get_attribute("src").startswith("blob:")  # the CSP's media-src
+    assert audio.evaluate(DURATION) == pytest.approx(len(wave) / rate, abs=0.01)
+    expect(page.locator("#sounds figcaption")).to_have_text(
+        f"“4 2” in awb, {len(wave) / rate:.2f} s"
+    )
+
+    # The spectrogram: not one colour, and numpy's STFT of the WAV the server sent.
+    pixels = _canvas_pixels(page.locator("#sounds canvas"))
+    assert pixels.shape == (256, (len(wave) - 512) // 128 + 1, 4)
+    assert len(np.unique(pixels.reshape(-1, 4), axis=0)) > 20
+    assert (pixels[..., 3] == 255).all()
+    ramp = np.array(page.evaluate("Array.from(RAMP)"), np.int64)
+    want = _spectrogram_colours(wave.astype(np.float64), ramp)
+    assert np.abs(pixels[..., :3].astype(np.int64) - want).max() <= 3  # a level's rounding
+    # and the FFT under it is numpy's
+    x = np.random.default_rng(0).standard_normal(512)
+    re, im = page.evaluate(PAGE_FFT, x.tolist())
+    assert np.allclose(np.array(re) + 1j * np.array(im), np.fft.fft(x), atol=1e-9)
+    shot(page, "playground-speech.png")
+
+
+def test_text_a_speech_model_cannot_say_shows_the_servers_message(page, audio_server):
+    page.goto(audio_server + "/")
+    choose(page, "tts")
+    page.fill("#speech-input", "4")
+    page.press("#speech-input", "Enter")  # Enter says it
+    expect(page.locator("#status")).to_have_text(CLIPS_DONE)
+    page.fill("#speech-input", "hello")
+    page.press("#speech-input", "Enter")
+    status = page.locator("#status")
+    expect(status).to_have_class("error")
+    expect(status).to_have_text(
+        "'hello' needs the phones hh, l, which this model never heard in training: it says "
+        "what it learnt (digit strings)"
+    )
+    assert "Traceback" not in status.text_content()
+    expect(page.locator("#sounds figcaption")).to_have_text(re.compile("^“4” in slt"))  # kept
+    expect(page.locator("#generate")).to_be_enabled()
+
+
+def test_a_denoiser_shows_the_recording_and_the_denoised_one(page, audio_server, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(1)
+    t = np.arange(8000) / 16000
+    noisy = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)
+    sf.write(tmp_path / "noisy.wav", noisy.astype(np.float32), 16000)  # 16-bit PCM
+    sf.write(tmp_path / "noisy.flac", noisy.astype(np.float32), 16000)
+    page.goto(audio_server + "/")
+    choose(page, "denoise")
+    expect(page.locator("#denoise-controls")).to_be_visible()
+    expect(page.locator("#speech-controls")).to_be_hidden()
+    expect(page.locator("#generate")).to_have_text("Denoise")
+    expect(page.locator("#seed")).to_be_hidden()  # nothing drawn at random
+    page.set_input_files("#denoise-file", str(tmp_path / "noisy.wav"))
+    page.evaluate(RECORD_FORMS)
+    with page.expect_response("**/v1/audio/denoise") as answered:
+        page.click("#generate")
+    expect(page.locator("#status")).to_have_text(CLIPS_DONE)
+    assert answered.value.headers["content-type"] == "audio/wav"
+    assert page.evaluate("window.sent_forms.pop()") == ["model", "response_format", "file"]
+    expect(page.locator("#sounds figcaption")).to_have_text(["input, 0.50 s", "denoised, 0.50 s"])
+    audio = page.locator("#sounds audio")
+    expect(audio).to_have_count(2)
+    for player in audio.all():
+        assert player.get_attribute("src").startswith("blob:")
+        assert player.evaluate(DURATION) == pytest.approx(0.5, abs=0.01)
+    canvases = page.locator("#sounds canvas")
+    for canvas in canvases.all():
+        pixels = _canvas_pixels(canvas)
+        assert pixels.shape[:2] == (256, (8000 - 512) // 128 + 1)
+        assert len(np.unique(pixels.reshape(-1, 4), axis=0)) > 20
+    # the input's spectrogram is numpy's of the file as sent
+    ramp = np.array(page.evaluate("Array.from(RAMP)"), np.int64)
+    wave = sf.read(tmp_path / "noisy.wav", dtype="float64")[0]
+    got = _canvas_pixels(canvases.first)[..., :3].astype(np.int64)
+    assert np.abs(got - _spectrogram_colours(wave, ramp)).max() <= 3
+    shot(page, "playground-denoise.png")
+
+    # A file that is not WAV (FLAC) is decoded by the browser for its spectrogram.
+    page.set_input_files("#denoise-file", str(tmp_path / "noisy.flac"))
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(CLIPS_DONE)
+    expect(page.locator("#sounds figcaption")).to_have_text(["input, 0.50 s", "denoised, 0.50 s"])
+    expect(page.locator("#sounds canvas:visible")).to_have_count(2)
+
+    # Not audio: the server's message.
+    (tmp_path / "notes.wav").write_text("not a recording")
+    page.set_input_files("#denoise-file", str(tmp_path / "notes.wav"))
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_class("error")
+    expect(page.locator("#status")).to_contain_text("not audio")

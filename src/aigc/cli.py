@@ -166,7 +166,10 @@ def _quickstart_images(minutes: float, target: Path) -> None:
         "\nAudio:\n"
         "  aigc train music-chorales   # Bach chorales; aigc sample runs/music-chorales --out pieces/\n"
         "  aigc train denoise-speech   # a speech denoiser; aigc denoise runs/denoise-speech "
-        "--audio noisy.wav"
+        "--audio noisy.wav\n"
+        "  aigc train spoken-digits    # spoken digits; aigc sample runs/spoken-digits --class seven "
+        "--out sevens/\n"
+        "  aigc train tts-digits       # text to speech; aigc speak runs/tts-digits --text '4 2 7'"
     )
 
 
@@ -254,13 +257,16 @@ def sample(
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     n: Annotated[
-        int | None, typer.Option("--n", help="Image runs: how many images [64]; music: pieces [4].")
+        int | None,
+        typer.Option(
+            "--n", help="Image runs: how many images [64]; music: pieces [4]; spoken: clips [64]."
+        ),
     ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
             help="Image runs: a grid .png, or a folder for one PNG per image; music runs: a "
-            "folder for a .mid and a .wav per piece."
+            "folder for a .mid and a .wav per piece; spoken runs: a folder for a .wav per clip."
         ),
     ] = None,
     bars: Annotated[int, typer.Option(help="Music runs: bars of 4/4 per piece.")] = 8,
@@ -325,6 +331,12 @@ def sample(
     n = 64 if n is None else n
     diffusion = {"negative_prompt": negative_prompt, "num_inference_steps": steps,
                  "scheduler": scheduler, "guidance_scale": guidance}  # fmt: skip
+    if gen.kind == "spoken":
+        if prompt or reconstruct is not None or traverse or interpolate is not None:
+            raise RequestError(f"{run} says spoken digits; it takes --class (a digit), --n, "
+                               "--seed and the sampler options")  # fmt: skip
+        _sample_spoken(gen, run, n, out, class_, label or [], seed, diffusion)
+        return
     if "diffuse" in gen.verbs:
         if reconstruct is not None or traverse or interpolate is not None:
             raise RequestError(f"{run} is a diffusion run; it takes --prompt or --class, not "
@@ -514,6 +526,44 @@ def denoise(
     length = len(wave) / rate
     typer.echo(f"wrote {length:.1f} s at {rate} Hz to {target} ({seconds:.2f} s, "
                f"{length / max(seconds, 1e-9):.0f}x real time)")  # fmt: skip
+
+
+@app.command()
+def speak(
+    run: Annotated[Path, typer.Argument(help="A text-to-speech or spoken-digit run folder.")],
+    text: Annotated[str, typer.Option(help='What to say, e.g. "four two seven" or "427".')],
+    out: Annotated[Path, typer.Option(help="The speech file (.wav, .flac, .ogg or .mp3).")] = Path(
+        "speech.wav"
+    ),
+    voice: Annotated[
+        str | None, typer.Option(help="One of the run's voices [slt for tts-digits].")
+    ] = None,
+    speed: Annotated[
+        float | None, typer.Option(help="0.25 to 4; 1 is the voice's own pace.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same sound.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Say text with a speech run and write it to --out; prints the real-time factor."""
+    import time
+
+    import aigc
+    from aigc.data.audio import AUDIO_SUFFIXES, write_audio
+
+    if out.suffix.lower() not in AUDIO_SUFFIXES:
+        raise RequestError(f"--out {out}: write .wav, .flac, .ogg or .mp3")
+    gen = aigc.load(run, device=device)
+    if "speak" not in gen.verbs:
+        raise RequestError(f"{run} is a {gen.config.family} run; aigc speak takes text-to-speech "
+                           "and spoken-digit runs")  # fmt: skip
+    t0 = time.perf_counter()
+    result = gen.speak(text, voice=voice, speed=speed, seed=seed)
+    seconds = time.perf_counter() - t0
+    wave, rate = result.waveforms[0], result.sample_rate
+    write_audio(out, wave, rate)
+    length = len(wave) / rate
+    typer.echo(f"wrote {length:.2f} s at {rate} Hz to {out} ({seconds:.2f} s, real-time factor "
+               f"{seconds / max(length, 1e-9):.3f})")  # fmt: skip
 
 
 @app.command()
@@ -967,6 +1017,20 @@ def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[st
     paths = gen.save(result.images, target, nrow=n if len(prompts) > 1 else None)
     where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"
     typer.echo(f"wrote {len(result.images)} images to {where}")
+
+
+def _sample_spoken(gen, run: Path, n: int, out: Path | None, class_: str | None,
+                   label: list[str], seed: int | None, options: dict) -> None:  # fmt: skip
+    """One-second clips from a spoken-digit run, one WAV each in the --out folder."""
+    labels: list = ([class_] if class_ is not None else []) + list(label)
+    folder = out or Path(run) / "samples" / "spoken"
+    if folder.suffix:
+        raise RequestError(f"--out {folder}: give a folder; each clip is written as a .wav in it")
+    with _denoising_bar() as advance:
+        result = gen(n, labels=labels or None, seed=seed, callback=advance, **options)
+    paths = gen.to_audio(result.images, seed).save(folder)
+    typer.echo(f"wrote {len(paths)} one-second clip{'s' if len(paths) != 1 else ''} to "
+               f"{folder}/ (NNNNN.wav)")  # fmt: skip
 
 
 def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,

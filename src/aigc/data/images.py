@@ -48,7 +48,7 @@ from PIL import ExifTags, Image
 from aigc.data.captions import captions_for, find_metadata
 from aigc.errors import ConfigError, DataError
 
-EMBEDDED = ("digits", "shapes", "shapes-outlined", "shapes-styled", "shapes-stars")
+EMBEDDED = ("digits", "shapes", "shapes-outlined", "shapes-styled", "shapes-stars", "spoken-digits")
 # the shapes sources: each style, or both (labelled "style")
 SHAPES_STYLES = {"shapes": "filled", "shapes-outlined": "outlined", "shapes-styled": "both",
                  "shapes-stars": "filled"}  # fmt: skip
@@ -286,6 +286,8 @@ def image_stream(
             source="digits (scikit-learn handwritten digits, 1,797 images of 8x8)",
         )
         return ImageStream(_whole(_prepare(images, image_size, channels, crop), info))
+    if source == "spoken-digits":
+        return ImageStream(_whole(*_spoken_digit_pictures(image_size, channels)))
     if source in SHAPES_STYLES:
         from aigc.data.shapes import shapes_stream
 
@@ -355,6 +357,27 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
     images.flags.writeable = False
     labels.flags.writeable = False
     return images, labels
+
+
+def _spoken_digit_pictures(size: int, channels: int) -> tuple[np.ndarray, ImageSetInfo]:
+    """The embedded spoken digits as log-mel pictures (a row per mel band, a column per
+    frame), labelled by digit, voice, rate and pitch."""
+    from aigc.data.speech import DIGITS, PITCHES, RATES, VOICES, spoken_digit_pictures
+
+    pictures, clips = spoken_digit_pictures(size)
+    labels = {"digit": clips.digit, "voice": clips.voice, "rate": clips.rate, "pitch": clips.pitch}
+    classes = {"digit": list(DIGITS), "voice": list(VOICES), "rate": [f"{r:g}" for r in RATES],
+               "pitch": [f"{p:g}" for p in PITCHES]}  # fmt: skip
+    captions = [
+        f"{DIGITS[d]} spoken by {VOICES[v]}" for d, v in zip(clips.digit, clips.voice, strict=True)
+    ]
+    info = ImageSetInfo(
+        labels={k: np.array(v, dtype=np.int64) for k, v in labels.items()},
+        classes=classes,
+        captions=captions,
+        source=f"spoken-digits (flite, {len(pictures):,} one-second clips as log-mel pictures)",
+    )
+    return _to_channels(pictures, channels), info
 
 
 # --------------------------------------------------------------------------- image folders

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,6 +163,23 @@ def _cache_path(key: str):
     return cache_dir() / "classifiers" / f"audio-{digest}.safetensors"
 
 
+def _read_judge(key: str, path) -> AudioJudge | None:
+    """The judge cached at ``path`` for ``key``; None when absent or unreadable."""
+    cached = read_cached(path) if path.is_file() else None
+    if cached is None:
+        return None
+    state, meta = cached
+    try:
+        model = DomainClassifier(1, {a: len(v) for a, v in meta["classes"].items()}, width=24)
+        model.load_state_dict(state)
+        if meta["key"] != key:
+            return None
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None  # unreadable: trained again
+    model.eval()
+    return AudioJudge(model, meta["accuracy"], meta["classes"], key, int(meta["heldout"]))
+
+
 def cached_audio_judge(
     key: str,
     waves: np.ndarray,
@@ -175,20 +193,13 @@ def cached_audio_judge(
     """The judge for data set ``key`` from the cache, trained and stored first if absent;
     ``key`` must describe the clips exactly."""
     path = _cache_path(f"{key}|steps={steps}|batch={batch_size}|seed={seed}")
-    cached = read_cached(path) if path.is_file() else None
-    if cached is not None:
-        state, meta = cached
-        try:
-            model = DomainClassifier(1, {a: len(v) for a, v in meta["classes"].items()}, width=24)
-            model.load_state_dict(state)
-            if meta["key"] == key:
-                model.eval()
-                return AudioJudge(model, meta["accuracy"], meta["classes"], key,
-                                  int(meta["heldout"]))  # fmt: skip
-        except (KeyError, TypeError, ValueError, RuntimeError):
-            pass  # unreadable: trained again below
-    judge = train_audio_judge(waves, labels, classes, heldout, key=key, steps=steps,
-                              batch_size=batch_size, seed=seed)  # fmt: skip
+    judge = _read_judge(key, path)
+    if judge is not None:
+        return judge
+    # trained outside the caller's inference mode and autocast (an evaluation): fp32
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        judge = train_audio_judge(waves, labels, classes, heldout, key=key, steps=steps,
+                                  batch_size=batch_size, seed=seed)  # fmt: skip
     meta = {"key": key, "accuracy": judge.accuracy, "classes": judge.classes,
             "heldout": judge.heldout, "version": AUDIO_CLASSIFIER_VERSION}  # fmt: skip
     with contextlib.suppress(OSError):  # a read-only cache only costs retraining next time
@@ -196,7 +207,9 @@ def cached_audio_judge(
     return judge
 
 
-def spoken_digit_judge(heldout_voices: tuple[str, ...] = (), seed: int = 0) -> AudioJudge:
+def spoken_digit_judge(
+    heldout_voices: tuple[str, ...] = (), seed: int = 0, steps: int = 600
+) -> AudioJudge:
     """The judge of the embedded spoken digits' digit. By default it learns from every
     voice and its accuracy is measured on a seeded 15% of the clips it never heard (other
     rates and pitches of the same voices: generated clips imitate the training voices);
@@ -212,4 +225,66 @@ def spoken_digit_judge(heldout_voices: tuple[str, ...] = (), seed: int = 0) -> A
         held[np.random.default_rng(seed).permutation(len(digits))[: len(digits) * 15 // 100]] = True
     key = f"spoken-digits|heldout={','.join(heldout_voices) or '15%'}|n={len(digits)}"
     return cached_audio_judge(key, digits.waves, {"digit": digits.digit},
-                              {"digit": list(DIGITS)}, held, seed=seed)  # fmt: skip
+                              {"digit": list(DIGITS)}, held, seed=seed, steps=steps)  # fmt: skip
+
+
+def cut_words(wave: np.ndarray, phones: list[str] | tuple[str, ...], frames: np.ndarray,
+              hop: int) -> tuple[np.ndarray, list[int]]:  # fmt: skip
+    """The digit words of one utterance of digits said in a row, cut at the phone
+    boundaries (``frames`` per phone, ``hop`` samples a frame) and each centred in one
+    second: ((words, 16000) float32, their digits)."""
+    from aigc.data.speech import SAMPLE_RATE, digit_words, fit_length
+
+    edges = np.concatenate([[0], np.cumsum(np.asarray(frames)[: len(phones)])]) * hop
+    words = digit_words(list(phones))
+    if not words:
+        return np.zeros((0, SAMPLE_RATE), np.float32), []
+    cuts = [fit_length(np.asarray(wave[edges[a] : edges[b]], np.float32), SAMPLE_RATE)
+            for _, a, b in words]  # fmt: skip
+    return np.stack(cuts), [d for d, _, _ in words]
+
+
+def digit_word_judge(
+    strings: list[str], voices: list[str], hop: int, seed: int = 0, steps: int = 600
+) -> AudioJudge:
+    """A judge of digits said in a row: it learns from the words of ``strings`` said by
+    flite in ``voices``, cut at flite's phone boundaries (``hop`` samples a frame), and
+    from the isolated spoken digits; its accuracy is measured on the words of a seeded
+    15% of the strings it never heard. Cached by the strings, voices and hop."""
+    from aigc.data.speech import DIGITS, spoken_digits
+
+    def frames(ends: np.ndarray) -> np.ndarray:
+        edges = np.round(np.asarray(ends) * 16000 / hop).astype(np.int64)
+        return np.diff(np.concatenate([[0], np.maximum.accumulate(edges)]))
+
+    held_strings = set(
+        np.random.default_rng(seed)
+        .permutation(len(strings))[: max(1, len(strings) * 15 // 100)]
+        .tolist()
+    )
+    key = hashlib.sha256(json.dumps([strings, voices, hop]).encode()).hexdigest()[:16]
+    key = f"digit-words|{key}|n={len(strings)}"
+    judge = _read_judge(key, _cache_path(f"{key}|steps={steps}|batch=64|seed={seed}"))
+    if judge is not None:
+        return judge
+    # speak the strings only when the judge must be trained
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aigc.data.speech import speak_with_timing
+
+    jobs = [(i, s, v) for i, s in enumerate(strings) for v in voices]
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        said = list(ex.map(lambda job: speak_with_timing(job[1], job[2]), jobs))
+    waves, digits, held = [], [], []
+    for (i, _, _), u in zip(jobs, said, strict=True):
+        cuts, ds = cut_words(u.wave, u.phones, frames(u.ends), hop)
+        waves.append(cuts)
+        digits += ds
+        held += [i in held_strings] * len(ds)
+    isolated = spoken_digits()
+    waves.append(isolated.waves)
+    digits += isolated.digit.tolist()
+    held += [False] * len(isolated)
+    return cached_audio_judge(key, np.concatenate(waves), {"digit": np.asarray(digits)},
+                              {"digit": list(DIGITS)}, np.asarray(held), seed=seed,
+                              steps=steps)  # fmt: skip

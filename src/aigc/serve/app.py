@@ -11,8 +11,11 @@ it under the folder's name:
   previews (``aigc.serve.images``); diffusion runs also edit images, in OpenAI's
   multipart forms: ``POST /v1/images/edits`` (inpainting a mask, or image-to-image)
   and ``POST /v1/images/variations``;
+- audio runs: ``POST /v1/audio/speech`` (spoken-digit and text-to-speech runs) and
+  ``POST /v1/audio/denoise`` (speech denoisers), WAV or FLAC (``aigc.serve.audio``);
 - ``GET /v1/models`` (with an ``aigc`` object per model: kind, family, chat,
-  conditional, classes, and for diffusion runs their schedulers, defaults and limits),
+  conditional, classes, for diffusion runs their schedulers, defaults and limits, and
+  for text-to-speech runs their voices),
   ``GET /health``, ``GET /metrics`` (Prometheus), and the web
   playground: ``GET /`` and ``/static/...``.
 
@@ -38,12 +41,18 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from aigc.serve.audio import denoise_audio
+from aigc.serve.audio import denoise_audio, speak_text
 from aigc.serve.errors import add_error_handlers
 from aigc.serve.images import edit_images, generate_images, prompt_to_labels
 from aigc.serve.metrics import ServeMetrics
 from aigc.serve.middleware import Observe
-from aigc.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, ImageRequest
+from aigc.serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImageRequest,
+    SpeechRequest,
+)
 from aigc.serve.service import ServedModel, Service, load_models
 from aigc.serve.settings import ServeSettings
 from aigc.serve.text import answer_chat_completions, answer_completions
@@ -134,6 +143,10 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
     @app.post("/v1/audio/denoise", dependencies=keyed)
     async def audio_denoise(request: Request) -> Response:
         return await denoise_audio(service, request)
+
+    @app.post("/v1/audio/speech", dependencies=keyed)
+    async def audio_speech(body: SpeechRequest) -> Response:
+        return await speak_text(service, body)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

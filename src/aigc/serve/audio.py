@@ -1,7 +1,13 @@
-"""POST /v1/audio/denoise: an uploaded audio file denoised by a denoising run, returned
-as a WAV or FLAC file of the same sample rate and length. The form follows OpenAI's
-audio uploads (``file`` and ``model``, multipart); the body's size is bounded by the
-middleware, the audio's length by MAX_SECONDS."""
+"""The audio routes.
+
+POST /v1/audio/denoise: an uploaded audio file denoised by a denoising run, returned as
+a WAV or FLAC file of the same sample rate and length. The form follows OpenAI's audio
+uploads (``file`` and ``model``, multipart); the body's size is bounded by the
+middleware, the audio's length by MAX_SECONDS.
+
+POST /v1/audio/speech: OpenAI's text-to-speech body (``model``, ``input``, ``voice``,
+``response_format``, ``speed``) answered by a run that speaks (a spoken-digit run says
+one digit), as a WAV or FLAC file."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from aigc.errors import RequestError
-from aigc.serve.schemas import ApiError
+from aigc.serve.schemas import ApiError, SpeechRequest
 
 if TYPE_CHECKING:
     from aigc.serve.service import Service
@@ -58,11 +64,19 @@ async def denoise_audio(service: Service, request: Request) -> Response:
                        param="response_format")  # fmt: skip
     served = service.model(fields["model"], "denoise")
     pipe = served.generator
+    return await _audio_answer(
+        service, served, lambda: pipe.denoise(data, max_seconds=MAX_SECONDS), fmt, "file"
+    )
+
+
+async def _audio_answer(service: Service, served, produce, fmt: str, param: str) -> Response:
+    """produce() (an AudioOutput) on the model's thread, its first clip encoded as ``fmt``;
+    a RequestError becomes a 400 about ``param``."""
 
     def work() -> bytes:
         import soundfile as sf
 
-        out = pipe.denoise(data, max_seconds=MAX_SECONDS)
+        out = produce()
         buf = io.BytesIO()
         kind, subtype, _ = FORMATS[fmt]
         sf.write(buf, out.waveforms[0], out.sample_rate, format=kind, subtype=subtype)
@@ -71,6 +85,36 @@ async def denoise_audio(service: Service, request: Request) -> Response:
     try:
         body = await service.on_model_thread(served, work, service.deadline())
     except RequestError as e:
-        raise ApiError(400, str(e), param="file") from None
+        raise ApiError(400, str(e), param=param) from None
     return Response(body, media_type=FORMATS[fmt][2],
                     headers={"x-aigc-created": str(int(time.time()))})  # fmt: skip
+
+
+MAX_INPUT = 4096  # characters of text to speak, as OpenAI's limit
+
+
+async def speak_text(service: Service, body: SpeechRequest) -> Response:
+    """The answer to POST /v1/audio/speech."""
+    fmt = body.response_format or "wav"
+    if fmt not in FORMATS:
+        raise ApiError(400, f"response_format={fmt!r}: this server writes wav or flac",
+                       param="response_format")  # fmt: skip
+    if body.instructions:
+        raise ApiError(400, "instructions are not read by these voices; leave them out",
+                       param="instructions")  # fmt: skip
+    if not body.input.strip():
+        raise ApiError(400, "input is empty: give the text to speak", param="input")
+    if len(body.input) > MAX_INPUT:
+        raise ApiError(400, f"input has {len(body.input):,} characters; the most is {MAX_INPUT:,}",
+                       param="input")  # fmt: skip
+    served = service.models.get(body.model)
+    served = service.model(body.model, served.kind if served is not None and
+                           "speak" in served.generator.verbs else "spoken")  # fmt: skip
+    pipe = served.generator
+    return await _audio_answer(
+        service,
+        served,
+        lambda: pipe.speak(body.input, voice=body.voice, speed=body.speed, seed=body.seed),
+        fmt,
+        "input",
+    )

@@ -125,6 +125,18 @@ class ChatCompletionRequest(_Sampling):
         return out + (["response_format"] if fmt not in (None, {"type": "text"}) else [])
 
 
+class SpeechRequest(_Body):
+    """POST /v1/audio/speech (OpenAI's shape)."""
+
+    model: str
+    input: str
+    voice: str | None = None  # a voice the run knows; "any" or null: the run's choice
+    response_format: str | None = None  # wav (the default) or flac
+    speed: float | None = None  # 0.25 to 4; runs that cannot change speed take 1 only
+    instructions: str | None = None  # OpenAI's; refused when given (nothing reads it)
+    seed: int | None = None  # aigc's: the same seed gives the same sound
+
+
 class ImageRequest(_Body):
     """POST /v1/images/generations."""
 

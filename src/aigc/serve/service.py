@@ -76,6 +76,8 @@ class ServedModel:
                 "restore": restore_card(gen) if self.kind == "restore" else None,
                 # translation runs: directions, domains, sizes
                 "translate": translate_card(gen) if self.kind == "translate" else None,
+                # text-to-speech runs: the voices /v1/audio/speech takes
+                "voices": list(gen.voices) if self.kind == "speech" else None,
             },
         }
 
@@ -110,6 +112,8 @@ def load_models(
                 name, decoder, metrics, settings.max_batch_size, settings.max_wait_ms,
                 settings.queue_size,
             )  # fmt: skip
+        elif "speak" in gen.verbs:  # /v1/audio/speech, a whole request at a time
+            served.images = ImageRunner(name, metrics, settings.queue_size)
         elif isinstance(gen, DiffusionPipeline):
             served.diffusion = DiffusionBatcher(
                 name, gen, metrics, settings.max_image_batch, settings.image_wait_ms,
@@ -121,7 +125,7 @@ def load_models(
         else:
             raise ConfigError(
                 f"{path} is a {family!r} run; aigc serve serves text and image generators, "
-                "image restorers and translators, and speech denoisers"
+                "image restorers and translators, speech generators and denoisers"
             )
         models[name] = served
     return models
@@ -207,9 +211,12 @@ class Service:
                 param="model", code="model_not_found",
             )  # fmt: skip
         if served.kind != kind:
-            where = {"text": "/v1/completions", "denoise": "/v1/audio/denoise"}.get(
-                served.kind, "/v1/images/generations"
-            )
+            where = {
+                "text": "/v1/completions",
+                "denoise": "/v1/audio/denoise",
+                "spoken": "/v1/audio/speech",
+                "speech": "/v1/audio/speech",
+            }.get(served.kind, "/v1/images/generations")
             raise ApiError(
                 400, f"{name!r} is a {served.kind} model ({served.family}); use {where}",
                 param="model", code="wrong_model_kind",

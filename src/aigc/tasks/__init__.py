@@ -29,6 +29,8 @@ TASKS: dict[str, str] = {
     "pix2pix": "aigc.tasks.translate:Pix2PixTask",
     "music": "aigc.tasks.music:MusicTask",
     "denoise": "aigc.tasks.denoise:DenoiseTask",
+    "spoken": "aigc.tasks.spoken:SpokenTask",
+    "tts": "aigc.tasks.tts:TTSTask",
 }
 ENTRY_POINTS = "aigc.tasks"  # installed packages add tasks under this entry-point group
 _plugins_read = False

@@ -33,6 +33,14 @@ const el = {
   translateImage: $("translate-image"),
   translateDirection: $("translate-direction"),
   translateHint: $("translate-hint"),
+  speechControls: $("speech-controls"),
+  speechInput: $("speech-input"),
+  speechHint: $("speech-hint"),
+  voiceFields: $("voice-fields"),
+  voice: $("voice"),
+  speed: $("speed"),
+  denoiseControls: $("denoise-controls"),
+  denoiseFile: $("denoise-file"),
   editArea: $("edit-area"),
   editCanvas: $("edit-canvas"),
   brush: $("brush"),
@@ -41,6 +49,7 @@ const el = {
   dropImage: $("drop-image"),
   progress: $("progress"),
   seed: $("seed"),
+  seedField: $("seed-field"),
   generate: $("generate"),
   stop: $("stop"),
   reset: $("reset"),
@@ -49,6 +58,7 @@ const el = {
   chat: $("chat"),
   output: $("output"),
   images: $("images"),
+  sounds: $("sounds"),
 };
 
 const KEY_STORE = "aigc.apiKey";
@@ -63,6 +73,7 @@ const state = {
   imageSize: 0, // the side of the chosen image model's images
   edit: null, // the image to edit: {canvas (the model's size), mask (1 = fill), size}
   painting: false,
+  soundUrls: [], // the object URLs of the clips shown, revoked when they go
 };
 
 // ---------------------------------------------------------------------------
@@ -190,6 +201,7 @@ function describe(model) {
   if (a.chat) parts.push("chat");
   if (a.conditional) parts.push(`conditional on ${Object.keys(a.classes || {}).join(", ")}`);
   if (a.diffusion && a.diffusion.text) parts.push("text-to-image");
+  if (a.voices && a.voices.length) parts.push(`voices ${a.voices.join(", ")}`);
   return [...new Set(parts.filter(Boolean))].join(" · ");
 }
 
@@ -212,7 +224,10 @@ async function loadModels() {
   const models = (body.data || []).filter((m) => m && m.id);
   state.models = new Map(models.map((m) => [m.id, m]));
   const wanted = el.model.value || sessionStorage.getItem(MODEL_STORE);
-  const groups = { text: "Text", image: "Images", restore: "Restoration", translate: "Translation" };
+  const groups = {
+    text: "Text", image: "Images", restore: "Restoration", translate: "Translation",
+    spoken: "Spoken digits", speech: "Text to speech", denoise: "Speech denoising",
+  };
   const options = [];
   for (const [kind, title] of Object.entries(groups)) {
     const group = document.createElement("optgroup");
@@ -239,6 +254,8 @@ function showModel() {
   const image = a.kind === "image";
   const restore = a.kind === "restore";
   const translate = a.kind === "translate";
+  const speech = a.kind === "spoken" || a.kind === "speech";
+  const denoise = a.kind === "denoise";
   const chat = text && Boolean(a.chat);
   if (model) sessionStorage.setItem(MODEL_STORE, model.id);
   el.modelInfo.textContent = model ? describe(model) : "";
@@ -249,14 +266,21 @@ function showModel() {
   if (restore) el.restoreHint.textContent = restoreHint(a.restore || {});
   el.translateControls.hidden = el.translateControls.disabled = !translate;
   if (translate) showTranslate(a.translate || {});
+  el.speechControls.hidden = el.speechControls.disabled = !speech;
+  if (speech) showSpeech(a);
+  el.denoiseControls.hidden = el.denoiseControls.disabled = !denoise;
+  el.seedField.hidden = el.seed.disabled = denoise; // denoising draws nothing at random
   el.promptLabel.textContent = chat ? "Message" : "Prompt";
   el.promptHint.textContent = chat ? "Enter sends; Shift+Enter starts a new line." : "Ctrl+Enter generates.";
-  el.generate.textContent = chat ? "Send" : restore ? "Restore" : translate ? "Translate" : "Generate";
+  const verbs = { restore: "Restore", translate: "Translate", spoken: "Say", speech: "Say", denoise: "Denoise" };
+  el.generate.textContent = chat ? "Send" : verbs[a.kind] || "Generate";
   el.reset.hidden = !chat;
   el.chat.hidden = !chat;
   el.output.hidden = !text || chat;
   el.images.hidden = !(image || restore || translate);
-  el.generate.disabled = !(text || image || restore || translate) || state.controller !== null;
+  el.sounds.hidden = !(speech || denoise);
+  const usable = text || image || restore || translate || speech || denoise;
+  el.generate.disabled = !usable || state.controller !== null;
   buildLabels(image && a.conditional ? a.classes || {} : {});
   state.imageSize = image ? a.image_size || 0 : 0;
   dropEditImage();
@@ -303,6 +327,7 @@ function resetOutputs() {
   el.chat.replaceChildren();
   el.output.replaceChildren();
   el.images.replaceChildren();
+  clearSounds();
   el.progress.hidden = true;
 }
 
@@ -564,6 +589,232 @@ async function wholeImage(model, signal, job, input, fields, verb, caption) {
 }
 
 // ---------------------------------------------------------------------------
+// audio: speech said from text, and recordings denoised; each clip shown as a player
+// and a spectrogram
+
+function showSpeech(a) {
+  const tts = a.kind === "speech";
+  el.speechInput.placeholder = tts ? "4 2 7" : "seven";
+  el.speechHint.textContent = tts
+    ? "Digits, said one by one (“427” is “four two seven”): what this model learnt to say."
+    : "One digit, as a word or a numeral; the model draws the voice.";
+  el.voiceFields.hidden = el.voice.disabled = el.speed.disabled = !tts;
+  el.voice.replaceChildren(...(a.voices || []).map((v) => new Option(v, v)));
+}
+
+/** The text said by POST /v1/audio/speech, shown as a player and a spectrogram. */
+async function speak(model, signal, job) {
+  const text = el.speechInput.value;
+  if (!text.trim()) throw new ApiError("Type the text to say first.");
+  const body = { model: model.id, input: text, response_format: "wav" };
+  if (model.aigc.kind === "speech") {
+    body.voice = el.voice.value;
+    const speed = numberOf(el.speed, parseFloat);
+    if (speed !== null) body.speed = speed;
+  }
+  const seed = numberOf(el.seed, (v) => parseInt(v, 10));
+  if (seed !== null) body.seed = seed;
+  setStatus("speaking…");
+  const sound = await (await api("/v1/audio/speech", body, signal)).blob();
+  clearSounds();
+  await showSound(sound, `“${text.trim()}”${body.voice ? ` in ${body.voice}` : ""}`, job);
+}
+
+/** The chosen recording denoised by POST /v1/audio/denoise, shown below the recording. */
+async function denoiseSound(model, signal, job) {
+  const file = el.denoiseFile.files && el.denoiseFile.files[0];
+  if (!file) throw new ApiError("Choose a recording to denoise first.");
+  const form = new FormData();
+  form.append("model", model.id);
+  form.append("response_format", "wav");
+  form.append("file", file, file.name);
+  setStatus("denoising…");
+  const sound = await (await api("/v1/audio/denoise", form, signal)).blob();
+  clearSounds();
+  await showSound(file, "input", null);
+  await showSound(sound, "denoised", job);
+}
+
+function clearSounds() {
+  for (const url of state.soundUrls) URL.revokeObjectURL(url);
+  state.soundUrls = [];
+  el.sounds.replaceChildren();
+}
+
+/** A clip as a figure: a caption, a player of `blob` (an object URL, as the page's CSP
+ * allows for media) and its spectrogram; counts the clip in `job`, if given. */
+async function showSound(blob, caption, job) {
+  const figure = document.createElement("figure");
+  const cap = document.createElement("figcaption");
+  cap.textContent = caption;
+  const audio = document.createElement("audio");
+  audio.controls = true;
+  audio.preload = "metadata";
+  audio.setAttribute("aria-label", caption);
+  const url = URL.createObjectURL(blob);
+  state.soundUrls.push(url);
+  audio.src = url;
+  const canvas = document.createElement("canvas");
+  canvas.className = "spectrogram";
+  figure.append(cap, audio, canvas);
+  el.sounds.append(figure);
+  let sound;
+  try {
+    sound = await decodeSound(blob);
+  } catch {
+    canvas.hidden = true; // the player may still play what this page cannot decode
+    cap.textContent = `${caption} (no spectrogram: this browser cannot decode the file)`;
+    return;
+  }
+  const seconds = sound.samples.length / sound.rate;
+  drawSpectrogram(canvas, sound.samples);
+  canvas.setAttribute("aria-label",
+    `spectrogram of ${caption}: time to the right, 0 to ${sound.rate / 2} Hz upwards`);
+  cap.textContent = `${caption}, ${seconds.toFixed(2)} s`;
+  if (job) {
+    job.clips += 1;
+    job.seconds += seconds;
+  }
+}
+
+/** An audio file's samples, mixed to mono, and their rate: a 16-bit PCM WAV (what the
+ * server sends) is read here, other files as the browser decodes them (at 44.1 kHz). */
+async function decodeSound(blob) {
+  const bytes = await blob.arrayBuffer();
+  const wav = readWav(bytes);
+  if (wav) return wav;
+  const decoded = await new OfflineAudioContext(1, 1, 44100).decodeAudioData(bytes);
+  const samples = new Float32Array(decoded.length);
+  for (let c = 0; c < decoded.numberOfChannels; c++) {
+    decoded.getChannelData(c).forEach((v, i) => { samples[i] += v / decoded.numberOfChannels; });
+  }
+  return { samples, rate: decoded.sampleRate };
+}
+
+/** The samples (mono, in [-1, 1)) and rate of a 16-bit PCM WAV file; null for any other
+ * file. A WAV file is a RIFF file of chunks: "fmt " describes the samples, "data" holds
+ * them, interleaved by channel, little-endian. */
+function readWav(bytes) {
+  const view = new DataView(bytes);
+  const tag = (at) => String.fromCharCode(...new Uint8Array(bytes, at, 4));
+  if (bytes.byteLength < 12 || tag(0) !== "RIFF" || tag(8) !== "WAVE") return null;
+  let format = null;
+  for (let at = 12; at + 8 <= bytes.byteLength;) {
+    const id = tag(at);
+    const size = view.getUint32(at + 4, true);
+    const start = at + 8;
+    if (id === "fmt " && size >= 16) {
+      format = {
+        code: view.getUint16(start, true), // 1: integer PCM
+        channels: view.getUint16(start + 2, true),
+        rate: view.getUint32(start + 4, true),
+        bits: view.getUint16(start + 14, true),
+      };
+    } else if (id === "data" && format) {
+      if (format.code !== 1 || format.bits !== 16 || format.channels < 1) return null;
+      const channels = format.channels;
+      const frames = Math.floor(Math.min(size, bytes.byteLength - start) / (2 * channels));
+      const samples = new Float32Array(frames);
+      for (let i = 0; i < frames; i++) {
+        let sum = 0;
+        for (let c = 0; c < channels; c++) sum += view.getInt16(start + 2 * (i * channels + c), true);
+        samples[i] = sum / (channels * 32768);
+      }
+      return { samples, rate: format.rate };
+    }
+    at = start + size + (size & 1); // chunks are padded to an even length
+  }
+  return null;
+}
+
+const FRAME = 512; // samples per STFT frame: a power of two, for the FFT
+const HOP = 128; // samples between frames
+const MAX_COLUMNS = 2048; // a longer recording is drawn with a longer hop
+const RANGE_DB = 80; // the loudness shown, below the loudest bin
+
+/** The discrete Fourier transform of (re, im) in place, by the iterative radix-2
+ * Cooley–Tukey FFT: X[k] = sum_n x[n] e^(-2πikn/N), N = re.length a power of two. */
+function fft(re, im) {
+  const n = re.length;
+  for (let i = 1, j = 0; i < n; i++) { // put the input in bit-reversed order
+    let bit = n >> 1;
+    for (; j & bit; bit >>= 1) j ^= bit;
+    j ^= bit;
+    if (i < j) {
+      [re[i], re[j]] = [re[j], re[i]];
+      [im[i], im[j]] = [im[j], im[i]];
+    }
+  }
+  for (let size = 2; size <= n; size *= 2) { // butterflies of DFTs of length size / 2
+    const half = size / 2;
+    for (let k = 0; k < half; k++) {
+      const wr = Math.cos((-2 * Math.PI * k) / size);
+      const wi = Math.sin((-2 * Math.PI * k) / size);
+      for (let a = k; a < n; a += size) {
+        const b = a + half;
+        const tr = wr * re[b] - wi * im[b];
+        const ti = wr * im[b] + wi * re[b];
+        re[b] = re[a] - tr;
+        im[b] = im[a] - ti;
+        re[a] += tr;
+        im[a] += ti;
+      }
+    }
+  }
+}
+
+/** A colour per loudness in [0, 1]: black through purple and red to pale yellow. */
+const RAMP = (() => {
+  const stops = [[0, 0, 0], [60, 18, 110], [190, 45, 85], [250, 150, 40], [255, 250, 200]];
+  const ramp = new Uint8ClampedArray(256 * 3);
+  for (let i = 0; i < 256; i++) {
+    const x = (i / 255) * (stops.length - 1);
+    const s = Math.min(Math.floor(x), stops.length - 2);
+    for (let c = 0; c < 3; c++) ramp[3 * i + c] = stops[s][c] + (x - s) * (stops[s + 1][c] - stops[s][c]);
+  }
+  return ramp;
+})();
+
+/** The spectrogram of `samples` on `canvas`, a pixel per frame and frequency bin: the
+ * short-time Fourier transform (Hann window of FRAME samples, every HOP samples), its
+ * power in decibels over the RANGE_DB below the loudest bin, low frequencies at the
+ * bottom. */
+function drawSpectrogram(canvas, samples) {
+  const bins = FRAME / 2; // 0 up to (not including) half the sample rate
+  const hop = Math.max(HOP, Math.ceil((samples.length - FRAME) / (MAX_COLUMNS - 1)));
+  const columns = Math.max(1, Math.floor((samples.length - FRAME) / hop) + 1);
+  const hann = Float64Array.from({ length: FRAME }, (_, i) => 0.5 - 0.5 * Math.cos((2 * Math.PI * i) / FRAME));
+  const re = new Float64Array(FRAME);
+  const im = new Float64Array(FRAME);
+  const db = new Float32Array(columns * bins); // (columns, bins)
+  let loudest = -Infinity;
+  for (let t = 0; t < columns; t++) {
+    for (let i = 0; i < FRAME; i++) re[i] = (samples[t * hop + i] ?? 0) * hann[i]; // a short clip: zeros
+    im.fill(0);
+    fft(re, im);
+    for (let k = 0; k < bins; k++) {
+      const value = 10 * Math.log10(re[k] * re[k] + im[k] * im[k] + 1e-12);
+      db[t * bins + k] = value;
+      loudest = Math.max(loudest, value);
+    }
+  }
+  canvas.width = columns;
+  canvas.height = bins;
+  const ctx = canvas.getContext("2d");
+  const pixels = ctx.createImageData(columns, bins);
+  for (let t = 0; t < columns; t++) {
+    for (let k = 0; k < bins; k++) {
+      const level = Math.min(1, Math.max(0, (db[t * bins + k] - loudest + RANGE_DB) / RANGE_DB));
+      const colour = 3 * Math.round(level * 255);
+      const at = 4 * ((bins - 1 - k) * columns + t);
+      pixels.data.set(RAMP.subarray(colour, colour + 3), at);
+      pixels.data[at + 3] = 255;
+    }
+  }
+  ctx.putImageData(pixels, 0, 0);
+}
+
+// ---------------------------------------------------------------------------
 // editing: an image to inpaint (a painted mask) or to redraw (image-to-image)
 
 const INPAINT_STEPS = 50; // the server's RePaint default
@@ -677,9 +928,11 @@ function paintAt(event) {
 function summary(job, seconds) {
   const count = ["image", "restore", "translate"].includes(job.kind)
     ? `${job.images} image${job.images === 1 ? "" : "s"}`
-    : job.usage !== null
-      ? `${job.usage} token${job.usage === 1 ? "" : "s"}`
-      : `${job.chars} character${job.chars === 1 ? "" : "s"}`; // stopped: no usage came
+    : ["spoken", "speech", "denoise"].includes(job.kind)
+      ? `${job.clips} clip${job.clips === 1 ? "" : "s"} of ${job.seconds.toFixed(2)} s`
+      : job.usage !== null
+        ? `${job.usage} token${job.usage === 1 ? "" : "s"}`
+        : `${job.chars} character${job.chars === 1 ? "" : "s"}`; // stopped: no usage came
   return `${count}, ${seconds.toFixed(1)} s`;
 }
 
@@ -688,9 +941,11 @@ async function onGenerate(event) {
   const model = currentModel();
   if (!model || state.controller || !el.form.reportValidity()) return;
   const a = model.aigc || {};
-  const whole = { restore: restoreImage, translate: translateImage };
+  const whole = {
+    restore: restoreImage, translate: translateImage, spoken: speak, speech: speak, denoise: denoiseSound,
+  };
   const run = a.kind === "image" ? images : whole[a.kind] || (a.chat ? chat : complete);
-  const job = { kind: a.kind, chars: 0, usage: null, images: 0 };
+  const job = { kind: a.kind, chars: 0, usage: null, images: 0, clips: 0, seconds: 0 };
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
