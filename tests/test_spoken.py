@@ -201,6 +201,9 @@ def test_the_cli_writes_clips_of_the_class_and_names_a_bad_one(spoken_run, tmp_p
     assert bad.returncode == 2 and "eleven" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("sample", str(spoken_run), "--out", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "folder" in bad.stderr
+    ev = run_cli("eval", str(spoken_run), "--scheduler", "ddim", "--steps", "2", "--n", "10")
+    assert ev.returncode == 0, ev.stderr
+    assert "sampled by ddim in 2 steps" in ev.stdout and "digit_accuracy" in ev.stdout
 
 
 def test_the_server_says_a_digit_in_openais_speech_shape(spoken_run):

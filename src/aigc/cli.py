@@ -745,7 +745,7 @@ def eval_(
     from aigc.api import save_eval
 
     gen = aigc.load(run, device=device)
-    if gen.kind == "image":
+    if gen.kind in ("image", "spoken"):
         result = gen.evaluate(
             n=samples, iwae_k=iwae_k, metrics=metrics.split(",") if metrics is not None else None,
             against=against, inception_weights=inception_weights, fid_protocol=fid_protocol,
