@@ -117,7 +117,7 @@ def test_accuracy_and_the_judge_score_against_a_hand_computation():
     from aigc.tasks.spoken import SpokenTask
 
     task = SpokenTask.__new__(SpokenTask)
-    task._judge = type("J", (), {"accuracy": {"digit": 0.99}})()
+    task._judge = type("J", (), {"accuracy": {"digit": 0.99}, "weaknesses": lambda self: []})()
     asked = np.arange(40) % 10
     confident = np.eye(10)[asked] * 0.91 + 0.01  # right, and sure of it
     m = task.eval_metrics(_counts(confident, asked))
