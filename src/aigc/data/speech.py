@@ -280,6 +280,13 @@ def speak_with_timing(text: str, voice: str = "slt", rate: float = 1.0) -> Utter
     return Utterance(wave, phones, ends)
 
 
+def phone_frames(ends: np.ndarray, hop: int) -> np.ndarray:
+    """Phone end times (seconds) -> frames of ``hop`` samples per phone (ends rounded to
+    frames, never going back)."""
+    edges = np.round(np.asarray(ends) * SAMPLE_RATE / hop).astype(np.int64)
+    return np.diff(np.concatenate([[0], np.maximum.accumulate(edges)]))
+
+
 @lru_cache(maxsize=4096)
 def phones_of(text: str) -> tuple[str, ...]:
     """The phones flite's front end reads ``text`` (normalised first) as; the same in

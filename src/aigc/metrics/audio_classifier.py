@@ -253,10 +253,6 @@ def digit_word_judge(
     15% of the strings it never heard. Cached by the strings, voices and hop."""
     from aigc.data.speech import DIGITS, spoken_digits
 
-    def frames(ends: np.ndarray) -> np.ndarray:
-        edges = np.round(np.asarray(ends) * 16000 / hop).astype(np.int64)
-        return np.diff(np.concatenate([[0], np.maximum.accumulate(edges)]))
-
     held_strings = set(
         np.random.default_rng(seed)
         .permutation(len(strings))[: max(1, len(strings) * 15 // 100)]
@@ -270,14 +266,14 @@ def digit_word_judge(
     # speak the strings only when the judge must be trained
     from concurrent.futures import ThreadPoolExecutor
 
-    from aigc.data.speech import speak_with_timing
+    from aigc.data.speech import phone_frames, speak_with_timing
 
     jobs = [(i, s, v) for i, s in enumerate(strings) for v in voices]
     with ThreadPoolExecutor(max_workers=4) as ex:
         said = list(ex.map(lambda job: speak_with_timing(job[1], job[2]), jobs))
     waves, digits, held = [], [], []
     for (i, _, _), u in zip(jobs, said, strict=True):
-        cuts, ds = cut_words(u.wave, u.phones, frames(u.ends), hop)
+        cuts, ds = cut_words(u.wave, u.phones, phone_frames(u.ends, hop), hop)
         waves.append(cuts)
         digits += ds
         held += [i in held_strings] * len(ds)

@@ -108,8 +108,9 @@ def split_strings(d: TTSDataConfig) -> tuple[list[str], list[str]]:
 
 def frames_of(ends: np.ndarray) -> np.ndarray:
     """Phone end times (seconds) -> frames per phone (16 ms frames, ends rounded)."""
-    edges = np.round(np.asarray(ends) * SAMPLE_RATE / HOP).astype(np.int64)
-    return np.diff(np.concatenate([[0], np.maximum.accumulate(edges)]))
+    from aigc.data.speech import phone_frames
+
+    return phone_frames(ends, HOP)
 
 
 def encode_phones(phones: tuple[str, ...] | list[str]) -> list[int]:
