@@ -820,7 +820,7 @@ def _shown(default: object) -> str:
     """A default as the README writes it: 5 for 5.0, none for no API keys."""
     if isinstance(default, float):
         return f"{default:g}"
-    return "none" if default == [] else str(default)
+    return "none" if default == [] or default is None else str(default)
 
 
 def test_serve_help_lists_every_setting_with_its_variable_and_default():
@@ -838,6 +838,8 @@ def test_serve_help_lists_every_setting_with_its_variable_and_default():
         default = getattr(ServeSettings(), name)
         if name == "api_keys":  # repeatable; the variable is read by the command
             assert f"Also {spec.env} (comma-separated)." in line and "[default" not in line
+        elif default is None:  # unset by default: Typer shows no default
+            assert f"[env var: {spec.env}]" in line and "[default" not in line, line
         else:
             assert f"[env var: {spec.env}] [default: {default}]" in line, line
     assert "[env var: AIGC_API_KEYS_FILE]" in lines["--api-keys-file"]

@@ -11,6 +11,7 @@ __all__ = [
     "TextGenerator",
     "TrainOutcome",
     "__version__",
+    "detect_text",
     "finetune",
     "load",
     "load_config",
@@ -26,11 +27,13 @@ _LAZY = {
     "TrainOutcome": "aigc.api",
     "Config": "aigc.config",
     "load_config": "aigc.config",
+    "detect_text": "aigc.safety.text_watermark",
 }
 
 if TYPE_CHECKING:
     from aigc.api import TextGenerator, TrainOutcome, load, train
     from aigc.config import Config, load_config
+    from aigc.safety.text_watermark import detect_text
 
 
 def __getattr__(name: str) -> Any:

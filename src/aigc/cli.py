@@ -259,13 +259,15 @@ def sample(
     n: Annotated[
         int | None,
         typer.Option(
-            "--n", help="Image runs: how many images [64]; music: pieces [4]; spoken: clips [64]."
+            "--n", help="Image runs: how many images [64]; music: pieces [4]; spoken: clips [64]; "
+            "text: completions per prompt [1]."
         ),
     ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Image runs: a grid .png, or a folder for one PNG per image; music runs: a "
+            help="Text runs: a .jsonl file of samples; image runs: a grid .png, or a folder "
+            "for one PNG per image; music runs: a "
             "folder for a .mid and a .wav per piece; spoken runs: a folder for a .wav per clip."
         ),
     ] = None,
@@ -304,8 +306,17 @@ def sample(
         float | None,
         typer.Option(help="Diffusion runs: classifier-free guidance scale; 1 = none."),
     ] = None,
+    watermark_key: Annotated[
+        str | None,
+        typer.Option(help="Watermark the samples with this key (text and image runs)."),
+    ] = None,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option(help="Image runs: sign each file's provenance with this Ed25519 key (PEM)."),
+    ] = None,
 ) -> None:
-    """Generate from a trained run: text streams to the terminal, images go to --out."""
+    """Generate from a trained run: text streams to the terminal (or --out FILE.jsonl with
+    --n per prompt), images go to --out."""
     import aigc
 
     gen = aigc.load(run, device=device)
@@ -371,8 +382,11 @@ def sample(
     kw = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, stop=tuple(unescape(s) for s in stop or ()),
-        seed=seed,
+        seed=seed, watermark=watermark_key,
     )  # fmt: skip
+    if out is not None or n is not None:
+        _sample_texts(gen, prompts, 1 if n is None else n, out, kw)
+        return
     if len(prompts) == 1 and stream:
         pieces = gen.stream(prompts[0], **kw)  # checks the request before printing anything
         typer.echo(prompts[0], nl=False)
@@ -1056,6 +1070,30 @@ def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
     typer.echo(f"wrote {len(images)} images to {where}")
 
 
+def _sample_texts(gen, prompts: list[str], n: int, out: Path | None, kw: dict) -> None:
+    """n completions per prompt, to --out as JSON Lines ({"prompt", "text", "seed"}) or,
+    without --out, to the terminal. Seeds run seed, seed + 1, ... over the completions."""
+    from aigc.pipelines.base import check_count
+
+    check_count(n, limit=10_000)
+    if out is not None and out.suffix != ".jsonl":
+        raise RequestError(f"--out {out}: text samples are written as JSON Lines (.jsonl)")
+    rows = [p for p in prompts for _ in range(n)]
+    seed = kw.pop("seed")
+    texts = [gen.generate(p, seed=None if seed is None else seed + i, **kw)
+             for i, p in enumerate(rows)]  # fmt: skip
+    if out is None:
+        for i, (p, t) in enumerate(zip(rows, texts, strict=True)):
+            typer.echo(f"--- {i} ---\n{p}{t}")
+        return
+    from aigc.runs import atomic_write_text
+
+    lines = [json.dumps({"prompt": p, "text": t, "seed": None if seed is None else seed + i})
+             for i, (p, t) in enumerate(zip(rows, texts, strict=True))]  # fmt: skip
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
+    typer.echo(f"wrote {len(lines)} text sample{'s' if len(lines) != 1 else ''} to {out}")
+
+
 def main() -> None:
     """Entry point of the `aigc` console script and `python -m aigc`."""
     import warnings
@@ -1085,3 +1123,8 @@ def main() -> None:
 from aigc.serve.cli import serve_command  # noqa: E402
 
 app.command("serve")(serve_command)
+
+# `aigc detect`: watermark and generated-content detection (aigc.safety.cli)
+from aigc.safety.cli import detect_command  # noqa: E402
+
+app.command("detect")(detect_command)

@@ -49,13 +49,17 @@ class TextPipeline(Pipeline):
         repetition_penalty: float = 1.0,
         stop: str | Iterable[str] = (),
         seed: int | None = None,
+        watermark: Any = None,
     ) -> str | list[str]:
-        """Completes one prompt (returns a string) or a batch of prompts (a list)."""
+        """Completes one prompt (returns a string) or a batch of prompts (a list).
+
+        watermark: a key string (or aigc.safety.text_watermark.Watermark) marks the text
+        with a green-list watermark that ``aigc.detect_text`` finds with the same key."""
         from aigc.sampling import generate
 
         params = self._params(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+            repetition_penalty=repetition_penalty, stop=stop, seed=seed, watermark=watermark,
         )  # fmt: skip
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -73,6 +77,7 @@ class TextPipeline(Pipeline):
         repetition_penalty: float = 1.0,
         stop: str | Iterable[str] = (),
         seed: int | None = None,
+        watermark: Any = None,
     ) -> Iterator[str]:
         """Yields the completion of ``prompt`` piece by piece as tokens are sampled.
 
@@ -82,7 +87,7 @@ class TextPipeline(Pipeline):
 
         params = self._params(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+            repetition_penalty=repetition_penalty, stop=stop, seed=seed, watermark=watermark,
         )  # fmt: skip
         return stream(self.model, self.tokenizer, prompt, params)
 
@@ -101,7 +106,7 @@ class TextPipeline(Pipeline):
     def chat(
         self, messages: Sequence[Any], max_new_tokens: int = 256, temperature: float = 0.8,
         top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-        stop: str | Iterable[str] = (), seed: int | None = None,
+        stop: str | Iterable[str] = (), seed: int | None = None, watermark: Any = None,
     ) -> str:  # fmt: skip
         """The assistant's next answer to ``messages``; it ends at the end marker."""
         from aigc.tasks.chat import stop_strings
@@ -109,13 +114,13 @@ class TextPipeline(Pipeline):
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         return self.generate(
             self.chat_prompt(messages), max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, (*stop, *stop_strings()), seed,
+            repetition_penalty, (*stop, *stop_strings()), seed, watermark,
         )  # fmt: skip
 
     def chat_stream(
         self, messages: Sequence[Any], max_new_tokens: int = 256, temperature: float = 0.8,
         top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-        stop: str | Iterable[str] = (), seed: int | None = None,
+        stop: str | Iterable[str] = (), seed: int | None = None, watermark: Any = None,
     ) -> Iterator[str]:  # fmt: skip
         """:meth:`chat`, piece by piece as tokens are sampled."""
         from aigc.tasks.chat import stop_strings
@@ -123,7 +128,7 @@ class TextPipeline(Pipeline):
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         return self.stream(
             self.chat_prompt(messages), max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, (*stop, *stop_strings()), seed,
+            repetition_penalty, (*stop, *stop_strings()), seed, watermark,
         )  # fmt: skip
 
     def evaluate(self, n: int | None = None, save: bool = True) -> EvalResult:

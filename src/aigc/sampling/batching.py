@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,6 +116,7 @@ class BatchDecoder:
         self._next: Tensor | None = None  # (slots,) tokens chosen by the last step, not yet fed
         self._seen: Tensor | None = None  # (slots, V) bool: prompt + output tokens of each row
         self.last_step_rows = 0  # rows that got a token in the last step (its batch size)
+        self._marks: dict[Any, Any] = {}  # Watermark -> its keyed token hashes
 
     def __len__(self) -> int:
         """Rows running or waiting to join."""
@@ -277,8 +279,35 @@ class BatchDecoder:
             nxt[:n], seen[:n] = self._next[:n], self._seen[:n]
         self._next, self._seen = nxt, seen
 
+    def _watermark(self, logits: Tensor) -> Tensor:
+        """Logits with each watermarked row's green tokens raised by its delta.
+
+        (The repetition penalty then sees the raised logits; the order matters little
+        and keeps one code path for every row.)"""
+        from aigc.safety.text_watermark import TokenHashes, bias_logits
+
+        by_mark: dict[Any, list[int]] = {}
+        for b, row in enumerate(self._rows):
+            if row.params.watermark is not None:
+                by_mark.setdefault(row.params.watermark, []).append(b)
+        logits = logits.clone()
+        for mark, rows in by_mark.items():
+            if mark not in self._marks:
+                self._marks[mark] = TokenHashes(self.tokenizer, mark, self.device)
+            hashes = self._marks[mark]
+            h = mark.context
+            # each row's last h tokens; -1 pads a row with fewer (its start: never scored)
+            ctx = [(self._rows[b].context + self._rows[b].ids)[-h:] for b in rows]
+            ctx = torch.tensor([[-1] * (h - len(c)) + c for c in ctx], device=self.device)
+            padded = torch.cat([hashes.table, hashes.table.new_zeros(1)])
+            index = torch.tensor(rows, device=self.device)
+            logits[index] = bias_logits(logits[index], padded[ctx], hashes)
+        return logits
+
     def _choose(self, logits: Tensor) -> Tensor:
         """The next token of every row (n,), each row by its own parameters."""
+        if any(row.params.watermark is not None for row in self._rows):
+            logits = self._watermark(logits)
         groups: dict[tuple, list[int]] = {}
         for b, row in enumerate(self._rows):
             groups.setdefault(row.choice_key(), []).append(b)

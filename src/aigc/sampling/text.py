@@ -6,7 +6,7 @@ cache with the prompts (one cache slot per row), then pick a token per row and f
 it back, one step at a time.
 
 Per step the next-token scores go through, in this order (as in Hugging Face
-transformers): repetition penalty, temperature, top-k, top-p, then a draw from
+transformers): a watermark's green-list bias (when one is set), repetition penalty, temperature, top-k, top-p, then a draw from
 the softmax (or the argmax when temperature is 0).
 
 Text comes out in whole characters only: each row decodes its new tokens
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -51,6 +51,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL-style, for tokens in prompt + output; 1 = off
     stop: tuple[str, ...] = ()  # the text ends before the first of these
     seed: int | None = None  # same seed and settings -> same text
+    # a key string or aigc.safety.text_watermark.Watermark: green-list watermark (+delta
+    # on the keyed green tokens' logits, before the other steps)
+    watermark: Any = None
 
     def validate(self) -> None:
         """Raise RequestError naming the first bad field and its allowed range."""
@@ -80,6 +83,10 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", "an integer in [0, 2**63), or null")
+        if self.watermark is not None:
+            from aigc.safety.text_watermark import as_watermark
+
+            self.watermark = as_watermark(self.watermark)
 
 
 def generate(

@@ -19,7 +19,13 @@ from typing import Annotated, Any
 import typer
 
 from aigc.errors import ConfigError
-from aigc.serve.settings import API_KEYS_FILE_ENV, FLAGS, ServeSettings, read_keys_file
+from aigc.serve.settings import (
+    API_KEYS_FILE_ENV,
+    FLAGS,
+    ServeSettings,
+    read_keys_file,
+    read_watermark_key,
+)
 
 _TYPES = typing.get_type_hints(ServeSettings)
 _LISTS = [name for name in FLAGS if typing.get_origin(_TYPES[name]) is list]
@@ -32,6 +38,10 @@ def serve_command(
     api_keys_file: Annotated[
         Path | None,
         typer.Option(envvar=API_KEYS_FILE_ENV, help="A file of keys, one per line (# comments)."),
+    ] = None,
+    watermark_key_file: Annotated[
+        Path | None,
+        typer.Option(envvar="AIGC_WATERMARK_KEY_FILE", help="A file holding the watermark key."),
     ] = None,
     log_level: Annotated[
         str, typer.Option(help="debug, info (one line per request), warning or error.")
@@ -46,6 +56,10 @@ def serve_command(
         flags[name] += [x.strip() for x in os.environ.get(FLAGS[name].env, "").split(",") if x.strip()]  # fmt: skip
     if api_keys_file is not None:
         flags["api_keys"] += read_keys_file(api_keys_file)
+    if watermark_key_file is not None:
+        if flags.get("watermark_key") is not None:
+            raise ConfigError("give --watermark-key or --watermark-key-file, not both")
+        flags["watermark_key"] = read_watermark_key(watermark_key_file)
     settings = ServeSettings(**flags)
     settings.validate()
     if log_level not in ("debug", "info", "warning", "error"):

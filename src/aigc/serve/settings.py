@@ -137,6 +137,12 @@ class ServeSettings:
         "CPU: torch threads for the models (0: one per core but one, left to HTTP).", THREADS,
     )  # fmt: skip
 
+    watermark_key: str | None = setting(
+        None, "--watermark-key", "AIGC_WATERMARK_KEY",
+        "Watermark generated text (green list) and images with this secret key; "
+        "--watermark-key-file reads it from a file.",
+    )  # fmt: skip
+
     def threads(self) -> int | None:
         """The torch thread count to set on a CPU device, or None to leave torch's own."""
         if self.torch_threads:
@@ -154,6 +160,10 @@ class ServeSettings:
                 raise ConfigError(
                     f"{spec.flag} ({spec.env}) = {value!r} must be {spec.rule.allowed}"
                 )
+        if self.watermark_key is not None and not (
+            isinstance(self.watermark_key, str) and self.watermark_key.strip()
+        ):
+            raise ConfigError("--watermark-key (AIGC_WATERMARK_KEY) must be a non-empty string")
         if not isinstance(self.api_keys, list) or not all(
             isinstance(k, str) and k and k.strip() == k and " " not in k for k in self.api_keys
         ):
@@ -165,6 +175,17 @@ class ServeSettings:
 
 # setting -> its flag, in the order of the fields (and of `aigc serve --help`)
 FLAGS: dict[str, Flag] = {f.name: f.metadata["flag"] for f in fields(ServeSettings)}
+
+
+def read_watermark_key(path: str | Path) -> str:
+    """The watermark key in a file: its text without the line end (not empty)."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--watermark-key-file {path}: cannot read it ({e})") from None
+    if not key.strip():
+        raise ConfigError(f"--watermark-key-file {path} is empty; put the key in it")
+    return key
 
 
 def read_keys_file(path: str | Path) -> list[str]:

@@ -112,6 +112,7 @@ class _TextRequest:
                 ),
                 stop=(*stop, *extra_stop),
                 seed=None if body.seed is None else (body.seed + j) % 2**63,
+                watermark=s.watermark_key,  # the server's key marks every completion
             )
             for j in range(n)
         ]
