@@ -14,10 +14,37 @@ import typer
 from aigc.errors import RequestError
 
 
+def _zero_shot(body: str, run: Path, as_json: bool) -> None:
+    """Fast-DetectGPT's criterion of the text under the run, placed among 200 windows of
+    the run's held-out human text of the same token count."""
+    import aigc
+    from aigc.safety.zero_shot import curvature, human_reference
+
+    pipe = aigc.load(run)
+    if pipe.kind != "text":
+        raise RequestError(f"--run {run} is a {pipe.kind} run; zero-shot scoring needs a text run")
+    score = curvature(pipe, body)
+    human = human_reference(pipe, score.tokens)
+    above = float((human >= score.score).mean())  # share of human windows scoring as high
+    if as_json:
+        typer.echo(json.dumps({"curvature": score.score, "tokens": score.tokens,
+                               "human_share_at_or_above": above,
+                               "human_windows": len(human)}))  # fmt: skip
+        return
+    typer.echo(f"curvature {score.score:.2f} over {score.tokens} tokens (Fast-DetectGPT under "
+               f"{run}); {above:.1%} of {len(human)} held-out human windows of that length "
+               "score as high")  # fmt: skip
+    typer.echo("  high curvature suggests text this run (or one like it) generated; it is a "
+               "score, not a proof")  # fmt: skip
+
+
 def read_key(key: str | None, key_file: Path | None) -> str:
     """The watermark key from --key or --key-file (one of them, not empty)."""
     if (key is None) == (key_file is None):
-        raise RequestError("give the watermark key with --key or --key-file (one of them)")
+        raise RequestError(
+            "give the watermark key with --key or --key-file (one of them), or only --run "
+            "to score the text zero-shot"
+        )
     if key_file is not None:
         try:
             key = key_file.read_text(encoding="utf-8").strip("\r\n")
@@ -52,8 +79,10 @@ def detect_command(
     file: Annotated[Path | None, typer.Option(help="A UTF-8 text file to check.")] = None,
     run: Annotated[
         Path | None,
-        typer.Option(help="The run that wrote it: its tokens are scored (needed for BPE "
-                     "runs; character runs are scored by characters without it)."),
+        typer.Option(
+            help="The run that wrote it: its tokens are scored (needed for BPE "
+            "runs; character runs are scored by characters without it)."
+        ),
     ] = None,
     threshold: Annotated[
         float, typer.Option(help="z at or above it says 'watermarked' (4: FPR 3e-5).")
@@ -63,15 +92,18 @@ def detect_command(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
-    """Is a text watermarked with this key? Prints z, the p-value and the green fraction.
-
-    Kirchenbauer et al.'s z-test over the distinct (context + token) n-grams of the text."""
+    """Is a text watermarked with this key? Prints z, the p-value and the green fraction
+    (Kirchenbauer et al.'s z-test over the distinct (context + token) n-grams). Without a
+    key, --run scores the text zero-shot (Fast-DetectGPT's curvature under that run)."""
     from aigc.safety.text_watermark import detect_text
 
-    secret = read_key(key, key_file)
-    body = _read_text(text, file)
     if run is not None and not run.is_dir():
         raise RequestError(f"--run {run}: no such run folder")
+    if key is None and key_file is None and run is not None:
+        _zero_shot(_read_text(text, file), run, as_json)
+        return
+    secret = read_key(key, key_file)
+    body = _read_text(text, file)
     score = detect_text(body, secret, run=run, threshold=threshold)
     if as_json:
         out = score.to_dict()
