@@ -110,3 +110,32 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus_file):
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows_a]
     evals = [r["step"] for r in b.read_metrics() if "val_loss" in r]
     assert evals == sorted(set(evals)) == [40, 80, 120, 150]
+
+
+def test_sigterm_saves_the_last_step_and_exits_130(tmp_path, corpus_file):
+    """A background job has SIGINT ignored; SIGTERM (a scheduler's preemption, `kill`)
+    stops it as Ctrl-C does: the last completed step is saved, exit code 130, and the run
+    continues from there."""
+    run = RunDir(tmp_path / "r")
+    overrides = [*TINY, "train.max_steps=100000", "train.checkpoint_every=0",
+                 "train.eval_every=0", "train.log_every=1", f"data.path={corpus_file}"]  # fmt: skip
+    env = {**os.environ, "AIGC_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aigc", "train", RECIPE, *overrides, "--run-dir", str(run.path)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline and len(run.read_metrics() if run.metrics_path.exists() else []) < 5
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "Traceback" not in err
+    step = max(r["step"] for r in run.read_metrics() if "loss" in r)
+    latest = run.latest_checkpoint()
+    assert latest is not None and latest.name == f"step-{step:08d}"
+    done = run_cli("train", str(run.path), "train.max_steps=" + str(step + 3))
+    assert done.returncode == 0, done.stderr
+    assert run.latest_checkpoint().name == f"step-{step + 3:08d}"

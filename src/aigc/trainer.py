@@ -272,20 +272,42 @@ def load_module_tensors(
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Holds back Ctrl-C (SIGINT) until the block ends, then raises KeyboardInterrupt: a
-    save or a TensorBoard flush cut in the middle could leave a half-written checkpoint
-    or a writer thread that ``close`` waits on for ever."""
+    """Holds back Ctrl-C (SIGINT) and SIGTERM until the block ends, then raises
+    KeyboardInterrupt: a save or a TensorBoard flush cut in the middle could leave a
+    half-written checkpoint or a writer thread that ``close`` waits on for ever."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in held}  # fmt: skip
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_stops_training() -> Iterator[None]:
+    """SIGTERM (a job scheduler's preemption, ``kill``, ``docker stop``) stops training as
+    Ctrl-C does: the last completed step is saved. A job started in the background has
+    SIGINT ignored, so SIGTERM is how it is stopped without losing work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def frozen_names(module: nn.Module) -> frozenset[str]:
@@ -567,7 +589,9 @@ class Trainer:
         window_items = 0
         window_time = 0.0
         last_eval: dict[str, float] = {}
+        signals = contextlib.ExitStack()
         try:
+            signals.enter_context(sigterm_stops_training())
             while not self._done():
                 t0 = time.perf_counter()
                 lr = self._set_lr()
@@ -644,6 +668,7 @@ class Trainer:
                 if iter_callback is not None:
                     iter_callback(self)
         except KeyboardInterrupt:
+            signals.close()  # a second SIGTERM during the save ends the process (saves are atomic)
             # Keep what was learned: the last completed step becomes a checkpoint.
             if main:
                 log.sync()
@@ -651,6 +676,7 @@ class Trainer:
             where = str(self.run.checkpoints_dir / name) if name else None
             raise TrainingInterrupted(str(self.run.path), self.step, where) from None
         finally:
+            signals.close()
             if bar is not None:
                 bar.close()
             if writer is not None:
