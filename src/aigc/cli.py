@@ -259,8 +259,9 @@ def sample(
     n: Annotated[
         int | None,
         typer.Option(
-            "--n", help="Image runs: how many images [64]; music: pieces [4]; spoken: clips [64]; "
-            "text: completions per prompt [1]."
+            "--n",
+            help="Image runs: how many images [64]; music: pieces [4]; spoken: clips [64]; "
+            "text: completions per prompt [1].",
         ),
     ] = None,
     out: Annotated[
@@ -326,6 +327,15 @@ def sample(
         raise RequestError(f"{run} restores images; use: aigc restore {_q(run)} --image FILE")
     if gen.kind == "translate":
         raise RequestError(f"{run} translates images; use: aigc translate {_q(run)} --image FILE")
+    if watermark_key is not None and gen.kind not in ("text", "image"):
+        raise RequestError(f"--watermark-key is for text and image runs; {run} is a {gen.kind} run")
+    signer = None
+    if sign_key is not None:
+        if gen.kind != "image":
+            raise RequestError(f"--sign-key is for image runs; {run} is a {gen.kind} run")
+        from aigc.safety.provenance import load_private_key
+
+        signer = load_private_key(sign_key)
     if gen.kind == "music":
         if prompt:
             raise RequestError(f"{run} composes music from nothing; it takes no --prompt")
@@ -352,7 +362,8 @@ def sample(
         if reconstruct is not None or traverse or interpolate is not None:
             raise RequestError(f"{run} is a diffusion run; it takes --prompt or --class, not "
                                "--reconstruct, --traverse or --interpolate")  # fmt: skip
-        _sample_diffusion(gen, run, n, out, prompt or [], class_, label or [], seed, diffusion)
+        _sample_diffusion(gen, run, n, out, prompt or [], class_, label or [], seed, diffusion,
+                          watermark_key, signer)  # fmt: skip
         return
     given = [k for k, v in diffusion.items() if v is not None]
     if given:
@@ -369,14 +380,18 @@ def sample(
                 )
             if reconstruct is not None:
                 source = None if reconstruct == "held-out" else reconstruct
-                images, name = gen.reconstruct(source, n=min(n, 1000)), "reconstructions.png"
+                images = gen.reconstruct(source, n=min(n, 1000), watermark=watermark_key)
+                name, asked = "reconstructions.png", {"reconstruct": reconstruct, "n": n}
             else:
                 wanted = ([class_] if class_ is not None else []) + list(label or [])
-                images, name = gen.traverse(labels=wanted or None, seed=seed), "traversal.png"
+                images = gen.traverse(labels=wanted or None, seed=seed, watermark=watermark_key)
+                name, asked = "traversal.png", {"traverse": True, "labels": wanted, "seed": seed}
             paths = gen.save(images, out or Path(run) / "samples" / name, nrow=8)
             typer.echo(f"wrote {len(images)} images to {paths[0] if len(paths) == 1 else out}")
+            _sign(gen, paths, signer, asked, watermark_key)
             return
-        _sample_images(gen, run, n, out, class_, label or [], interpolate, seed)
+        _sample_images(gen, run, n, out, class_, label or [], interpolate, seed, watermark_key,
+                       signer)  # fmt: skip
         return
     prompts = prompt or [""]
     kw = dict(
@@ -1012,9 +1027,11 @@ def _denoising_bar() -> Iterator[Callable[[int, int, object], None]]:
 
 def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[str],
                       class_: str | None, label: list[str], seed: int | None,
-                      options: dict) -> None:  # fmt: skip
+                      options: dict, watermark: str | None = None,
+                      signer: object = None) -> None:  # fmt: skip
     """Images from a diffusion run, with a progress bar over the denoising steps: n per
-    prompt (a row of the grid each) for a text-to-image run, else n for the labels."""
+    prompt (a row of the grid each) for a text-to-image run, else n for the labels;
+    marked with the ``watermark`` key and their provenance signed by ``signer``."""
 
     labels: list = ([class_] if class_ is not None else []) + list(label)
     if prompts and len(prompts) > 1:
@@ -1026,11 +1043,19 @@ def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[st
         prompt, total = (prompts[0] if prompts else None), n
     with _denoising_bar() as advance:
         result = gen(total, labels=labels or None, seed=seed, prompt=prompt, callback=advance,
-                     **options)  # fmt: skip
+                     watermark=watermark, **options)  # fmt: skip
     target = out or Path(run) / "samples" / "sample.png"
     paths = gen.save(result.images, target, nrow=n if len(prompts) > 1 else None)
     where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"
     typer.echo(f"wrote {len(result.images)} images to {where}")
+    cfg = gen.model.cfg
+    asked = {"seed": seed, "n": total, "prompt": prompt, "labels": labels,
+             "negative_prompt": options.get("negative_prompt"),
+             "scheduler": options.get("scheduler") or cfg.sampler,
+             "num_inference_steps": options.get("num_inference_steps") or cfg.sample_steps,
+             "guidance_scale": cfg.guidance if options.get("guidance_scale") is None
+             else options["guidance_scale"]}  # fmt: skip
+    _sign(gen, paths, signer, asked, watermark)
 
 
 def _sample_spoken(gen, run: Path, n: int, out: Path | None, class_: str | None,
@@ -1048,7 +1073,8 @@ def _sample_spoken(gen, run: Path, n: int, out: Path | None, class_: str | None,
 
 
 def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
-                   label: list[str], interpolate: int | None, seed: int | None) -> None:  # fmt: skip
+                   label: list[str], interpolate: int | None, seed: int | None,
+                   watermark: str | None = None, signer: object = None) -> None:  # fmt: skip
 
     labels: list = list(label)
     if class_ is not None:
@@ -1059,15 +1085,29 @@ def _sample_images(gen, run: Path, n: int, out: Path | None, class_: str | None,
         if not 1 <= n <= 10_000 or n < interpolate:
             raise RequestError(f"--n {n} must be in [{interpolate}, 10000] with --interpolate")
         rows = n // interpolate
-        images = gen.interpolate(interpolate, rows=rows, labels=labels or None, seed=seed)
+        images = gen.interpolate(interpolate, rows=rows, labels=labels or None, seed=seed,
+                                 watermark=watermark)  # fmt: skip
         nrow = interpolate
     else:
-        images = gen.generate(n, labels=labels or None, seed=seed)
+        images = gen.generate(n, labels=labels or None, seed=seed, watermark=watermark)
         nrow = None
     target = out or Path(run) / "samples" / ("interpolation.png" if interpolate else "sample.png")
     paths = gen.save(images, target, nrow=nrow)
     where = paths[0] if len(paths) == 1 else f"{target}/ ({len(paths)} PNG files)"
     typer.echo(f"wrote {len(images)} images to {where}")
+    asked = {"seed": seed, "n": len(images), "labels": labels, "interpolate": interpolate}
+    _sign(gen, paths, signer, asked, watermark)
+
+
+def _sign(gen, paths: list[Path], signer: object, request: dict, watermark: str | None) -> None:
+    """Embeds a signed provenance manifest in each written PNG (aigc.safety.provenance)."""
+    if signer is None:
+        return
+    from aigc.safety.provenance import key_id, sign_outputs
+
+    sign_outputs(gen, paths, signer, request, watermarked=watermark is not None)
+    typer.echo(f"signed the provenance of {len(paths)} file{'s' if len(paths) != 1 else ''} "
+               f"(key {key_id(signer.public_key())}); check with: aigc verify FILE")  # fmt: skip
 
 
 def _sample_texts(gen, prompts: list[str], n: int, out: Path | None, kw: dict) -> None:
@@ -1125,6 +1165,21 @@ from aigc.serve.cli import serve_command  # noqa: E402
 app.command("serve")(serve_command)
 
 # `aigc detect`: watermark and generated-content detection (aigc.safety.cli)
-from aigc.safety.cli import detect_command  # noqa: E402
+from aigc.safety.cli import detect_command, train_detector_command  # noqa: E402
 
 app.command("detect")(detect_command)
+app.command("train-detector")(train_detector_command)
+
+# `aigc data clean`: PII redaction and de-duplication of a corpus (aigc.data.clean)
+from aigc.data.clean import clean_command  # noqa: E402
+
+data_app = typer.Typer(help="Prepare corpora: clean (redact personal data, drop duplicates).",
+                       no_args_is_help=True)  # fmt: skip
+data_app.command("clean")(clean_command)
+app.add_typer(data_app, name="data")
+
+# `aigc keys new` and `aigc verify`: signed provenance of generated files
+from aigc.safety.provenance_cli import keys_app, verify_command  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+app.command("verify")(verify_command)

@@ -15,13 +15,13 @@ token ids, nanoGPT style), ``out_dir/tokenizer.json`` and ``out_dir/corpus.json`
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import os
 import re
 import sys
 import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from aigc.data.dedup import Deduplicator, check_near_settings, dedup_mode
+from aigc.data.privacy import PiiScrubber
 from aigc.data.tokenizers import (
     EOS_TOKEN,
     TOKENIZER_FILE,
@@ -53,6 +55,8 @@ FOLK_ABC = "folk-abc"  # music21's folk tunes in ABC notation (aigc.data.abc)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FORMATS = ("auto", "text", "jsonl")
 ENCODING_ERRORS = ("strict", "replace")
+PII_MODES = ("off", "report", "redact")
+N_DUPLICATE_EXAMPLES = 5  # duplicate pairs named in corpus.json
 TOKENIZER_KINDS = ("char", "bpe")
 CHAR_SEPARATOR = "\n\n"  # between documents for char tokenizers (BPE uses <|endoftext|>)
 
@@ -72,11 +76,23 @@ class TextSource:
     format: str = "auto"  # auto | text | jsonl; auto reads .jsonl/.ndjson as JSON Lines
     jsonl_field: str = "text"  # the string field of each JSON Lines record
     encoding_errors: str = "strict"  # strict | replace (bad bytes -> U+FFFD, counted)
-    dedup: bool = True  # drop exact duplicate documents
+    # duplicate documents dropped: exact | near (MinHash-LSH, aigc.data.dedup) | off;
+    # True/False (older configs) mean exact/off
+    dedup: bool | str = "exact"
+    dedup_threshold: float = 0.8  # near: Jaccard similarity of shingle sets
+    dedup_shingle: str = "word"  # near: word or char shingles
+    dedup_ngram: int = 5  # near: words (characters) per shingle
+    dedup_num_perm: int = 128  # near: MinHash signature length
+    pii: str = "off"  # off | report (count) | redact (placeholders), aigc.data.privacy
 
     def __post_init__(self) -> None:
         if self.path is not None and not isinstance(self.path, str):
             object.__setattr__(self, "path", os.fspath(self.path))
+        object.__setattr__(self, "dedup", dedup_mode(self.dedup))
+        object.__setattr__(self, "pii", pii_mode(self.pii))
+        check_near_settings(
+            self.dedup_threshold, self.dedup_shingle, self.dedup_ngram, self.dedup_num_perm
+        )
         if self.format not in FORMATS:
             raise ConfigError(f"data.format must be one of {FORMATS}, got {self.format!r}")
         if self.encoding_errors not in ENCODING_ERRORS:
@@ -115,6 +131,16 @@ class TextSource:
             v = sys.version_info
             return f"pydoc (Python {v.major}.{v.minor} documentation topics)"
         return f"{self.path} (format={self.format})"
+
+
+def pii_mode(value: bool | str, key: str = "data.pii") -> str:
+    """``off``, ``report`` or ``redact``; false (what YAML makes of a bare ``off``) is off.
+    ConfigError naming ``key`` for anything else."""
+    if value is False:
+        return "off"
+    if value in PII_MODES:
+        return value  # type: ignore[return-value]
+    raise ConfigError(f"{key}={value!r} is not allowed; expected one of off, report, redact")
 
 
 @dataclass
@@ -526,6 +552,13 @@ class CorpusMeta:
     val_chars: int
     val_bytes: int
     warnings: list[str] = field(default_factory=list)  # one line each, ready to print
+    # cleaning (absent from corpora built before it existed: the defaults)
+    dedup: str = ""  # exact | near | off ("" before it was recorded)
+    n_near_duplicates: int = 0  # near duplicates dropped (data.dedup=near)
+    # a few dropped documents with the kept one each repeats: {"dropped", "kept", "jaccard", "kind"}
+    duplicate_examples: list[dict[str, Any]] = field(default_factory=list)
+    pii: str = "off"  # off | report | redact
+    pii_counts: dict[str, int] = field(default_factory=dict)  # spans per kind in kept documents
     version: int = META_VERSION
 
     def save(self, path: Path) -> None:
@@ -657,50 +690,90 @@ class _Scan:
 
     keep: bytearray = field(default_factory=bytearray)  # one flag per document, in order
     n_kept: int = 0
-    n_duplicates: int = 0
+    n_duplicates: int = 0  # exact
+    n_near_duplicates: int = 0
     n_empty: int = 0
-    n_chars: int = 0  # characters of the kept documents
+    n_chars: int = 0  # characters of the kept documents (after redaction)
+    pii_counts: Counter[str] = field(default_factory=Counter)  # in the kept documents
+    examples: list[dict[str, Any]] = field(default_factory=list)  # duplicate pairs, by index
     stats: ReadStats = field(default_factory=ReadStats)
 
 
+def pii_chunks(chunks: Iterator[str], mode: str, counts: Counter[str]) -> Iterator[str]:
+    """The chunks of a document with personal data and secrets handled per ``mode``:
+    "report" passes them unchanged, "redact" replaces each span with its placeholder
+    (``aigc.data.privacy``); both add the spans found per kind to ``counts`` at the end."""
+    scrubber = PiiScrubber()
+    for chunk in chunks:
+        out = scrubber.feed(chunk)
+        if mode == "report":
+            yield chunk
+        elif out:
+            yield out
+    out = scrubber.flush()
+    if mode == "redact" and out:
+        yield out
+    counts.update(scrubber.counts)
+
+
+def _cleaned(doc: Document, pii: str) -> Document:
+    """``doc`` with personal data replaced by placeholders when ``pii`` is "redact"."""
+    if pii != "redact":
+        return doc
+    return Document(doc.origin, lambda: pii_chunks(doc.chunks(), pii, Counter()))
+
+
 def _scan(src: TextSource, chunk_size: int, alphabet: np.ndarray | None, bar: tqdm) -> _Scan:
-    """Pass 1: hash every document for exact de-duplication; mark characters in ``alphabet``."""
+    """Pass 1: find (and count) personal data, drop exact or near duplicates, mark the
+    characters in ``alphabet``. Memory grows only with what de-duplication keeps per
+    kept document (a hash; for near, a signature and its band keys)."""
     scan = _Scan(stats=ReadStats(on_bytes=bar.update))
-    seen: set[bytes] = set()  # sha256 digests: the only memory that grows with the corpus
-    for doc in iter_documents(src, chunk_size=chunk_size, stats=scan.stats):
-        h = hashlib.sha256() if src.dedup else None
+    dedup = Deduplicator(src.dedup, src.dedup_threshold, src.dedup_num_perm, src.dedup_shingle,
+                         src.dedup_ngram)  # fmt: skip
+    for i, doc in enumerate(iter_documents(src, chunk_size=chunk_size, stats=scan.stats)):
+        check = dedup.start()
+        found: Counter[str] = Counter()
+        chunks = doc.chunks() if src.pii == "off" else pii_chunks(doc.chunks(), src.pii, found)
         n = 0
-        for chunk in doc.chunks():
+        for chunk in chunks:
             n += len(chunk)
-            if h is not None:
-                h.update(chunk.encode("utf-8"))
+            check.update(chunk)
             if alphabet is not None:
                 # A table per code point is O(n), much faster than set(chunk).
                 alphabet[code_points(chunk)] = True
         if n == 0:
             scan.n_empty += 1
             scan.keep.append(0)
-        elif h is not None and (digest := h.digest()) in seen:
-            scan.n_duplicates += 1
+        elif (pair := check.finish(i)) is not None:
+            if pair.kind == "exact":
+                scan.n_duplicates += 1
+            else:
+                scan.n_near_duplicates += 1
+            if len(scan.examples) < N_DUPLICATE_EXAMPLES:
+                scan.examples.append({"dropped": doc.origin, "kept": pair.kept,
+                                      "jaccard": round(pair.jaccard, 4), "kind": pair.kind})  # fmt: skip
             scan.keep.append(0)
         else:
-            if h is not None:
-                seen.add(digest)
             scan.keep.append(1)
             scan.n_kept += 1
             scan.n_chars += n
+            scan.pii_counts.update(found)
     scan.stats.on_bytes = None
     return scan
 
 
 def _kept_documents(src: TextSource, scan: _Scan, chunk_size: int, bar: tqdm) -> Iterator[Document]:
-    """Read ``src`` again and yield the documents pass 1 kept."""
+    """Read ``src`` again and yield the documents pass 1 kept (redacted if asked); names
+    the kept documents of ``scan.examples`` by their origin on the way."""
     n = 0
     stats = ReadStats(on_bytes=bar.update)
     for i, doc in enumerate(iter_documents(src, chunk_size=chunk_size, stats=stats)):
         n = i + 1
+        for e in scan.examples:
+            if e["kept"] == i:  # an index until named (then a str, never equal)
+                e["kept"] = doc.origin
         if i < len(scan.keep) and scan.keep[i]:
-            yield doc
+            yield _cleaned(doc, src.pii)
     if n != len(scan.keep):
         raise DataError(f"{src.describe()}: the source changed while the corpus was being built")
 
@@ -789,8 +862,11 @@ def build_corpus(
 
     Writes ``out_dir/tokens.bin``, ``out_dir/tokenizer.json`` and, last,
     ``out_dir/corpus.json``, so an interrupted build is detected by
-    ``TokenCorpus.open``. Memory does not grow with the corpus size: only
-    document hashes and the tokenizer state are kept.
+    ``TokenCorpus.open``. Memory does not grow with the corpus's text: only
+    de-duplication's state per kept document (a hash; for ``src.dedup == "near"`` a
+    MinHash signature and its band keys) and the tokenizer state are kept.
+    ``src.pii`` counts ("report") or replaces ("redact") personal data and secrets
+    before de-duplication and tokenization; corpus.json records what was found.
 
     tokenizer: use this one (e.g. from a run being fine-tuned) instead of training;
         ``tokenizer_kind`` and ``vocab_size`` are then ignored.
@@ -909,6 +985,11 @@ def build_corpus(
         val_chars=val_chars,
         val_bytes=val_bytes,
         warnings=warnings,
+        dedup=src.dedup,
+        n_near_duplicates=scan.n_near_duplicates,
+        duplicate_examples=scan.examples,
+        pii=src.pii,
+        pii_counts=dict(sorted(scan.pii_counts.items())),
     )
     tok.save(out_dir / TOKENIZER_FILE)
     meta.save(out_dir / META_FILE)  # last: its presence means the build is complete

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,9 +112,15 @@ class Pipeline:
         self.device = device
         self.step = step
 
-    def postprocess(self, outputs: Any) -> Any:
+    def postprocess(self, outputs: Any, watermark: str | None = None) -> Any:
         """Every generated output passes through here before it is returned: the place
-        for watermarks and safety filters. The identity by default."""
+        for watermarks and safety filters. ``watermark`` (a key) marks images
+        (ImageOutput) with aigc.safety.image_watermark; text is marked while it is
+        sampled (the text verbs' own ``watermark``), so other outputs pass unchanged."""
+        if watermark is not None and isinstance(outputs, ImageOutput):
+            from aigc.safety.image_watermark import mark_tensor
+
+            outputs = replace(outputs, images=mark_tensor(outputs.images, watermark))
         return outputs
 
     def evaluate(self, save: bool = True) -> EvalResult:

@@ -12,7 +12,7 @@ import torch
 from aigc.errors import ConfigError, RequestError
 from aigc.pipelines.base import ImageOutput, check_count
 from aigc.pipelines.editing import has_transparency, read_image, read_mask
-from aigc.pipelines.image import ImagePipeline, image_output
+from aigc.pipelines.image import ImagePipeline, check_watermark, image_output
 
 MAX_GUIDANCE = 50.0  # beyond this classifier-free guidance only saturates images
 DEFAULT_STRENGTH = 0.6  # image-to-image: how much of the denoising the image goes through
@@ -47,6 +47,7 @@ class DiffusionRequest:
     guidance_scale: float | None = None
     scheduler: str | None = None  # a name in aigc.schedulers.SCHEDULERS
     seed: int | None = None
+    watermark: str | None = None  # a key that marks the images (aigc.safety.image_watermark)
 
 
 @dataclass
@@ -66,9 +67,10 @@ class _Prepared:
 
 class DiffusionPipeline(ImagePipeline):
     """``pipe(n, prompt=..., negative_prompt=..., labels=..., num_inference_steps=...,
-    guidance_scale=..., scheduler=..., seed=...)`` -> ImageOutput, with diffusers'
-    argument names; ``generate`` as for every image pipeline, with the run's default
-    sampler, steps and guidance. ``run_batch`` makes several requests in one loop."""
+    guidance_scale=..., scheduler=..., seed=..., watermark=...)`` -> ImageOutput, with
+    diffusers' argument names (``watermark``: a key that marks each image invisibly);
+    ``generate`` as for every image pipeline, with the run's default sampler, steps and
+    guidance. ``run_batch`` makes several requests in one loop."""
 
     verbs: ClassVar[frozenset[str]] = frozenset({"generate", "diffuse", "edit"})
 
@@ -87,10 +89,11 @@ class DiffusionPipeline(ImagePipeline):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        watermark: str | None = None,
     ) -> ImageOutput:
         """callback(i, count, x0_estimate (n, C, H, W) in [-1, 1]) after each step."""
         req = DiffusionRequest(n, prompt, negative_prompt, labels, num_inference_steps,
-                               guidance_scale, scheduler, seed)  # fmt: skip
+                               guidance_scale, scheduler, seed, watermark)  # fmt: skip
         return self.run_batch([self.prepare(req)], callback)[0]
 
     def generate(
@@ -112,6 +115,7 @@ class DiffusionPipeline(ImagePipeline):
 
         m, cfg = self.model, self.model.cfg
         check_count(req.n)
+        check_watermark(req.watermark)
         steps = cfg.sample_steps if req.num_inference_steps is None else req.num_inference_steps
         check_count(steps, limit=cfg.num_train_timesteps, what="num_inference_steps")
         name = req.scheduler or cfg.sampler
@@ -183,7 +187,7 @@ class DiffusionPipeline(ImagePipeline):
                 k = job.request.n
                 lab = None if job.labels is None else job.labels.cpu()
                 result = ImageOutput(images[start : start + k], lab, job.request.seed, job.prompts)
-                out[i] = self.postprocess(result)
+                out[i] = self.postprocess(result, job.request.watermark)
                 start += k
         return out
 
@@ -226,6 +230,7 @@ class DiffusionPipeline(ImagePipeline):
         scheduler: str | None = None,
         seed: int | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        watermark: str | None = None,
     ) -> ImageOutput:
         """n variations of ``image`` (a path, bytes, PIL image or uint8 array; see
         aigc.pipelines.editing) by SDEdit (Meng et al. 2022): the image noised to the
@@ -233,7 +238,7 @@ class DiffusionPipeline(ImagePipeline):
         towards the prompt or labels. Small strengths keep layout and colours; 1 keeps
         almost nothing. Other arguments as for ``__call__``."""
         req = DiffusionRequest(n, prompt, negative_prompt, labels, num_inference_steps,
-                               guidance_scale, scheduler, seed)  # fmt: skip
+                               guidance_scale, scheduler, seed, watermark)  # fmt: skip
         return self.run_edit(self.prepare_edit(req, image, strength=strength), callback)
 
     def inpaint(
@@ -252,6 +257,7 @@ class DiffusionPipeline(ImagePipeline):
         resample: int | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         reconstruction: float | None = None,
+        watermark: str | None = None,
     ) -> ImageOutput:
         """n fillings of the masked region of ``image`` by RePaint (Lugmayr et al. 2022),
         the rest returned exactly as given. ``mask``: transparent pixels (OpenAI) or
@@ -265,7 +271,7 @@ class DiffusionPipeline(ImagePipeline):
         [INPAINT_RECONSTRUCTION with ddpm and ddim, else 0]. Other arguments as for
         ``__call__``."""
         req = DiffusionRequest(n, prompt, negative_prompt, labels, num_inference_steps,
-                               guidance_scale, scheduler, seed)  # fmt: skip
+                               guidance_scale, scheduler, seed, watermark)  # fmt: skip
         job = self.prepare_edit(req, image, mask, inpaint=True, jump_length=jump_length,
                                 resample=resample, reconstruction=reconstruction)  # fmt: skip
         return self.run_edit(job, callback)
@@ -371,7 +377,8 @@ class DiffusionPipeline(ImagePipeline):
                 )  # fmt: skip
         job = edit.job
         lab = None if job.labels is None else job.labels.cpu()
-        return self.postprocess(ImageOutput(images.cpu(), lab, job.request.seed, job.prompts))
+        out = ImageOutput(images.cpu(), lab, job.request.seed, job.prompts)
+        return self.postprocess(out, job.request.watermark)
 
 
 @dataclass

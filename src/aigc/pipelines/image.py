@@ -99,17 +99,20 @@ class ImagePipeline(Pipeline):
         labels: Any = None,
         seed: int | None = None,
         output: str = "tensor",
+        watermark: str | None = None,
     ) -> Any:
         """n images: a (n, C, H, W) float tensor in [-1, 1] (``output="tensor"``), a list of
-        PIL images (``"pil"``) or a (n, H, W, C) uint8 array (``"uint8"``)."""
+        PIL images (``"pil"``) or a (n, H, W, C) uint8 array (``"uint8"``). ``watermark``:
+        a key that marks each image invisibly (``aigc.safety.image_watermark``)."""
         from aigc.sampling.latent import sample_images
 
         check_count(n)
+        check_watermark(watermark)
         lab = self.labels_for(n, labels)
         with torch.inference_mode():
             images, drawn = sample_images(self.model, n, lab, seed, self.device)
         drawn = None if drawn is None else drawn.cpu()
-        out = self.postprocess(ImageOutput(images.cpu(), drawn, seed))
+        out = self.postprocess(ImageOutput(images.cpu(), drawn, seed), watermark)
         return image_output(out.images, output)
 
     def interpolate(
@@ -119,13 +122,16 @@ class ImagePipeline(Pipeline):
         labels: Any = None,
         seed: int | None = None,
         output: str = "tensor",
+        watermark: str | None = None,
     ) -> Any:
         """``rows`` strips of ``steps`` images walking (spherically) between two random
-        latent points; the labels stay fixed along a strip. Shape (rows * steps, ...)."""
+        latent points; the labels stay fixed along a strip. Shape (rows * steps, ...).
+        ``watermark``: a key that marks each image (as ``generate``)."""
 
         if not isinstance(steps, int) or not 2 <= steps <= 64:
             raise RequestError(f"interpolate={steps!r} must be an integer in [2, 64]")
         check_count(rows * steps)
+        check_watermark(watermark)
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         m = self.model
         ends = m.sample_z(2 * rows, gen)
@@ -135,7 +141,8 @@ class ImagePipeline(Pipeline):
             lab = lab.repeat_interleave(steps, dim=0)
         with torch.inference_mode():
             images = m.generate(z.to(self.device), None if lab is None else lab.to(self.device))
-        return image_output(images.cpu(), output)
+        out = self.postprocess(ImageOutput(images.cpu(), lab, seed), watermark)
+        return image_output(out.images, output)
 
     def _labels_drawn(self, n: int, labels: Any, gen: torch.Generator) -> torch.Tensor | None:
         """labels_for(n, labels) with every attribute left to chance drawn from ``gen``
@@ -314,6 +321,15 @@ def _sample_check_lines(result: dict[str, Any]) -> list[str]:
             "two training images are)"
         )
     return lines
+
+
+def check_watermark(watermark: Any) -> None:
+    """RequestError unless ``watermark`` is None or a non-empty key string (checked
+    before sampling, so that a bad key costs no generation)."""
+    if watermark is not None:
+        from aigc.safety.image_watermark import check_key
+
+        check_key(watermark)
 
 
 def image_output(images: torch.Tensor, output: str) -> Any:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from aigc.errors import RequestError
-from aigc.pipelines.base import EvalResult, check_count
-from aigc.pipelines.image import ImagePipeline, image_output
+from aigc.pipelines.base import EvalResult, ImageOutput, check_count
+from aigc.pipelines.image import ImagePipeline, check_watermark, image_output
 
 
 class VAEPipeline(ImagePipeline):
@@ -57,14 +57,17 @@ class VAEPipeline(ImagePipeline):
         vae = {"nelbo", "bpd", "iwae_nll", "iwae_bpd", "recon", "kl", "active_units", "iwae_k"}
         return "\n".join(lines + self._judged_lines(result, frozenset(vae | kl_dims)))
 
-    def reconstruct(self, source: str | None = None, n: int = 32, output: str = "tensor") -> Any:
+    def reconstruct(self, source: str | None = None, n: int = 32, output: str = "tensor",
+                    watermark: str | None = None) -> Any:  # fmt: skip
         """Originals and reconstructions (decoded posterior means) of ``n`` images, in rows
         of 8 that alternate: originals, then theirs. ``source`` None takes the run's held-out
         images; else a data source as in ``data.source`` (a folder, IDX or CIFAR file,
-        digits, shapes), prepared like the run's own. VAE runs only."""
+        digits, shapes), prepared like the run's own. VAE runs only. ``watermark``: a key
+        that marks the reconstructions (not the originals)."""
         from aigc.tasks.images import to_model_batch
 
         check_count(n, limit=1000)
+        check_watermark(watermark)
         labels = None
         if source is None:
             images, labels = self.task._val()
@@ -83,6 +86,7 @@ class VAEPipeline(ImagePipeline):
         y = None if labels is None else torch.from_numpy(np.asarray(labels[:n])).to(self.device)
         with torch.inference_mode():
             rec = self.model.reconstruct(x, y)
+        rec = self.postprocess(ImageOutput(rec.cpu()), watermark).images.to(x.device)
         rows = [t for i in range(0, len(x), 8) for t in (x[i : i + 8], rec[i : i + 8])]
         return image_output(torch.cat(rows).cpu(), output)
 
@@ -94,10 +98,13 @@ class VAEPipeline(ImagePipeline):
         labels: Any = None,
         seed: int | None = None,
         output: str = "tensor",
+        watermark: str | None = None,
     ) -> Any:
         """One row per latent dimension (default: all): that unit swept over ``steps``
-        values in [-span, span] around a latent drawn from the seed, the others held."""
+        values in [-span, span] around a latent drawn from the seed, the others held.
+        ``watermark``: a key that marks each image."""
 
+        check_watermark(watermark)
         z_dim = self.model.cfg.z_dim
         dims = list(range(z_dim)) if dims is None else list(dims)
         if not 2 <= steps <= 64 or not dims or any(not 0 <= d < z_dim for d in dims):
@@ -110,4 +117,5 @@ class VAEPipeline(ImagePipeline):
             lab = lab.expand(len(zs), -1).to(self.device)
         with torch.inference_mode():
             images = self.model.generate(zs.to(self.device), lab)
-        return image_output(images.cpu(), output)
+        out = self.postprocess(ImageOutput(images.cpu(), None, seed), watermark)
+        return image_output(out.images, output)

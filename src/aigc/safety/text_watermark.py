@@ -87,8 +87,10 @@ class Watermark:
         if not (isinstance(self.delta, int | float) and math.isfinite(self.delta)
                 and self.delta >= 0):  # fmt: skip
             raise RequestError(f"watermark delta={self.delta!r} must be a number >= 0")
-        if isinstance(self.context, bool) or not isinstance(self.context, int) or not (
-            1 <= self.context <= 64
+        if (
+            isinstance(self.context, bool)
+            or not isinstance(self.context, int)
+            or not (1 <= self.context <= 64)
         ):
             raise RequestError(f"watermark context={self.context!r} must be an integer in [1, 64]")
         seed = _digest64(b"aigc-text-watermark-v1\0" + self.key.encode())

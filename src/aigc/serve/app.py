@@ -13,6 +13,9 @@ it under the folder's name:
   and ``POST /v1/images/variations``;
 - audio runs: ``POST /v1/audio/speech`` (spoken-digit and text-to-speech runs) and
   ``POST /v1/audio/denoise`` (speech denoisers), WAV or FLAC (``aigc.serve.audio``);
+- ``POST /v1/moderations`` in OpenAI's shape, by the server's ``--moderation`` policy
+  (which also screens prompts and generated text) or the default one
+  (``aigc.serve.moderation``);
 - ``GET /v1/models`` (with an ``aigc`` object per model: kind, family, chat,
   conditional, classes, for diffusion runs their schedulers, defaults and limits, and
   for text-to-speech runs their voices),
@@ -46,11 +49,13 @@ from aigc.serve.errors import add_error_handlers
 from aigc.serve.images import edit_images, generate_images, prompt_to_labels
 from aigc.serve.metrics import ServeMetrics
 from aigc.serve.middleware import Observe
+from aigc.serve.moderation import answer_moderations, load_moderators
 from aigc.serve.schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     ImageRequest,
+    ModerationRequest,
     SpeechRequest,
 )
 from aigc.serve.service import ServedModel, Service, load_models
@@ -68,7 +73,10 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
     settings = settings or ServeSettings()
     settings.validate()
     metrics = ServeMetrics()
-    service = Service(load_models(run_dirs, settings, metrics), settings, metrics)
+    moderator, policies = load_moderators(settings)  # before the models: a bad policy fails fast
+    service = Service(
+        load_models(run_dirs, settings, metrics), settings, metrics, moderator, policies
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,6 +135,10 @@ def create_app(run_dirs: Sequence[str | Path], settings: ServeSettings | None = 
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await answer_chat_completions(service, body, request)
+
+    @app.post("/v1/moderations", dependencies=keyed)
+    async def moderations(body: ModerationRequest) -> dict[str, Any]:
+        return await answer_moderations(service, body)
 
     @app.post("/v1/images/generations", dependencies=keyed)
     async def images(body: ImageRequest, request: Request) -> Response:

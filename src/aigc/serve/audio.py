@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from aigc.errors import RequestError
+from aigc.serve.moderation import screen_prompts
 from aigc.serve.schemas import ApiError, SpeechRequest
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ async def speak_text(service: Service, body: SpeechRequest) -> Response:
     if len(body.input) > MAX_INPUT:
         raise ApiError(400, f"input has {len(body.input):,} characters; the most is {MAX_INPUT:,}",
                        param="input")  # fmt: skip
+    body.input = (await screen_prompts(service, [body.input], "input"))[0]  # --moderation
     served = service.models.get(body.model)
     served = service.model(body.model, served.kind if served is not None and
                            "speak" in served.generator.verbs else "spoken")  # fmt: skip

@@ -401,6 +401,7 @@ class ImageJob:
     def __init__(self, prepared: Any, partial_images: int = 0) -> None:
         self.prepared = prepared  # aigc.pipelines.diffusion._Prepared
         self.n = prepared.request.n
+        self.watermark = prepared.request.watermark  # marks its previews as its images
         self._start((prepared.scheduler, prepared.steps), partial_images)
 
     def _start(self, key: Any, partial_images: int) -> None:
@@ -462,10 +463,11 @@ class EditJob(ImageJob):
     runs alone, ``run(callback)`` returning its ImageOutput, with previews as a batch's."""
 
     def __init__(self, run: Callable[[Callable[[int, int, Any], None]], Any], n: int,
-                 partial_images: int = 0) -> None:  # fmt: skip
+                 partial_images: int = 0, watermark: str | None = None) -> None:  # fmt: skip
         self.run = run
         self.prepared = None
         self.n = n
+        self.watermark = watermark
         self._start(("edit", id(self)), partial_images)
 
 
@@ -599,7 +601,7 @@ class DiffusionBatcher:
                     p = job.prepared
                     more = (p.labels, p.request.seed, p.prompts) if p is not None else ()
                     out = ImageOutput(x0[a:b].cpu(), *more)
-                    images = self.encode(self.pipeline.postprocess(out).images)
+                    images = self.encode(self.pipeline.postprocess(out, job.watermark).images)
                     job.post(Preview(job.previews_sent, step, total, images))
                     job.previews_sent += 1
 

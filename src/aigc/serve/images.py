@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from aigc.errors import RequestError
 from aigc.serve.batching import EditJob, Finished, ImageJob, JobTimeout, Preview, ShuttingDown
 from aigc.serve.errors import timeout_error
+from aigc.serve.moderation import screen_prompts
 from aigc.serve.schemas import ApiError, ImageRequest, error_body
 from aigc.serve.text import unless_disconnected
 
@@ -161,6 +162,7 @@ async def generate_images(service: Service, body: ImageRequest, request: Request
     gen = served.generator
     deadline = service.deadline()
     n = _checked_common(service, served, body)
+    await screen_image_prompts(service, body)
     if served.diffusion is not None:
         return await _diffusion_images(service, served, body, n, request)
     neutral = {"stream": (None, False), "partial_images": (None, 0)}
@@ -174,12 +176,21 @@ async def generate_images(service: Service, body: ImageRequest, request: Request
     labels = _labels(gen, body)
     gen.labels_for(n, labels)  # a bad label: RequestError, 400, before queueing
 
-    def work() -> list[str]:
-        return png_b64(gen.generate(n, labels=labels, seed=body.seed))
+    def work() -> list[str]:  # marked when the server has a --watermark-key
+        key = service.settings.watermark_key
+        return png_b64(gen.generate(n, labels=labels, seed=body.seed, watermark=key))
 
     data = await service.on_model_thread(served, work, deadline)
     service.metrics.images.labels(served.name).inc(n)
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b} for b in data]})
+
+
+async def screen_image_prompts(service: Service, body: ImageRequest) -> None:
+    """The prompt and negative prompt through the server's --moderation policy (a 400
+    when refused; redacted in place)."""
+    for key in ("prompt", "negative_prompt"):
+        if getattr(body, key):
+            setattr(body, key, (await screen_prompts(service, [getattr(body, key)], key))[0])
 
 
 def _labels(gen: Any, body: ImageRequest) -> Any:
@@ -250,7 +261,7 @@ async def _diffusion_images(
 
     steps, stream, previews, prompt, labels = _diffusion_checks(service, served, body)
     req = DiffusionRequest(n, prompt, body.negative_prompt, labels, steps, body.guidance_scale,
-                           body.scheduler, body.seed)  # fmt: skip
+                           body.scheduler, body.seed, service.settings.watermark_key)  # fmt: skip
     try:
         prepared = served.generator.prepare(req)
     except RequestError as e:  # e.g. a prompt longer than the text encoder's context
@@ -432,6 +443,7 @@ async def edit_images(service: Service, request: Request, variation: bool = Fals
         raise ApiError(400, f"{served.name!r} is a {served.family} model; editing images needs a "
                        "diffusion model", param="model", code="unsupported_model")  # fmt: skip
     n = _checked_common(service, served, body)
+    await screen_image_prompts(service, body)
     pipe = served.generator
     mask = files.get("mask")
     with warnings.catch_warnings():
@@ -446,14 +458,16 @@ async def edit_images(service: Service, request: Request, variation: bool = Fals
             service, served, body, INPAINT_STEPS if inpaint else None
         )
         req = DiffusionRequest(n, prompt, body.negative_prompt, labels, steps,
-                               body.guidance_scale, body.scheduler, body.seed)  # fmt: skip
+                               body.guidance_scale, body.scheduler, body.seed,
+                               service.settings.watermark_key)  # fmt: skip
         try:
             prepared = pipe.prepare_edit(req, files["image"], mask, extra.get("strength"),
                                          inpaint=inpaint, **{k: v for k, v in extra.items()
                                                              if k != "strength"})  # fmt: skip
         except RequestError as e:
             raise _bad_request(e, (*ImageRequest.model_fields, *extra, "image", "mask")) from None
-    job = EditJob(lambda callback: pipe.run_edit(prepared, callback), n, previews if stream else 0)
+    job = EditJob(lambda callback: pipe.run_edit(prepared, callback), n, previews if stream else 0,
+                  service.settings.watermark_key)  # fmt: skip
     return await _answer(service, served, job, stream, request, "image_edit")
 
 
@@ -504,7 +518,7 @@ async def _whole_image(
         else:
             out = pipe.restore(files["image"], seed=seed, num_inference_steps=steps,
                                scheduler=fields.get("scheduler"))  # fmt: skip
-        return png_b64(out.images)
+        return png_b64(pipe.postprocess(out, service.settings.watermark_key).images)
 
     try:
         data = await service.on_model_thread(served, work, service.deadline())

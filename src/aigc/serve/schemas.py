@@ -137,6 +137,13 @@ class SpeechRequest(_Body):
     seed: int | None = None  # aigc's: the same seed gives the same sound
 
 
+class ModerationRequest(_Body):
+    """POST /v1/moderations (OpenAI's shape, text inputs)."""
+
+    input: str | list[str]
+    model: str | None = None  # a policy's name; null: the server's policy, else the default
+
+
 class ImageRequest(_Body):
     """POST /v1/images/generations."""
 

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 
 from aigc.errors import AigcError, ConfigError
+from aigc.safety.moderation import Moderator
 from aigc.sampling import BatchDecoder
 from aigc.serve.batching import (
     DiffusionBatcher,
@@ -135,11 +136,18 @@ class Service:
     """What the routes share: settings, models, metrics, keys."""
 
     def __init__(
-        self, models: dict[str, ServedModel], settings: ServeSettings, metrics: ServeMetrics
+        self,
+        models: dict[str, ServedModel],
+        settings: ServeSettings,
+        metrics: ServeMetrics,
+        moderator: Moderator | None = None,
+        moderation_policies: dict[str, Moderator] | None = None,
     ) -> None:
         self.models = models
         self.settings = settings
         self.metrics = metrics
+        self.moderator = moderator  # --moderation: screens prompts and outputs
+        self.moderation_policies = moderation_policies or {}  # for /v1/moderations, by name
         self.started = time.time()
         self._keys = [k.encode() for k in settings.api_keys]
         self.live: set[TextJob | ImageJob] = set()  # text and diffusion requests in flight

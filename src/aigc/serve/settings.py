@@ -143,6 +143,12 @@ class ServeSettings:
         "--watermark-key-file reads it from a file.",
     )  # fmt: skip
 
+    moderation: str | None = setting(
+        None, "--moderation", "AIGC_MODERATION",
+        "A moderation policy (YAML) that screens prompts and generated text: refuse (400) "
+        "or redact, per category.",
+    )  # fmt: skip
+
     def threads(self) -> int | None:
         """The torch thread count to set on a CPU device, or None to leave torch's own."""
         if self.torch_threads:
@@ -164,6 +170,10 @@ class ServeSettings:
             isinstance(self.watermark_key, str) and self.watermark_key.strip()
         ):
             raise ConfigError("--watermark-key (AIGC_WATERMARK_KEY) must be a non-empty string")
+        if self.moderation is not None and not (
+            isinstance(self.moderation, str | Path) and str(self.moderation).strip()
+        ):
+            raise ConfigError("--moderation (AIGC_MODERATION) must be a policy file's path")
         if not isinstance(self.api_keys, list) or not all(
             isinstance(k, str) and k and k.strip() == k and " " not in k for k in self.api_keys
         ):

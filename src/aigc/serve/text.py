@@ -15,9 +15,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aigc.errors import RequestError
+from aigc.safety.moderation import ContentRefused
 from aigc.sampling import DecodeEvent, SamplingParams, encode_prompt
 from aigc.serve.batching import JobTimeout, ShuttingDown, TextJob
 from aigc.serve.errors import ClientGone, timeout_error
+from aigc.serve.moderation import OutputFilters, refusal, screen_outputs, screen_prompts
 from aigc.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, error_body
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ async def answer_completions(
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise ApiError(400, "prompt is an empty list; give at least one prompt", "invalid_request_error", "prompt")  # fmt: skip
+    prompts = await screen_prompts(service, prompts, "prompt")  # --moderation: 400 or redacted
     text = _TextRequest(service, served, body, prompts, DEFAULT_MAX_TOKENS, ())
     return await text.respond(request, chat=False, echo=bool(body.echo))
 
@@ -55,7 +58,10 @@ async def answer_chat_completions(
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")  # fmt: skip
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    prompt = served.generator.chat_prompt(_chat_messages(body))
+    messages = _chat_messages(body)
+    contents = await screen_prompts(service, [m["content"] for m in messages], "messages")
+    messages = [{**m, "content": c} for m, c in zip(messages, contents, strict=True)]
+    prompt = served.generator.chat_prompt(messages)
     from aigc.tasks.chat import stop_strings
 
     text = _TextRequest(service, served, body, [prompt], DEFAULT_CHAT_MAX_TOKENS, stop_strings())  # fmt: skip
@@ -170,6 +176,7 @@ class _TextRequest:
             self.service.live.discard(job)
             if not job.done:
                 batcher.cancel(job)
+        texts = await screen_outputs(self.service, texts)  # --moderation: 400 or redacted
         if echo:
             texts = [self.prompts[i // self.n] + t for i, t in enumerate(texts)]
         if chat:
@@ -226,6 +233,7 @@ class _TextRequest:
             return _sse({**head, "choices": [choice]})
 
         tokens = [0] * len(self.rows)
+        screen = OutputFilters.of(self.service)  # --moderation: text is sent once clean
         try:
             for i in range(len(self.rows)):
                 if chat:
@@ -233,6 +241,8 @@ class _TextRequest:
                 elif echo:
                     yield chunk(i, self.prompts[i // self.n])
             async for events in job.events(self.deadline):
+                if screen is not None:
+                    events = await screen.apply(events)
                 if out := self._step_chunks(events, chunk, tokens):
                     yield "".join(out)  # one write
             if self.include_usage:
@@ -240,6 +250,10 @@ class _TextRequest:
         except JobTimeout:
             error = timeout_error(self.service.settings)
             self.service.metrics.errors.labels("408", error.type).inc()
+            yield _sse(error.body())
+        except ContentRefused as e:  # the policy refused the text generated so far
+            error = refusal(e, None)
+            self.service.metrics.errors.labels("400", error.type).inc()
             yield _sse(error.body())
         except ShuttingDown as e:  # the grace period of a shutdown is over
             self.service.metrics.errors.labels("503", "server_error").inc()

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aigc.config import Config
-from aigc.data.text import TextSource, TokenCorpus, build_corpus
+from aigc.data.dedup import check_near_settings, dedup_mode
+from aigc.data.text import TextSource, TokenCorpus, build_corpus, pii_mode
 from aigc.data.tokenizers import Tokenizer, load_tokenizer
 from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.models.gpt import GPT, GPTConfig
@@ -40,7 +41,16 @@ class TextDataConfig:
     format: Literal["auto", "text", "jsonl"] = "auto"
     jsonl_field: str = "text"  # the field holding the text in JSON Lines
     encoding_errors: Literal["strict", "replace"] = "strict"  # replace: bad bytes -> U+FFFD
-    dedup: bool = True  # drop exact duplicate documents
+    # drop duplicate documents: exact (same text), near (MinHash-LSH over shingles, exact
+    # too) or off; true/false in older configs mean exact/off
+    dedup: bool | Literal["exact", "near", "off"] = "exact"
+    dedup_threshold: float = 0.8  # near: Jaccard similarity at which a document is dropped
+    dedup_shingle: Literal["word", "char"] = "word"  # near: shingles of words or characters
+    dedup_ngram: int = 5  # near: words (or characters) per shingle
+    dedup_num_perm: int = 128  # near: MinHash permutations
+    # personal data and secrets (e-mail, phone, card, IBAN, IP, keys): off, report
+    # (counted in corpus.json) or redact (replaced by [EMAIL], [PHONE], ...)
+    pii: Literal["off", "report", "redact"] | bool = "off"
     tokenizer: Literal["char", "bpe"] = "char"
     unknown_chars: Literal["error", "replace"] = "error"  # fine-tuning: text the base can't encode
     vocab_size: int = 4096  # BPE only
@@ -49,7 +59,14 @@ class TextDataConfig:
     eval_samples: int = 16  # texts generated per evaluation for diversity and memorisation
     eval_sample_tokens: int = 256  # tokens in each of them
 
+    def __post_init__(self) -> None:
+        self.dedup = dedup_mode(self.dedup)  # type: ignore[assignment]
+        self.pii = pii_mode(self.pii)  # type: ignore[assignment]
+
     def validate(self) -> None:
+        check_near_settings(
+            self.dedup_threshold, self.dedup_shingle, self.dedup_ngram, self.dedup_num_perm
+        )
         if not 0.0 < self.val_fraction <= 0.5:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 0.5]")
         for key in ("eval_batch_size", "eval_samples", "eval_sample_tokens"):
@@ -63,6 +80,11 @@ class TextDataConfig:
             jsonl_field=self.jsonl_field,
             encoding_errors=self.encoding_errors,
             dedup=self.dedup,
+            dedup_threshold=self.dedup_threshold,
+            dedup_shingle=self.dedup_shingle,
+            dedup_ngram=self.dedup_ngram,
+            dedup_num_perm=self.dedup_num_perm,
+            pii=self.pii,
         )
 
 
