@@ -109,7 +109,7 @@ def lsh_params(
 # --------------------------------------------------------------------------- MinHash
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
+def fmix64(h: np.ndarray) -> np.ndarray:
     """MurmurHash3's 64-bit finaliser (a bijection that spreads every input bit), in place."""
     h ^= h >> np.uint64(33)
     h *= np.uint64(0xFF51AFD7ED558CCD)
@@ -177,7 +177,7 @@ class MinHasher:
         h = np.zeros(max(n, 0), dtype=np.uint64)
         for k in range(self.ngram):
             h += tokens[k : k + n] * self._mult[k]
-        return _fmix64(h)
+        return fmix64(h)
 
     def _minima(self, shingles: np.ndarray, out: np.ndarray) -> None:
         """out (num_perm,) uint64 = min(out, min over shingles of a * x + b)."""
@@ -341,7 +341,7 @@ class NearDuplicateIndex:
         b = sig[: self.bands * self.rows].reshape(self.bands, self.rows).astype(np.uint64)
         h = (b * self._mult[: self.rows]).sum(axis=1)  # mod 2^64
         h += np.arange(self.bands, dtype=np.uint64) * self._mult[self.rows]
-        return _fmix64(h)
+        return fmix64(h)
 
     def candidates(self, signature: np.ndarray) -> list[int]:
         """Ids of the kept signatures that share at least one band with ``signature``."""

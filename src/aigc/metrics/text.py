@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 
+from aigc.data.dedup import fmix64
 from aigc.data.tokenizers import code_points
 from aigc.errors import CheckpointError
 
@@ -179,16 +180,6 @@ def _powers(base: int, n: int) -> np.ndarray:
     return np.cumprod(out, dtype=np.uint64)  # integer overflow wraps modulo 2**64
 
 
-def _mix(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser, in place: a bijection that spreads every input bit."""
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xFF51AFD7ED558CCD)
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xC4CEB9FE1A85EC53)
-    h ^= h >> np.uint64(33)
-    return h
-
-
 def window_hashes(symbols: np.ndarray, window: int, hash_bits: int = 64) -> np.ndarray:
     """Hash of every window of ``window`` consecutive symbols, (len - window + 1,) uint64.
 
@@ -218,7 +209,7 @@ def window_hashes(symbols: np.ndarray, window: int, hash_bits: int = 64) -> np.n
         np.cumsum(s * inv_pow[: len(s)], out=q[1 : len(s) + 1])
         h = q[window : window + m] - q[:m]
         h *= pow_[:m]
-        out[a : a + m] = _mix(h)
+        out[a : a + m] = fmix64(h)
     if hash_bits < 64:
         out &= np.uint64((1 << hash_bits) - 1)
     return out
