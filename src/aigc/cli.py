@@ -309,7 +309,7 @@ def sample(
     ] = None,
     watermark_key: Annotated[
         str | None,
-        typer.Option(help="Watermark the samples with this key (text and image runs)."),
+        typer.Option(help="Watermark the samples with this key (text, image and audio runs)."),
     ] = None,
     sign_key: Annotated[
         Path | None,
@@ -327,8 +327,9 @@ def sample(
         raise RequestError(f"{run} restores images; use: aigc restore {_q(run)} --image FILE")
     if gen.kind == "translate":
         raise RequestError(f"{run} translates images; use: aigc translate {_q(run)} --image FILE")
-    if watermark_key is not None and gen.kind not in ("text", "image"):
-        raise RequestError(f"--watermark-key is for text and image runs; {run} is a {gen.kind} run")
+    if watermark_key is not None and gen.kind not in ("text", "image", "music", "spoken"):
+        raise RequestError(f"--watermark-key is for text, image and audio runs; {run} is a "
+                           f"{gen.kind} run")  # fmt: skip
     signer = None
     if sign_key is not None:
         if gen.kind != "image":
@@ -340,7 +341,7 @@ def sample(
         if prompt:
             raise RequestError(f"{run} composes music from nothing; it takes no --prompt")
         result = gen.generate(4 if n is None else n, bars=bars, temperature=temperature,
-                              top_k=top_k, seed=seed)  # fmt: skip
+                              top_k=top_k, seed=seed, watermark=watermark_key)  # fmt: skip
         folder = out or Path(run) / "samples" / "composed"
         if folder.suffix:
             raise RequestError(f"--out {folder}: give a folder; each piece is written as a "
@@ -349,6 +350,7 @@ def sample(
         typer.echo(f"wrote {len(paths)} piece{'s' if len(paths) != 1 else ''} of {bars} bars "
                    f"to {folder}/ (NNNNN.mid and NNNNN.wav)")  # fmt: skip
         return
+    text_n = n  # text runs: completions per prompt, when given
     n = 64 if n is None else n
     diffusion = {"negative_prompt": negative_prompt, "num_inference_steps": steps,
                  "scheduler": scheduler, "guidance_scale": guidance}  # fmt: skip
@@ -356,7 +358,7 @@ def sample(
         if prompt or reconstruct is not None or traverse or interpolate is not None:
             raise RequestError(f"{run} says spoken digits; it takes --class (a digit), --n, "
                                "--seed and the sampler options")  # fmt: skip
-        _sample_spoken(gen, run, n, out, class_, label or [], seed, diffusion)
+        _sample_spoken(gen, run, n, out, class_, label or [], seed, diffusion, watermark_key)
         return
     if "diffuse" in gen.verbs:
         if reconstruct is not None or traverse or interpolate is not None:
@@ -399,8 +401,8 @@ def sample(
         repetition_penalty=repetition_penalty, stop=tuple(unescape(s) for s in stop or ()),
         seed=seed, watermark=watermark_key,
     )  # fmt: skip
-    if out is not None or n is not None:
-        _sample_texts(gen, prompts, 1 if n is None else n, out, kw)
+    if out is not None or text_n is not None:
+        _sample_texts(gen, prompts, 1 if text_n is None else text_n, out, kw)
         return
     if len(prompts) == 1 and stream:
         pieces = gen.stream(prompts[0], **kw)  # checks the request before printing anything
@@ -572,6 +574,10 @@ def speak(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed, same sound.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    watermark_key: Annotated[
+        str | None,
+        typer.Option(help="Mark the speech inaudibly with this key (aigc detect --audio)."),
+    ] = None,
 ) -> None:
     """Say text with a speech run and write it to --out; prints the real-time factor."""
     import time
@@ -586,7 +592,7 @@ def speak(
         raise RequestError(f"{run} is a {gen.config.family} run; aigc speak takes text-to-speech "
                            "and spoken-digit runs")  # fmt: skip
     t0 = time.perf_counter()
-    result = gen.speak(text, voice=voice, speed=speed, seed=seed)
+    result = gen.speak(text, voice=voice, speed=speed, seed=seed, watermark=watermark_key)
     seconds = time.perf_counter() - t0
     wave, rate = result.waveforms[0], result.sample_rate
     write_audio(out, wave, rate)
@@ -1059,15 +1065,17 @@ def _sample_diffusion(gen, run: Path, n: int, out: Path | None, prompts: list[st
 
 
 def _sample_spoken(gen, run: Path, n: int, out: Path | None, class_: str | None,
-                   label: list[str], seed: int | None, options: dict) -> None:  # fmt: skip
-    """One-second clips from a spoken-digit run, one WAV each in the --out folder."""
+                   label: list[str], seed: int | None, options: dict,
+                   watermark: str | None = None) -> None:  # fmt: skip
+    """One-second clips from a spoken-digit run, one WAV each in the --out folder, marked
+    with the ``watermark`` key."""
     labels: list = ([class_] if class_ is not None else []) + list(label)
     folder = out or Path(run) / "samples" / "spoken"
     if folder.suffix:
         raise RequestError(f"--out {folder}: give a folder; each clip is written as a .wav in it")
     with _denoising_bar() as advance:
         result = gen(n, labels=labels or None, seed=seed, callback=advance, **options)
-    paths = gen.to_audio(result.images, seed).save(folder)
+    paths = gen.postprocess(gen.to_audio(result.images, seed), watermark).save(folder)
     typer.echo(f"wrote {len(paths)} one-second clip{'s' if len(paths) != 1 else ''} to "
                f"{folder}/ (NNNNN.wav)")  # fmt: skip
 
