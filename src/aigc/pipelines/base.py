@@ -115,12 +115,17 @@ class Pipeline:
     def postprocess(self, outputs: Any, watermark: str | None = None) -> Any:
         """Every generated output passes through here before it is returned: the place
         for watermarks and safety filters. ``watermark`` (a key) marks images
-        (ImageOutput) with aigc.safety.image_watermark; text is marked while it is
-        sampled (the text verbs' own ``watermark``), so other outputs pass unchanged."""
+        (ImageOutput) with aigc.safety.image_watermark and sound (AudioOutput) with
+        aigc.safety.audio_watermark; text is marked while it is sampled (the text verbs'
+        own ``watermark``), so other outputs pass unchanged."""
         if watermark is not None and isinstance(outputs, ImageOutput):
             from aigc.safety.image_watermark import mark_tensor
 
             outputs = replace(outputs, images=mark_tensor(outputs.images, watermark))
+        if watermark is not None and isinstance(outputs, AudioOutput):
+            from aigc.safety.audio_watermark import mark_output
+
+            outputs = mark_output(outputs, watermark)
         return outputs
 
     def evaluate(self, save: bool = True) -> EvalResult:

@@ -25,6 +25,7 @@ class MusicOutput:
     seed: int | None
     tempo: float
     sample_rate: int
+    watermark: str | None = None  # a key that marks the rendered audio (not the MIDI)
 
     def midi(self) -> list[bytes]:
         """Each chorale as the bytes of a standard MIDI file (one track per voice)."""
@@ -33,11 +34,17 @@ class MusicOutput:
         return [midi_bytes(c, self.tempo) for c in self.chorales]
 
     def audio(self) -> AudioOutput:
-        """Each chorale rendered by aigc.data.music.render, with its MIDI file."""
+        """Each chorale rendered by aigc.data.music.render, with its MIDI file; the sound
+        marked with ``watermark`` where there is one (aigc.safety.audio_watermark)."""
         from aigc.data.music import render
 
         waves = [render(c, self.sample_rate, self.tempo) for c in self.chorales]
-        return AudioOutput(waves, self.sample_rate, self.seed, self.midi())
+        out = AudioOutput(waves, self.sample_rate, self.seed, self.midi())
+        if self.watermark is not None:
+            from aigc.safety.audio_watermark import mark_output
+
+            out = mark_output(out, self.watermark)
+        return out
 
 
 class MusicPipeline(Pipeline):
@@ -53,11 +60,16 @@ class MusicPipeline(Pipeline):
         temperature: float = 1.0,
         top_k: int | None = None,
         seed: int | None = None,
+        watermark: str | None = None,
     ) -> MusicOutput:
         """n chorales of ``bars`` bars of 4/4 from the start token. The seed fixes them
         (chorale i does not depend on n); temperature 0 is greedy; ``top_k`` keeps the
-        k likeliest tokens at each draw. RequestError naming a bad argument."""
+        k likeliest tokens at each draw; ``watermark``: a key that marks their rendered
+        sound (``audio()``; MIDI files carry no mark). RequestError naming a bad argument."""
+        from aigc.pipelines.image import check_watermark
+
         check_count(n, limit=256)
+        check_watermark(watermark)
         if isinstance(bars, bool) or not isinstance(bars, int) or not 1 <= bars <= MAX_BARS:
             raise RequestError(f"bars={bars!r} must be an integer in [1, {MAX_BARS}]")
         if (isinstance(temperature, bool) or not isinstance(temperature, int | float)
@@ -73,7 +85,7 @@ class MusicPipeline(Pipeline):
         with torch.inference_mode():
             chorales = self.task.generate(self.model, n, bars, seed, float(temperature), top_k,
                                           self.device)  # fmt: skip
-        return self.postprocess(MusicOutput(chorales, seed, d.tempo, d.sample_rate))
+        return self.postprocess(MusicOutput(chorales, seed, d.tempo, d.sample_rate, watermark))
 
     def format_eval(self, result: dict[str, Any]) -> str:
         """NLL per note against the floor, then the music checks beside the real rates."""

@@ -41,16 +41,25 @@ class SpokenPipeline(DiffusionPipeline):
         labels: Any = None,
         seed: int | None = None,
         output: str = "audio",
+        watermark: str | None = None,
         **kw: Any,
     ) -> Any:
         """n clips of the ``labels`` asked for (a digit's name or index; None draws
         them), with __call__'s keywords (num_inference_steps, guidance_scale,
         scheduler, callback). ``output="audio"`` gives an AudioOutput; "tensor" the
-        pictures (n, 1, H, W) in [-1, 1], as DiffusionPipeline.generate."""
+        pictures (n, 1, H, W) in [-1, 1], as DiffusionPipeline.generate. ``watermark``: a
+        key that marks the clips inaudibly (aigc.safety.audio_watermark; audio only)."""
+        from aigc.pipelines.image import check_watermark
+
         if output not in ("audio", "tensor"):
             raise RequestError(f"output={output!r}: choose audio or tensor")
+        if watermark is not None and output != "audio":
+            raise RequestError("watermark= marks the sound; ask for output='audio'")
+        check_watermark(watermark)
         pictures = self(n, labels=labels, seed=seed, **kw).images
-        return pictures if output == "tensor" else self.to_audio(pictures, seed)
+        if output == "tensor":
+            return pictures
+        return self.postprocess(self.to_audio(pictures, seed), watermark)
 
     def speak(
         self,
@@ -59,11 +68,13 @@ class SpokenPipeline(DiffusionPipeline):
         speed: float | None = None,
         seed: int | None = None,
         n: int = 1,
+        watermark: str | None = None,
         **kw: Any,
     ) -> AudioOutput:
         """``text`` one digit ("seven" or "7"): n one-second clips of it, in a voice the
         model draws (``voice`` None or "any") and at its one speed (``speed`` None or
-        1). RequestError for other text, voices or speeds."""
+        1). ``watermark``: a key that marks them (as ``generate``). RequestError for other
+        text, voices or speeds."""
         from aigc.data.speech import DIGITS
 
         if voice not in (None, "any"):
@@ -76,7 +87,7 @@ class SpokenPipeline(DiffusionPipeline):
             word = DIGITS[int(word)]
         if word not in DIGITS:
             raise RequestError(f"{text!r}: this model says one digit: {', '.join(DIGITS)} (or 0-9)")
-        return self.generate(n, labels=word, seed=seed, **kw)
+        return self.generate(n, labels=word, seed=seed, watermark=watermark, **kw)
 
     def format_eval(self, result: dict[str, Any]) -> str:
         head = f"{self.run.path} at step {result['step']}"

@@ -58,11 +58,17 @@ class TTSPipeline(Pipeline):
         voice: str | None = None,
         speed: float | None = None,
         seed: int | None = None,
+        watermark: str | None = None,
     ) -> AudioOutput:
         """``text`` said in ``voice`` (one of ``voices``; None: the last, "slt" in the
         recipe) at ``speed`` (0.25 to 4; 1 is the voice's own pace). Deterministic:
-        ``seed`` fixes Griffin-Lim's starting phases. RequestError naming what is wrong."""
+        ``seed`` fixes Griffin-Lim's starting phases. ``watermark``: a key that marks the
+        sound inaudibly (aigc.safety.audio_watermark). RequestError naming what is wrong."""
+        from aigc.safety.image_watermark import check_key
         from aigc.tasks.tts import encode_phones, mel_to_wave
+
+        if watermark is not None:
+            check_key(watermark)
 
         voices = self.voices
         if voice in (None, "any"):
@@ -87,7 +93,7 @@ class TTSPipeline(Pipeline):
         peak = max(float(np.abs(wave).max()), 1e-9)
         wave = (wave * (0.9 / peak)).astype(np.float32)
         self.last_real_time_factor = (time.perf_counter() - start) / (samples / self.sample_rate)
-        return self.postprocess(AudioOutput([wave], self.sample_rate, seed))
+        return self.postprocess(AudioOutput([wave], self.sample_rate, seed), watermark)
 
     def format_eval(self, result: dict[str, Any]) -> str:
         lines = [f"{self.run.path} at step {result['step']}",

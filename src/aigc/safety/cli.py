@@ -1,4 +1,4 @@
-"""`aigc detect`: is this text (or image) watermarked with a key, or generated at all?
+"""`aigc detect`: is this text (or image, or sound) watermarked with a key, or generated at all?
 `aigc train-detector`: trains the real-vs-generated image detector `detect --detector` uses.
 
 Only Typer is imported here; torch loads when the command runs.
@@ -98,6 +98,25 @@ def _image_watermark(image: Path, key: str, as_json: bool) -> None:
                f"{verdict.p_value:.2g}")  # fmt: skip
 
 
+def _audio_watermark(audio: Path, key: str, as_json: bool) -> None:
+    """--audio with a key: the audio watermark's detector (aigc.safety.audio_watermark)."""
+    from aigc.data.audio import read_audio
+    from aigc.errors import DataError
+    from aigc.safety.audio_watermark import detect_audio
+
+    try:
+        wave, rate = read_audio(audio, max_seconds=3600)
+    except DataError as e:
+        raise RequestError(f"--audio: {e}") from None
+    verdict = detect_audio(wave, rate, key)
+    if as_json:
+        typer.echo(json.dumps(verdict.to_dict()))
+        return
+    said = "watermarked" if verdict.marked else "not watermarked with this key"
+    typer.echo(f"{said}: z {verdict.z:.2f} (threshold {verdict.threshold:.2f}), p-value "
+               f"{verdict.p_value:.2g}, {verdict.seconds:.1f} s of sound")  # fmt: skip
+
+
 def _image_detector(image: Path, detector: Path, as_json: bool) -> None:
     """--image with --detector: the probability that a real-vs-generated classifier
     gives the image."""
@@ -149,12 +168,27 @@ def detect_command(
         Path | None,
         typer.Option(help="A detector folder (aigc train-detector) to judge --image with."),
     ] = None,
+    audio: Annotated[
+        Path | None,
+        typer.Option(help="A sound file (.wav, .flac, ...) to check for the key's watermark."),
+    ] = None,
 ) -> None:
     """Is a text watermarked with this key? Prints z, the p-value and the green fraction
     (Kirchenbauer et al.'s z-test over the distinct (context + token) n-grams). Without a
     key, --run scores the text zero-shot (Fast-DetectGPT's curvature under that run).
-    --image FILE --detector DIR prints the probability that the image is generated."""
+    --image FILE --detector DIR prints the probability that the image is generated;
+    --audio FILE with a key, whether the sound is watermarked."""
     from aigc.safety.text_watermark import detect_text
+
+    if audio is not None:
+        if (text is not None or file is not None or run is not None or show
+                or image is not None or detector is not None):  # fmt: skip
+            raise RequestError("--audio takes only --key/--key-file and --json")
+        if key is None and key_file is None:
+            raise RequestError("--audio needs --key/--key-file: is the sound watermarked "
+                               "with that key?")  # fmt: skip
+        _audio_watermark(audio, read_key(key, key_file), as_json)
+        return
 
     if image is not None or detector is not None:
         if image is None:

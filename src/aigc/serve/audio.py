@@ -7,7 +7,8 @@ middleware, the audio's length by MAX_SECONDS.
 
 POST /v1/audio/speech: OpenAI's text-to-speech body (``model``, ``input``, ``voice``,
 ``response_format``, ``speed``) answered by a run that speaks (a spoken-digit run says
-one digit), as a WAV or FLAC file."""
+one digit), as a WAV or FLAC file, marked inaudibly (aigc.safety.audio_watermark) when
+the server has a watermark key."""
 
 from __future__ import annotations
 
@@ -116,7 +117,13 @@ async def speak_text(service: Service, body: SpeechRequest) -> Response:
     return await _audio_answer(
         service,
         served,
-        lambda: pipe.speak(body.input, voice=body.voice, speed=body.speed, seed=body.seed),
+        lambda: pipe.speak(
+            body.input,
+            voice=body.voice,
+            speed=body.speed,
+            seed=body.seed,
+            watermark=service.settings.watermark_key,
+        ),
         fmt,
         "input",
     )
