@@ -9,15 +9,24 @@ import numpy as np
 import pytest
 
 from aigc.data.music import (
+    EOS,
+    HIGHEST,
+    LOWEST,
+    PITCH_BASE,
     REST,
+    VOCAB_SIZE,
     Chorale,
     bach_chorales,
     chorale_from_score,
+    encode,
+    forbidden,
     in_key_rate,
     in_range_rate,
     parallels,
     read_midi,
     split_chorales,
+    unlikely_tokens,
+    voice_leading,
     write_midi,
 )
 from aigc.errors import DataError
@@ -179,3 +188,73 @@ def test_kneser_ney_by_hand_and_its_distributions_sum_to_one():
     total, n = tri.nll([[0, 1, 2, 3]])
     by_hand = -sum(math.log(tri.prob(ctx, w)) for ctx, w in [([0, 0], 1), ([0, 1], 2), ([1, 2], 3)])
     assert n == 3 and total == pytest.approx(by_hand)
+
+
+def _random_chorale(rng: np.random.Generator, steps: int = 24) -> Chorale:
+    """Four voices moving in random steps of -7..7 semitones on a random rhythm, with
+    rests now and then: parallels of every kind, oblique and contrary motion."""
+    pitches = np.zeros((steps, 4), np.int16)
+    onsets = np.zeros((steps, 4), bool)
+    pitch = np.array([72, 64, 57, 48])
+    for t in range(steps):
+        for v in range(4):
+            if t == 0 or rng.random() < 0.5:
+                pitch[v] = np.clip(pitch[v] + (rng.integers(-7, 8) if t else 0), 40, 88)
+                rest = rng.random() < 0.05
+                pitches[t, v] = REST if rest else pitch[v]
+                onsets[t, v] = not rest
+            else:
+                pitches[t, v] = pitches[t - 1, v]
+    return Chorale("random", pitches, onsets, 0, "major", 4.0)
+
+
+def _parallels_if_written(c: Chorale, t: int, v: int, pitch: int) -> int:
+    """Parallels in c's first t + 1 steps with voice v writing ``pitch`` at step t (a
+    rest when REST) and the voices below it holding, as not written yet."""
+    p, o = c.pitches[: t + 1].copy(), c.onsets[: t + 1].copy()
+    p[t, v], o[t, v] = pitch, pitch != REST
+    for w in range(v + 1, 4):
+        p[t, w], o[t, w] = p[t - 1, w], False
+    q = parallels(Chorale("x", p, o, 0, "major", 4.0))
+    return q.fifths + q.octaves
+
+
+def test_the_voice_leading_mask_names_exactly_the_notes_the_metric_would_count():
+    """For each (step, voice), a new note there is in the mask if and only if writing it
+    raises `parallels`' count over writing a rest."""
+    rng = np.random.default_rng(0)
+    candidates = np.arange(40, 90)
+    checked = flagged = 0
+    for _ in range(6):
+        c = _random_chorale(rng)
+        lead = voice_leading(c)
+        mask = forbidden(lead.prev, lead.pc, lead.sign, candidates)  # (T, 4, P)
+        for t in range(1, len(c)):
+            for v in range(4):
+                base = _parallels_if_written(c, t, v, REST)
+                for j, pitch in enumerate(candidates):
+                    made = _parallels_if_written(c, t, v, int(pitch)) > base
+                    assert mask[t, v, j] == made, (t, v, int(pitch))
+                    checked += 1
+                    flagged += made
+    assert flagged > 50 and checked > 10_000
+
+
+def test_unlikely_tokens_follow_the_stream_of_encoded_chorales():
+    rng = np.random.default_rng(1)
+    chorales = [_random_chorale(rng, 48), _random_chorale(rng, 40)]
+    stream = np.concatenate([np.append(encode(c), EOS) for c in chorales])
+    mask = unlikely_tokens(stream)
+    assert mask.shape == (len(stream), VOCAB_SIZE)
+    assert not mask[:, :PITCH_BASE].any()  # only pitches are ever unlikely
+    at = 1 + len(encode(chorales[0]))  # the second chorale's <bos>
+    for c, start in zip(chorales, (0, at), strict=True):
+        lead = voice_leading(c)
+        pitches = np.arange(LOWEST, HIGHEST + 1)
+        want = forbidden(lead.prev, lead.pc, lead.sign, pitches).reshape(4 * len(c), -1)
+        got = mask[start + 1 : start + 1 + 4 * len(c), PITCH_BASE:]
+        assert np.array_equal(got, want)
+    # the notes written are flagged where they make parallels: at most once per
+    # parallel (a note can make two, with two higher voices), and some are
+    total = sum(parallels(c).fifths + parallels(c).octaves for c in chorales)
+    assert 0 < mask[np.arange(len(stream)), stream].sum() <= total

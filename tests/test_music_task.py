@@ -5,6 +5,7 @@ evaluated against an n-gram fitted here, and composed from the command line."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -171,6 +172,47 @@ def test_training_windows_keep_each_voice_at_one_position_mod_4(music_run):
     ids = torch.cat([task.train_batch(s, 0, 0, 1)["input_ids"] for s in range(20)])
     _, cols = np.nonzero((ids == BOS).numpy())
     assert len(cols) > 0 and not (cols % 4).any()
+
+
+def test_the_unlikelihood_term_by_hand():
+    """-sum log(1 - p) over the flagged candidates, the target never among them, averaged
+    over the positions with a target."""
+    from aigc.models.gpt import unlikelihood_loss
+
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])
+    unlikely = torch.tensor([[[True, False, True], [True, True, False], [True, True, True]]])
+    targets = torch.tensor([[2, 1, -1]])  # flags on a target are void; -1 is not scored
+    p = torch.softmax(logits, -1)[0]
+    want = (-math.log(1 - p[0, 0]) - math.log(1 - p[1, 0])) / 2
+    got = unlikelihood_loss(logits, unlikely, targets)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_unlikely_parallels_flag_the_targets_of_each_window_and_train(tmp_path):
+    """With data.unlikely_parallels the batch carries the voice-leading mask of each
+    target position of its windows, and training logs the term beside the loss."""
+    import aigc
+    from aigc.data.music import unlikely_tokens
+    from aigc.runs import RunDir
+    from aigc.tasks import get_task
+    from aigc.training import run_config
+
+    run = tmp_path / "run"
+    aigc.train(RECIPE, [*TINY, "train.max_steps=2", "data.unlikely_parallels=1.0",
+                        "train.sample_every=0"], run_dir=run, progress=False)  # fmt: skip
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("unlikelihood" in row for row in logged)
+    task = get_task("music").open(run_config(RunDir(run)), RunDir(run))
+    batch = task.train_batch(5, 0, 0, 1)
+    mask = unlikely_tokens(task.train_tokens)
+    stream = torch.from_numpy(task.train_tokens.astype(np.int64))
+    flagged = 0
+    for row_ids, row_mask in zip(batch["input_ids"], batch["unlikely"], strict=True):
+        windows = stream.unfold(0, len(row_ids), 1)
+        start = int(np.nonzero((windows == row_ids).all(1).numpy())[0][0])
+        assert np.array_equal(row_mask.numpy(), mask[start + 1 : start + 1 + len(row_ids)])
+        flagged += int(row_mask.sum())
+    assert flagged > 0 and batch["unlikely_weight"] == 1.0
 
 
 def test_training_writes_midi_and_audio_samples_and_the_report_plays_them(music_run):

@@ -291,6 +291,58 @@ def parallels(chorale: Chorale) -> Parallels:
     return Parallels(fifths, octaves, moves)
 
 
+@dataclass(frozen=True)
+class VoiceLeading:
+    """What would make a parallel fifth or octave at each (sixteenth, voice) of a chorale,
+    for a voice that started a new note there, with every higher voice already known.
+
+    For voice v at step t and each higher voice u < v (slot u of the last axis): ``pc``
+    is the pitch class a new note of v must not take (-1: any is allowed) and ``sign``
+    the direction (+1 up, -1 down) in which it must not move from ``prev``, v's pitch at
+    the previous chord. Those notes are exactly the ones that `parallels` would count
+    against the pair (u, v) at t; ``forbidden`` turns them into a mask over pitches."""
+
+    prev: np.ndarray  # (T, 4) int16: each voice's pitch at the chord before t (0 = none)
+    pc: np.ndarray  # (T, 4, 3) int8
+    sign: np.ndarray  # (T, 4, 3) int8
+
+
+def voice_leading(chorale: Chorale) -> VoiceLeading:
+    """The parallel-forming notes of every (step, voice) of ``chorale`` (see VoiceLeading):
+    the chord before t is the last step before t where some voice starts a note, and a
+    higher voice u counts when it sounds at both chords and moved between them, a
+    fifth (or octave or unison, mod 12) above v's pitch at the first."""
+    pitches = chorale.pitches.astype(np.int64)
+    T = len(pitches)
+    events = chorale.onsets.any(axis=1)
+    # last chord strictly before t: a running maximum of event indices, shifted by one
+    idx = np.where(events, np.arange(T), -1)
+    before_t = np.concatenate([[-1], np.maximum.accumulate(idx)[:-1]])
+    has_prev = before_t >= 0
+    prev = np.where(has_prev[:, None], pitches[np.maximum(before_t, 0)], REST)  # (T, 4)
+    pc = np.full((T, 4, 3), -1, np.int8)
+    sign = np.zeros((T, 4, 3), np.int8)
+    for v in range(1, 4):
+        for u in range(v):
+            moved = pitches[:, u] - prev[:, u]
+            interval = (prev[:, u] - prev[:, v]) % 12
+            ok = (has_prev & (prev[:, u] != REST) & (prev[:, v] != REST)
+                  & (pitches[:, u] != REST) & (moved != 0) & np.isin(interval, (0, 7)))  # fmt: skip
+            pc[:, v, u] = np.where(ok, (pitches[:, u] - interval) % 12, -1)
+            sign[:, v, u] = np.where(ok, np.sign(moved), 0)
+    return VoiceLeading(prev.astype(np.int16), pc, sign)
+
+
+def forbidden(prev: np.ndarray, pc: np.ndarray, sign: np.ndarray,
+              candidates: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Which ``candidates`` (MIDI pitches, shape (P,)) would form parallels: ``prev``
+    (...,), ``pc`` and ``sign`` (..., 3) as in VoiceLeading. Returns (..., P) bool."""
+    cand = candidates.astype(np.int64)
+    step = np.sign(cand - prev[..., None].astype(np.int64))  # (..., P)
+    hit = (cand % 12 == pc[..., None]) & (step[..., None, :] == sign[..., None])  # (..., 3, P)
+    return hit.any(axis=-2) & (cand != prev[..., None])
+
+
 # tokens -------------------------------------------------------------------------------
 
 BOS, EOS, HOLD, REST_TOKEN = 0, 1, 2, 3  # a chorale's start and end; a held note; silence
@@ -344,6 +396,27 @@ def decode(tokens: np.ndarray | list[int], name: str = "sample", tonic: int = 0,
             elif t == HOLD and i > 0:
                 pitches[i, v] = pitches[i - 1, v]
     return Chorale(name, pitches, onsets, tonic, mode, beats)
+
+
+def unlikely_tokens(stream: np.ndarray) -> np.ndarray:
+    """For a stream of encoded chorales (each <bos> ... <eos>, as `encode` writes them,
+    padding <eos> allowed), a (N, VOCAB_SIZE) bool mask: the pitch tokens that, written
+    at position i, would make parallel fifths or octaves with a voice already written
+    (`voice_leading`). Positions that are not a voice's token allow everything."""
+    stream = np.asarray(stream, dtype=np.int64)
+    mask = np.zeros((len(stream), VOCAB_SIZE), bool)
+    candidates = np.arange(LOWEST, HIGHEST + 1)
+    starts = np.nonzero(stream == BOS)[0]
+    for s, nxt in zip(starts, [*starts[1:].tolist(), len(stream)], strict=True):
+        body = stream[s + 1 : nxt]
+        ends = np.nonzero(body == EOS)[0]
+        steps = (ends[0] if len(ends) else len(body)) // 4
+        if steps == 0:
+            continue
+        lead = voice_leading(decode(body[: 4 * steps]))
+        hits = forbidden(lead.prev, lead.pc, lead.sign, candidates)  # (T, 4, P)
+        mask[s + 1 : s + 1 + 4 * steps, PITCH_BASE:] = hits.reshape(4 * steps, -1)
+    return mask
 
 
 def transpositions(chorale: Chorale, max_shift: int = 6) -> list[int]:

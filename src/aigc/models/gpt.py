@@ -187,10 +187,19 @@ class GPT(nn.Module):
 
     def training_step(self, batch: dict[str, Tensor], step: Any) -> dict[str, Tensor]:
         """Next-token cross-entropy of batch["input_ids"] against batch["targets"],
-        both (B, T); targets of -1 are not trained on."""
-        _, loss = self(batch["input_ids"], batch["targets"])
+        both (B, T); targets of -1 are not trained on.
+
+        Where the batch carries "unlikely" (B, T, V) bool, the candidates each position
+        should not take, an unlikelihood term (`unlikelihood_loss`) weighted by
+        batch["unlikely_weight"] joins the loss; "loss" stays the cross-entropy."""
+        logits, loss = self(batch["input_ids"], batch["targets"])
+        out = {"loss": loss.detach()}
+        if "unlikely" in batch:
+            ul = unlikelihood_loss(logits, batch["unlikely"], batch["targets"])
+            loss = loss + batch["unlikely_weight"] * ul
+            out["unlikelihood"] = ul.detach()
         step.update("model", loss)
-        return {"loss": loss.detach()}
+        return out
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count. non_embedding drops the position embeddings; the token
@@ -205,6 +214,19 @@ class GPT(nn.Module):
         12 * n_layer * n_embd * T for attention scores (PaLM, appendix B)."""
         T = self.cfg.block_size if seq_len is None else seq_len
         return 6 * self.num_params() + 12 * self.cfg.n_layer * self.cfg.n_embd * T
+
+
+def unlikelihood_loss(logits: Tensor, unlikely: Tensor, targets: Tensor) -> Tensor:
+    """Token-level unlikelihood (Welleck et al. 2019, eq. 4): -sum_c log(1 - p(c | x<t))
+    over the negative candidates c of each position, ``unlikely`` (B, T, V) bool, the
+    target itself never among them; averaged over the positions with a target (>= 0).
+    Its gradient on a candidate's logit is about p(c): it pushes down what the model
+    still believes, and leaves alone what it has already ruled out."""
+    p = F.softmax(logits.float(), dim=-1)  # (B, T, V)
+    negative = unlikely.scatter(-1, targets.clamp(min=0).unsqueeze(-1), False)
+    term = -torch.log1p(-p.clamp(max=1.0 - 1e-6)) * negative  # (B, T, V)
+    valid = targets >= 0
+    return term.sum(-1)[valid].mean() if valid.any() else term.sum() * 0.0
 
 
 def grow_vocab(weight: Tensor, vocab_size: int) -> Tensor:
