@@ -367,3 +367,54 @@ def test_noisy_speech_is_seeded_balanced_and_keeps_its_clean_reference():
         residual = (a.noisy[row] - a.clean[row]).astype(np.float64)
         snr = 10 * np.log10(np.mean(a.clean[row].astype(np.float64) ** 2) / np.mean(residual**2))
         assert snr == pytest.approx(a.snr[row], abs=0.01)
+
+
+# alignment -------------------------------------------------------------------
+
+
+def _dtw_cost_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """The least summed distance of a warping path, cell by cell (no vectorisation)."""
+    cost = np.linalg.norm(x[:, None] - y[None], axis=-1)
+    total = np.full(cost.shape, np.inf)
+    for i in range(len(x)):
+        for j in range(len(y)):
+            before = [total[a, b] for a, b in ((i - 1, j - 1), (i - 1, j), (i, j - 1))
+                      if a >= 0 and b >= 0]  # fmt: skip
+            total[i, j] = cost[i, j] + (min(before) if before else 0.0)
+    return float(total[-1, -1])
+
+
+def test_dtw_finds_the_cheapest_warping_path():
+    from aigc.data.audio import dtw_path
+
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        x = rng.normal(size=(int(rng.integers(1, 12)), 3))
+        y = rng.normal(size=(int(rng.integers(1, 12)), 3))
+        path = dtw_path(x, y)
+        assert tuple(path[0]) == (0, 0) and tuple(path[-1]) == (len(x) - 1, len(y) - 1)
+        steps = np.diff(path, axis=0)
+        assert {tuple(s) for s in steps} <= {(1, 0), (0, 1), (1, 1)}
+        cost = np.linalg.norm(x[path[:, 0]] - y[path[:, 1]], axis=-1).sum()
+        assert cost == pytest.approx(_dtw_cost_by_hand(x, y), rel=1e-9)
+    # a sequence against itself slowed down: each frame meets its own copies
+    x = rng.normal(size=(20, 4))
+    path = dtw_path(x, np.repeat(x, 3, axis=0))
+    assert np.array_equal(path[:, 0], np.arange(60) // 3) and np.array_equal(
+        path[:, 1], np.arange(60)
+    )
+
+
+def test_mel_cepstra_drop_loudness_and_a_fixed_colouring():
+    from scipy.fft import dct
+
+    from aigc.data.audio import mfcc
+
+    log_mel = torch.randn(2, 64, 30, dtype=torch.float64)
+    c = mfcc(log_mel)
+    assert c.shape == (2, 30, 12)
+    direct = dct(log_mel.numpy(), type=2, axis=1, norm="ortho")[:, 1:13].transpose(0, 2, 1)
+    np.testing.assert_allclose(c, direct - direct.mean(1, keepdims=True), atol=1e-12)
+    # louder (a constant on every log-mel cell) or coloured (a constant per band): the same
+    colour = torch.linspace(-2, 2, 64, dtype=torch.float64)[:, None]
+    np.testing.assert_allclose(mfcc(log_mel + 3.0 + colour), c, atol=1e-9)

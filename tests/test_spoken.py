@@ -117,6 +117,7 @@ def test_accuracy_and_the_judge_score_against_a_hand_computation():
     from aigc.tasks.spoken import SpokenTask
 
     task = SpokenTask.__new__(SpokenTask)
+    task.meta = {"spec": {"source": "spoken-digits"}}
     task._judge = type("J", (), {"accuracy": {"digit": 0.99}, "weaknesses": lambda self: []})()
     asked = np.arange(40) % 10
     confident = np.eye(10)[asked] * 0.91 + 0.01  # right, and sure of it
@@ -236,3 +237,203 @@ def test_the_server_says_a_digit_in_openais_speech_shape(spoken_run):
             assert message in json.dumps(r.json()), r.text
     finally:
         srv.close()
+
+
+# the user's own clips: a folder of audio files, a sub-folder per class ---------------
+
+TONES = {"high": 2500.0, "low": 300.0, "mid": 1000.0}  # class -> the tone its clips hold
+RATES_AND_FORMATS = ((8000, ".wav"), (22050, ".flac"), (44100, ".wav"), (16000, ".flac"))
+
+
+def _write_folder(root, per_class: int = 4, seconds: float = 0.4):
+    """Tones per class at several rates and formats, each with 0.2 s of silence either
+    side; the first file of "low" in stereo. Returns {path: (class, tone Hz)}."""
+    import soundfile as sf
+
+    written = {}
+    for name, hz in TONES.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            rate, suffix = RATES_AND_FORMATS[i % len(RATES_AND_FORMATS)]
+            t = np.arange(round(rate * seconds)) / rate
+            tone = 0.3 * np.sin(2 * np.pi * hz * t) * np.hanning(len(t))
+            pad = np.zeros(round(0.2 * rate))
+            wave = np.concatenate([pad, tone, pad]).astype(np.float32)
+            if name == "low" and i == 0:
+                wave = np.stack([wave, 0.5 * wave], axis=1)
+            path = root / name / f"{i:02d}{suffix}"
+            sf.write(path, wave, rate)
+            written[path] = (name, hz)
+    return written
+
+
+def _peak_hz(wave: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.fft.rfftfreq(len(wave), 1 / 16000)[spectrum.argmax()])
+
+
+def test_an_audio_folder_becomes_clips_and_pictures_made_as_the_digits_are(tmp_path):
+    import soundfile as sf
+
+    from aigc.data.images import load_image_set
+    from aigc.data.speech import read_audio_folder, waves_to_pictures
+
+    written = _write_folder(tmp_path / "tones")
+    long = tmp_path / "tones" / "mid" / "long.wav"  # 1.6 s of tone: its middle second kept
+    t = np.arange(16000 * 8 // 5) / 16000
+    sf.write(long, (0.3 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), 16000)
+    (tmp_path / "tones" / "low" / "notes.txt").write_text("ignored, as in an image folder")
+    folder = read_audio_folder(tmp_path / "tones")
+    assert folder.classes == ["high", "low", "mid"] and folder.waves.shape == (13, 16000)
+    assert folder.cut == 1 and folder.skipped == 0
+    assert [f.name for f in folder.files[:4]] == ["00.wav", "01.flac", "02.wav", "03.flac"]
+    for path, wave, label in zip(folder.files, folder.waves, folder.labels, strict=True):
+        name, hz = written.get(path, ("mid", 1000.0))
+        assert folder.classes[label] == name
+        # resampled to 16 kHz from every rate: the tone keeps its pitch
+        assert abs(_peak_hz(wave) - hz) < 20, (path, _peak_hz(wave))
+        assert np.abs(wave).max() == pytest.approx(0.9, abs=1e-4)
+        if path != long:  # trimmed of its silence and centred: its energy in the middle
+            energy = wave.astype(np.float64) ** 2
+            centre = (energy * np.arange(16000)).sum() / energy.sum()
+            assert abs(centre - 8000) < 300, (path, centre)
+            assert np.abs(wave[:3000]).max() < 1e-3 and np.abs(wave[-3000:]).max() < 1e-3
+    # the image readers see the same clips as pictures, labelled by class
+    found = load_image_set(tmp_path / "tones", image_size=16, channels=1)
+    np.testing.assert_array_equal(found.images, waves_to_pictures(folder.waves, 16))
+    np.testing.assert_array_equal(found.labels["class"], folder.labels)
+    assert found.classes == {"class": ["high", "low", "mid"]} and "audio folder" in found.source
+    # train/ and test/ folders: the split asked for
+    for split, n in (("train", 2), ("test", 1)):
+        _write_folder(tmp_path / "split" / split, per_class=n)
+    assert len(read_audio_folder(tmp_path / "split").waves) == 6
+    assert len(read_audio_folder(tmp_path / "split", split="test").waves) == 3
+
+
+def _zero_rate_wav(path) -> None:
+    import struct
+
+    data = np.zeros(100, "<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, 0, 0, 2, 16)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " +
+                     struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data)  # fmt: skip
+
+
+def _break(kind: str, root) -> str:
+    """Spoils a folder of tones one way; returns what the error must name."""
+    import soundfile as sf
+
+    if kind == "not audio":
+        (root / "low" / "notes.wav").write_text("these are not samples")
+        return r"low/notes\.wav: not an audio file"
+    if kind == "zero sample rate":
+        _zero_rate_wav(root / "mid" / "zero.wav")
+        return r"mid/zero\.wav"
+    if kind == "silence":
+        sf.write(root / "high" / "quiet.wav", np.full(8000, 1e-5, np.float32), 16000, "FLOAT")
+        return r"high/quiet\.wav: silent \(its loudest sample is -100 dBFS"
+    if kind == "class without files":
+        (root / "empty").mkdir()
+        (root / "empty" / ".DS_Store").write_bytes(b"x")
+        return r"tones/empty: the class 'empty' holds no audio files"
+    if kind == "loose file":
+        (root / "high" / "00.wav").rename(root / "stray.wav")
+        return r"tones holds files directly in it \(stray\.wav\)"
+    if kind == "not a sound file type":
+        (root / "mid" / "cover.png").write_bytes(b"\x89PNG")
+        return r"mid/cover\.png: unsupported file type"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["not audio", "zero sample rate", "silence",
+                                  "class without files", "loose file", "not a sound file type"])  # fmt: skip
+def test_a_bad_file_in_an_audio_folder_is_named_in_one_line(tmp_path, kind):
+    from aigc.data.speech import read_audio_folder
+    from aigc.errors import DataError
+
+    root = tmp_path / "tones"
+    _write_folder(root, per_class=2)
+    needle = _break(kind, root)
+    with pytest.raises(DataError, match=needle) as caught:
+        read_audio_folder(root)
+    assert "\n" not in str(caught.value)
+    if kind in ("not audio", "zero sample rate", "silence", "not a sound file type"):
+        skipped = read_audio_folder(root, skip_bad=True)
+        assert skipped.skipped == 1 and len(skipped.waves) == 6
+
+
+def test_an_empty_or_missing_audio_folder_is_named(tmp_path):
+    from aigc.data.speech import read_audio_folder
+    from aigc.errors import DataError
+
+    with pytest.raises(DataError, match=r"empty holds no audio: put one sub-folder"):
+        read_audio_folder((tmp_path / "empty").mkdir() or tmp_path / "empty")
+    with pytest.raises(DataError, match=r"missing: no such folder"):
+        read_audio_folder(tmp_path / "missing")
+
+
+def test_a_spoken_run_learns_a_folder_of_clips_and_says_a_class_by_name(tmp_path):
+    """A folder of tones: prepared, split by a seeded fraction, trained a few steps,
+    judged by a judge of its own clips, and sampled by class name from the CLI."""
+    import aigc
+    from aigc.data.speech import waves_to_pictures
+    from aigc.errors import RequestError
+
+    root = tmp_path / "tones"
+    _write_folder(root, per_class=4)
+    run = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("data.eval_samples")]
+    aigc.train(RECIPE, [*tiny, f"data.source={root}", "data.val_fraction=0.25",
+                        "data.eval_samples=12"], run_dir=run, progress=False)  # fmt: skip
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["attributes"] == ["class"] and meta["classes"]["class"] == ["high", "low", "mid"]
+    assert (meta["n_train"], meta["n_val"]) == (9, 3)  # a quarter of the 12 clips held out
+    images = np.load(run / "data" / "images.npy")
+    labels = np.load(run / "data" / "labels.npy")[:, 0]
+    assert np.bincount(labels, minlength=3).tolist() == [4, 4, 4]
+    # the stored clips are the pictures' own, in their order (16-bit: a level or so apart)
+    clips = np.load(run / "data" / "spoken_clips.npy").astype(np.float32) / 32767
+    again = waves_to_pictures(clips, 16).astype(int)
+    assert np.abs(again - images).mean() < 0.5
+    assert [_peak_hz(c) for c in clips] == pytest.approx(
+        [TONES[meta["classes"]["class"][y]] for y in labels], abs=20
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = next(r for r in reversed(rows) if "val_class_accuracy" in r)
+    for k in ("val_class_accuracy_min", "val_judge_score", "val_frechet/heldout",
+              "val_vocoded_accuracy", "val_judge_accuracy"):  # fmt: skip
+        assert np.isfinite(ev[k]), k
+    assert "- class" in (run / "config.yaml").read_text()  # data.labels filled in
+    said = sorted((run / "samples").glob("*classes.wav"))
+    import soundfile as sf
+
+    assert len(sf.read(said[-1])[0]) == 3 * 17600  # the three classes in turn
+    pipe = aigc.load(run)
+    one = pipe.generate(1, labels="mid", seed=3)
+    np.testing.assert_allclose(pipe.speak("MID", seed=3).waveforms[0], one.waveforms[0],
+                               atol=1e-6)  # fmt: skip
+    with pytest.raises(RequestError, match="one class: high, low, mid"):
+        pipe.speak("seven")
+    done = run_cli("sample", str(run), "--class", "low", "--n", "2", "--out", str(tmp_path / "o"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000.wav", "00001.wav"]
+
+
+def test_the_cli_refuses_a_bad_audio_folder_in_one_line(tmp_path):
+    from .test_cli import assert_user_error, run_cli_all
+
+    root = tmp_path / "tones"
+    _write_folder(root, per_class=2)
+    _break("silence", root)
+    images = tmp_path / "pictures"  # an image folder is not a folder of sound
+    (images / "cat").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(images / "cat" / "a.png")
+    bad, photos = run_cli_all(
+        ["train", "spoken-digits", f"data.source={root}", "--run-dir", str(tmp_path / "r1")],
+        ["train", "spoken-digits", f"data.source={images}", "--run-dir", str(tmp_path / "r2")],
+    )
+    assert_user_error(bad, "quiet.wav", "silent")
+    assert_user_error(photos, "a.png", "unsupported file type")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()

@@ -203,3 +203,193 @@ def test_the_official_openai_client_gets_speech(tts_run):
             client.audio.speech.create(model="run", voice="awb", input="1", response_format="mp3")
     finally:
         srv.close()
+
+
+# the user's own speech: a folder of recordings with metadata.csv / metadata.jsonl ------
+
+
+def _tone_file(path, seconds: float = 0.5, rate: int = 16000) -> None:
+    import soundfile as sf
+
+    t = np.arange(round(rate * seconds)) / rate
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate)
+
+
+def _csv(root, rows: list[tuple[str, str]]) -> None:
+    import csv
+
+    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "text", "speaker"])  # other columns are ignored
+        w.writerows([(name, text, "me") for name, text in rows])
+
+
+def test_a_transcribed_folder_is_read_in_file_order_with_flites_reading_of_the_text(tmp_path):
+    from aigc.data.speech import read_transcribed_folder
+
+    for name in ("wavs/b.wav", "wavs/a.flac", "c.wav"):
+        _tone_file(tmp_path / "csv" / name)
+    _csv(tmp_path / "csv", [("wavs/b.wav", "Call 427, now"), ("c.wav", "  yes  "),
+                            ("./wavs/a.flac", "She said 'no, never'")])  # fmt: skip
+    (tmp_path / "csv" / "README.txt").write_text("notes beside the clips are passed over")
+    rows = read_transcribed_folder(tmp_path / "csv")
+    assert [r.file.relative_to(tmp_path / "csv").as_posix() for r in rows] == [
+        "c.wav", "wavs/a.flac", "wavs/b.wav"]  # fmt: skip
+    assert [r.text for r in rows] == ["yes", "She said 'no, never'", "Call four two seven , now"]
+    assert rows[2].where.endswith("metadata.csv, line 2")
+    # the same folder described by JSON Lines
+    _tone_file(tmp_path / "jsonl" / "x.wav")
+    (tmp_path / "jsonl" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "x.wav", "text": "9 1 1"}) + "\n\n"
+    )
+    (row,) = read_transcribed_folder(tmp_path / "jsonl")
+    assert row.text == "nine one one" and row.where.endswith("metadata.jsonl, line 1")
+
+
+def _spoil(kind: str, root) -> str:
+    """A folder of two transcribed tones, spoiled one way; returns what the error names."""
+    _tone_file(root / "a.wav")
+    _tone_file(root / "b.wav")
+    rows = [("a.wav", "one"), ("b.wav", "two")]
+    if kind == "a character flite cannot say":
+        rows[1] = ("b.wav", "na\u00efve")
+        _csv(root, rows)
+        return (r"metadata\.csv, line 3: the transcript of b\.wav: '\u00ef' \(at character 3\) "
+                "cannot be said")  # fmt: skip
+    if kind == "no metadata":
+        return r"has no metadata\.csv or metadata\.jsonl"
+    if kind == "a row for a missing file":
+        _csv(root, [*rows, ("c.wav", "three")])
+        return r"metadata\.csv, line 4: c\.wav does not exist"
+    if kind == "a file without a row":
+        _csv(root, rows[:1])
+        return r"b\.wav has no transcript in .*metadata\.csv"
+    if kind == "an empty transcript":
+        _csv(root, [rows[0], ("b.wav", "   ")])
+        return r"metadata\.csv, line 3: the transcript of b\.wav is empty"
+    if kind == "a file that is not audio":
+        (root / "cover.png").write_bytes(b"\x89PNG")
+        _csv(root, rows)
+        return r"cover\.png: unsupported file type"
+    if kind == "two metadata files":
+        _csv(root, rows)
+        (root / "metadata.jsonl").write_text("")
+        return "holds both metadata.jsonl and metadata.csv"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["a character flite cannot say", "no metadata",
+                                  "a row for a missing file", "a file without a row",
+                                  "an empty transcript", "a file that is not audio",
+                                  "two metadata files"])  # fmt: skip
+def test_a_mistake_in_a_transcribed_folder_is_named_in_one_line(tmp_path, kind):
+    from aigc.data.speech import read_transcribed_folder
+    from aigc.errors import DataError
+
+    needle = _spoil(kind, tmp_path)
+    with pytest.raises(DataError, match=needle) as caught:
+        read_transcribed_folder(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+@needs_flite
+def test_a_recording_is_aligned_to_flites_phones_near_their_true_boundaries():
+    """Another voice, faster, with silence and hiss around it: DTW against slt finds its
+    phone boundaries (flite knows them for that voice too) within a few 16 ms frames,
+    where cutting the recording into equal phones misses by several times more."""
+    from aigc.data.speech import align_to_flite, phone_frames, speak_with_timing
+    from aigc.tasks.tts import HOP, tts_mel_spec
+
+    spec = tts_mel_spec()
+    errors, uniform = [], []
+    for text, voice, rate in (("call me at nine one one, please", "kal16", 1.25),
+                              ("the quick brown fox jumps over the lazy dog", "awb", 1.0)):  # fmt: skip
+        u = speak_with_timing(text, voice, rate)
+        pad = np.zeros(4800, np.float32)  # 0.3 s = 18.75 frames
+        hiss = np.random.default_rng(0).normal(0, 0.002, len(u.wave) + 9600)
+        wave = (np.concatenate([pad, u.wave, pad]) + hiss).astype(np.float32)
+        phones, frames = align_to_flite(wave, text, spec, "slt")
+        assert phones == u.phones and frames.sum() == spec.frames(len(wave))
+        assert np.all(frames >= 0)
+        truth = np.cumsum(phone_frames(u.ends, HOP))[:-1] + 4800 / HOP
+        found = np.cumsum(frames)[:-1]
+        equal = np.linspace(0, frames.sum(), len(frames) + 1)[1:-1]
+        errors.append(np.abs(found - truth).mean())
+        uniform.append(np.abs(equal - truth).mean())
+    assert max(errors) < 4.5 and max(errors) < min(uniform) / 3, (errors, uniform)
+
+
+@pytest.fixture(scope="module")
+def speech_folder(tmp_path_factory):
+    """Six sentences said by flite's awb voice, at 22.05 kHz, with metadata.jsonl."""
+    if shutil.which("flite") is None:
+        pytest.skip("flite is missing: `make system` installs it")
+    import soundfile as sf
+
+    from aigc.data.audio import resample
+    from aigc.data.speech import synthesise
+
+    root = tmp_path_factory.mktemp("speech") / "mine"
+    texts = ["call me at four", "one two three", "the cat sat", "seven eight nine",
+             "a big red fox", "two cats"]  # fmt: skip
+    lines = []
+    for i, text in enumerate(texts):
+        (root / "wavs").mkdir(parents=True, exist_ok=True)
+        sf.write(root / "wavs" / f"{i}.wav", resample(synthesise(text, "awb"), 16000, 22050), 22050)
+        lines.append(json.dumps({"file_name": f"wavs/{i}.wav", "text": text}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_tts_run_learns_a_folder_of_transcribed_speech(speech_folder, tmp_path):
+    import aigc
+    from aigc.errors import RequestError
+    from aigc.tasks.tts import tts_mel_spec
+
+    run = tmp_path / "run"
+    tiny = [
+        o for o in TINY if not o.startswith(("data.strings", "data.val_strings", "data.voices"))
+    ]
+    aigc.train(RECIPE, [*tiny, f"data.source={speech_folder}", "data.val_fraction=0.34"],
+               run_dir=run, progress=False)  # fmt: skip
+    meta = json.loads((run / "data" / "tts.json").read_text())
+    assert meta["voices"] == ["speaker"] and meta["folder"] == str(speech_folder)
+    assert len(meta["train_texts"]) == 4 and len(meta["val_texts"]) == 2
+    assert not set(meta["train_texts"]) & set(meta["val_texts"])
+    # each training row: the aligned durations cover exactly its recording's frames
+    durations = np.load(run / "data" / "durations.npy").astype(int)
+    offsets = np.load(run / "data" / "mel_offsets.npy")
+    np.testing.assert_array_equal(durations.sum(1), np.diff(offsets))
+    val_offsets = np.load(run / "data" / "val_wave_offsets.npy")
+    val_durations = np.load(run / "data" / "val_durations.npy").astype(int)
+    frames = [tts_mel_spec().frames(int(n)) for n in np.diff(val_offsets)]
+    assert val_durations.sum(1).tolist() == frames
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = next(r for r in reversed(rows) if "val_mel_l1" in r)
+    assert "val_string_accuracy" not in ev
+    for k in ("val_mel_l1", "val_duration_error_frames", "val_real_time_factor"):
+        assert np.isfinite(ev[k]) and ev[k] >= 0, k
+    assert {p.name.split("-", 2)[2] for p in (run / "samples").glob("*.wav")} == {
+        "said-0.wav", "said-1.wav", "recorded-0.wav"}  # fmt: skip
+    pipe = aigc.load(run)
+    assert pipe.voices == ["speaker"]
+    heard = set(meta["phones_seen"])
+    text = next(t for t in ("two cats", "the cat sat", "one two three")
+                if set(pipe.phones(t)) <= heard)  # fmt: skip
+    assert len(pipe.speak(text, seed=0).waveforms[0]) > 0
+    with pytest.raises(RequestError, match="its transcribed speech"):
+        pipe.speak("zebra jumps quickly")
+    shown = pipe.format_eval(pipe.evaluate(save=False))
+    assert "held-out recordings" in shown and "mel_l1" in shown
+
+
+def test_the_cli_refuses_a_bad_transcript_in_one_line(tmp_path):
+    from .test_cli import assert_user_error
+
+    needle = _spoil("a character flite cannot say", tmp_path / "mine")
+    assert "line 3" in needle
+    bad = run_cli("train", "tts-digits", f"data.source={tmp_path / 'mine'}", "--run-dir",
+                  str(tmp_path / "run"))  # fmt: skip
+    assert_user_error(bad, "metadata.csv, line 3", "b.wav", "cannot be said")
+    assert not (tmp_path / "run").exists()

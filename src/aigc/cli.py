@@ -356,8 +356,8 @@ def sample(
                  "scheduler": scheduler, "guidance_scale": guidance}  # fmt: skip
     if gen.kind == "spoken":
         if prompt or reconstruct is not None or traverse or interpolate is not None:
-            raise RequestError(f"{run} says spoken digits; it takes --class (a digit), --n, "
-                               "--seed and the sampler options")  # fmt: skip
+            raise RequestError(f"{run} says spoken words; it takes --class (a digit, or a class "
+                               "of its audio folder), --n, --seed and the sampler options")  # fmt: skip
         _sample_spoken(gen, run, n, out, class_, label or [], seed, diffusion, watermark_key)
         return
     if "diffuse" in gen.verbs:

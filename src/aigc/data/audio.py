@@ -241,3 +241,44 @@ def peak_normalise(wave: np.ndarray, peak: float = 0.9) -> np.ndarray:
     """``wave`` scaled so that its largest magnitude is ``peak`` (silence is left as it is)."""
     top = float(np.abs(wave).max()) if wave.size else 0.0
     return wave if top == 0.0 else (wave * (peak / top)).astype(np.float32)
+
+
+def mfcc(log_mel: torch.Tensor | np.ndarray, n: int = 13) -> np.ndarray:
+    """(..., n_mels, frames) natural-log mel -> (..., frames, n - 1) cepstra c1..c(n-1)
+    (DCT-II, orthonormal, of the log-mel; c0, the loudness, dropped), each coefficient's
+    mean over the frames removed (cepstral mean normalisation: a fixed channel or
+    microphone colouring is a constant there)."""
+    from scipy.fft import dct
+
+    x = log_mel.numpy() if isinstance(log_mel, torch.Tensor) else np.asarray(log_mel)
+    c = dct(x.astype(np.float64), type=2, axis=-2, norm="ortho")[..., 1:n, :]
+    c = np.swapaxes(c, -1, -2)
+    return c - c.mean(axis=-2, keepdims=True)
+
+
+def dtw_path(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The dynamic-time-warping alignment of feature sequences x (N, D) and y (M, D):
+    (L, 2) index pairs from (0, 0) to (N - 1, M - 1), each step (1, 0), (0, 1) or (1, 1),
+    minimising the summed Euclidean distances of the paired frames (Sakoe and Chiba
+    1978, symmetric steps without slope limits). The cumulative cost is filled one
+    anti-diagonal at a time, so each step of the loop is a vector operation."""
+    n, m = len(x), len(y)
+    if n == 0 or m == 0:
+        raise ValueError("dtw_path needs two non-empty sequences")
+    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    cost = np.sqrt(np.maximum(sq, 0.0))
+    total = np.full((n + 1, m + 1), np.inf)  # total[i + 1, j + 1]: best cost ending at (i, j)
+    total[0, 0] = 0.0
+    for d in range(n + m - 1):  # the cells with i + j = d
+        i = np.arange(max(0, d - m + 1), min(n, d + 1))
+        j = d - i
+        best = np.minimum(np.minimum(total[i, j], total[i, j + 1]), total[i + 1, j])
+        total[i + 1, j + 1] = cost[i, j] + best
+    path = [(n - 1, m - 1)]
+    i, j = n - 1, m - 1
+    while i > 0 or j > 0:  # back along the cheapest predecessor; ties prefer the diagonal
+        steps = ((total[i, j], i - 1, j - 1), (total[i, j + 1], i - 1, j),
+                 (total[i + 1, j], i, j - 1))  # fmt: skip
+        _, i, j = min(steps, key=lambda s: s[0])
+        path.append((i, j))
+    return np.asarray(path[::-1], dtype=np.int64)

@@ -45,9 +45,13 @@ def find_metadata(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_metadata(path: Path) -> dict[str, tuple[str, int]]:
+def read_metadata(
+    path: Path, item: str = "image", text_name: str = "caption"
+) -> dict[str, tuple[str, int]]:
     """The captions of ``path`` (metadata.jsonl or metadata.csv) as
-    {file name relative to its folder: (caption, line number)}, every row checked."""
+    {file name relative to its folder: (caption, line number)}, every row checked.
+    ``item`` and ``text_name`` are what errors call a file and its text (an audio
+    folder's: "clip", "transcript")."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is allowed
     except UnicodeDecodeError as e:
@@ -55,25 +59,32 @@ def read_metadata(path: Path) -> dict[str, tuple[str, int]]:
     rows = _csv_rows(path, text) if path.suffix == ".csv" else _jsonl_rows(path, text)
     captions: dict[str, tuple[str, int]] = {}
     for line, row in rows:
-        name = _file_name(path, line, row.get(FILE_COLUMN))
+        name = _file_name(path, line, row.get(FILE_COLUMN), item)
         caption = row.get(TEXT_COLUMN)
         if not isinstance(caption, str):
             what = "has no text" if caption is None else f"has text {caption!r}, not a string"
-            raise DataError(f"{path}, line {line}: {name} {what}; give every image a caption")
+            raise DataError(f"{path}, line {line}: {name} {what}; give every {item} a {text_name}")
         if not caption.strip():
             raise DataError(
-                f"{path}, line {line}: the caption of {name} is empty; write one or remove the image"
+                f"{path}, line {line}: the {text_name} of {name} is empty; write one or remove "
+                f"the {item}"
             )
         if name in captions:
             raise DataError(
                 f"{path}, line {line}: {name} is named again (first on line {captions[name][1]}); "
-                "give each image one caption"
+                f"give each {item} one {text_name}"
             )
         captions[name] = (caption.strip(), line)
     return captions
 
 
-def captions_for(images: list[Path], folder: Path, metadata: Path) -> list[str]:
+def captions_for(
+    images: list[Path],
+    folder: Path,
+    metadata: Path,
+    item: str = "image",
+    text_name: str = "caption",
+) -> list[str]:
     """The caption of each of ``images`` (files under ``folder``) from ``metadata``,
     whose file names are relative to its own folder (``folder`` or one above it).
 
@@ -81,7 +92,7 @@ def captions_for(images: list[Path], folder: Path, metadata: Path) -> list[str]:
     one of ``images``; rows naming files elsewhere (another split's) are only checked to exist.
     """
     base = metadata.parent
-    captions = read_metadata(metadata)
+    captions = read_metadata(metadata, item, text_name)
     for name, (_, line) in captions.items():
         path = base / name
         if not path.is_file():
@@ -95,7 +106,8 @@ def captions_for(images: list[Path], folder: Path, metadata: Path) -> list[str]:
         name = image.relative_to(base).as_posix()
         if name not in captions:
             raise DataError(
-                f"{image} has no caption in {metadata}; add a line for {name} or remove the image"
+                f"{image} has no {text_name} in {metadata}; add a line for {name} or remove "
+                f"the {item}"
             )
         wanted.add(name)
         out.append(captions[name][0])
@@ -103,17 +115,17 @@ def captions_for(images: list[Path], folder: Path, metadata: Path) -> list[str]:
     for name, (_, line) in captions.items():
         if name not in wanted and PurePosixPath(name).parts[: len(inside)] == inside:
             raise DataError(
-                f"{metadata}, line {line}: {name} is not one of the images read from {folder} "
-                "(hidden files, metadata files and names differing in case are not images)"
+                f"{metadata}, line {line}: {name} is not one of the {item}s read from {folder} "
+                f"(hidden files, metadata files and names differing in case are not {item}s)"
             )
     return out
 
 
-def _file_name(path: Path, line: int, value: object) -> str:
+def _file_name(path: Path, line: int, value: object, item: str = "image") -> str:
     """``value`` as a normalised relative path (``./a//b.png`` -> ``a/b.png``), refusing
     names that are absolute or climb out of the folder."""
     if value is None:
-        raise DataError(f"{path}, line {line}: no {FILE_COLUMN!r}; name the image it describes")
+        raise DataError(f"{path}, line {line}: no {FILE_COLUMN!r}; name the {item} it describes")
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{path}, line {line}: {FILE_COLUMN}={value!r} is not a file name")
     name = PurePosixPath(value.strip())

@@ -13,6 +13,9 @@ at a time, so that a set larger than memory can be written to disk. Sources:
   A folder holding ``train`` and ``test`` (or ``val``) sub-folders is split by them.
   A ``metadata.jsonl`` or ``metadata.csv`` with ``file_name`` and ``text`` columns
   (Hugging Face's imagefolder convention, ``aigc.data.captions``) captions every image.
+- an audio folder (clips in one sub-folder per class, .wav, .flac, .ogg or .mp3): each
+  clip's one-second log-mel picture, made as the ``spoken-digits`` pictures are
+  (``aigc.data.speech.audio_folder_pictures``), labelled ``class``.
 - MNIST / Fashion-MNIST IDX files, gzipped or not: an ``*-images-idx3-ubyte[.gz]``
   file (its ``*-labels-idx1-ubyte[.gz]`` found beside it) or the folder holding them.
 - CIFAR-10 / CIFAR-100 **binary** version: ``cifar-10-batches-bin`` or
@@ -314,6 +317,9 @@ def image_stream(
         return ImageStream(_cifar100_reader(path / f"{split}.bin", **opts))
     if any(IDX_IMAGES.fullmatch(name) for name in names):
         return ImageStream(_idx_chunks(_idx_images_in(path, split), **opts))
+    if _holds_audio(_split_folder(path, split)):
+        return ImageStream(_whole(*_audio_folder_pictures(path, image_size, channels, split,
+                                                          skip_bad)))  # fmt: skip
     return ImageStream(_image_folder_reader(path, split, skip_bad=skip_bad, **opts))
 
 
@@ -380,7 +386,43 @@ def _spoken_digit_pictures(size: int, channels: int) -> tuple[np.ndarray, ImageS
     return _to_channels(pictures, channels), info
 
 
+def _audio_folder_pictures(
+    root: Path, size: int, channels: int, split: str, skip_bad: bool
+) -> tuple[np.ndarray, ImageSetInfo]:
+    """A folder of audio files, one sub-folder per class, as log-mel pictures made as the
+    spoken digits' are (``aigc.data.speech.audio_folder_pictures``), labelled by class."""
+    from aigc.data.speech import audio_folder_pictures
+
+    pictures, folder = audio_folder_pictures(root, size, split, skip_bad)
+    cut = f"; {folder.cut} longer than a second, their middle kept" if folder.cut else ""
+    info = ImageSetInfo(
+        labels={"class": np.array(folder.labels)},
+        classes={"class": list(folder.classes)},
+        captions=None,
+        source=f"{folder.root} (audio folder, {len(pictures):,} clips of {len(folder.classes)} "
+        f"classes as one-second log-mel pictures{cut})",
+        skipped=folder.skipped,
+    )
+    return _to_channels(pictures, channels), info
+
+
 # --------------------------------------------------------------------------- image folders
+
+
+def _holds_audio(root: Path) -> bool:
+    """Whether the first file of a folder (in sorted walk order, ignored files passed
+    over) with an image or audio suffix is audio: the folder is then read as audio."""
+    from aigc.data.audio import AUDIO_SUFFIXES
+
+    for _, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            suffix = Path(name).suffix.lower()
+            if suffix in AUDIO_SUFFIXES:
+                return True
+            if suffix in IMAGE_SUFFIXES:
+                return False
+    return False
 
 
 def _image_folder_reader(

@@ -316,3 +316,247 @@ def digit_words(phones: tuple[str, ...] | list[str]) -> list[tuple[int, int, int
         out.append((d, i, i + len(words[d])))
         i += len(words[d])
     return out
+
+
+# --------------------------------------------------------------------------- audio folders
+
+SILENCE_DBFS = -60.0  # a clip whose loudest sample is quieter than this holds no speech
+MAX_CLIP_SECONDS = 30.0  # a longer file in a folder of words is a mistake: refused unread
+_PARALLEL_FROM = 64  # audio files; fewer are decoded on the calling thread
+_PICTURE_CHUNK = 256  # clips whose spectrograms are computed at once
+
+
+@dataclass(frozen=True)
+class AudioFolder:
+    """The clips of a folder of audio files, one sub-folder per class (Hugging Face's
+    audiofolder layout): ``waves`` (N, 16000) float32, each trimmed of silence, centred
+    in one second and peak-normalised as the embedded digits are; ``labels`` (N,) indices
+    into ``classes`` (the sub-folders' names, sorted); ``files`` the clips read, in that
+    order; ``cut`` how many were longer than a second once trimmed (their middle second
+    is kept); ``skipped`` how many unreadable files were passed over (``skip_bad``)."""
+
+    root: Path
+    waves: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    files: list[Path]
+    cut: int = 0
+    skipped: int = 0
+
+
+def audio_folder_files(root: str | os.PathLike, split: str = "train") -> dict[str, list[Path]]:
+    """{class: its files, sorted} of an audio folder ``root/<class>/**/<file>``, or of
+    ``root/<split>/`` when root holds train and test (or val) folders. Hidden files and
+    metadata (.csv, .jsonl, .txt, ...) are passed over. DataError naming the folder when
+    it holds no class sub-folders, audio files directly in it, or a class without files."""
+    from aigc.data.audio import AUDIO_SUFFIXES
+    from aigc.data.images import _files_under, _ignored, _split_folder
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder of audio files (one sub-folder per class)")
+    root = _split_folder(root, split)
+    children = sorted(p for p in root.iterdir() if not _ignored(p))
+    loose = [p for p in children if p.is_file()]
+    if loose:
+        raise DataError(
+            f"{root} holds files directly in it ({loose[0].name}); put each class's clips in a "
+            "sub-folder named after the class (root/<class>/<file>.wav)"
+        )
+    by_class = {d.name: _files_under(d) for d in children if d.is_dir()}
+    if not by_class:
+        raise DataError(
+            f"{root} holds no audio: put one sub-folder of clips per class in it "
+            f"({', '.join(AUDIO_SUFFIXES)})"
+        )
+    for name, files in by_class.items():
+        if not files:
+            raise DataError(
+                f"{root / name}: the class {name!r} holds no audio files; add clips or remove "
+                "the folder"
+            )
+    return by_class
+
+
+def read_speech(path: Path, max_seconds: float) -> np.ndarray:
+    """A file's samples at 16 kHz, mono (``read_audio``); DataError naming the file when
+    it is not audio, longer than ``max_seconds``, or silent (its loudest sample below
+    SILENCE_DBFS)."""
+    wave, _ = read_audio(path, SAMPLE_RATE, max_seconds=max_seconds)
+    peak = float(np.abs(wave).max())
+    if peak < 10 ** (SILENCE_DBFS / 20):
+        level = f"{20 * np.log10(peak):.0f} dBFS" if peak > 0 else "digital silence"
+        raise DataError(f"{path}: silent (its loudest sample is {level}, below "
+                        f"{SILENCE_DBFS:g} dBFS); remove it or record it again")  # fmt: skip
+    return wave
+
+
+def read_clip(path: Path, seconds: float = 1.0) -> tuple[np.ndarray, bool]:
+    """One file of an audio folder as the embedded digits are made: resampled to 16 kHz
+    and made mono, trimmed of silence, centred in ``seconds`` and peak-normalised to 0.9;
+    and whether it was longer than that once trimmed (its middle kept). DataError naming
+    the file when it is not audio soundfile reads, or silent."""
+    from aigc.data.audio import AUDIO_SUFFIXES
+
+    if path.suffix.lower() not in AUDIO_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type; audio folders hold {', '.join(AUDIO_SUFFIXES)} "
+            "files (remove it, or skip such files with data.skip_bad=true)"
+        )
+    wave = read_speech(path, MAX_CLIP_SECONDS)
+    samples = round(seconds * SAMPLE_RATE)
+    spoken = trim_silence(wave)
+    return peak_normalise(fit_length(spoken, samples)), len(spoken) > samples
+
+
+def read_audio_folder(
+    root: str | os.PathLike, split: str = "train", skip_bad: bool = False
+) -> AudioFolder:
+    """Every clip of an audio folder (``audio_folder_files``) read by ``read_clip``; the
+    first bad file raises its DataError, or with ``skip_bad`` every bad one is counted
+    and passed over."""
+    by_class = audio_folder_files(root, split)
+    classes = list(by_class)
+    items = [(f, i) for i, name in enumerate(classes) for f in by_class[name]]
+
+    def read(item: tuple[Path, int]) -> tuple[np.ndarray, bool] | None:
+        try:
+            return read_clip(item[0])
+        except DataError:
+            if skip_bad:
+                return None
+            raise
+
+    if len(items) >= _PARALLEL_FROM:  # libsndfile and soxr release the GIL
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            read_back = list(pool.map(read, items))
+    else:
+        read_back = [read(item) for item in items]
+    keep = [i for i, r in enumerate(read_back) if r is not None]
+    where = Path(root).expanduser()
+    if not keep:
+        raise DataError(f"{where}: none of its {len(items)} files could be read as audio")
+    waves = np.stack([read_back[i][0] for i in keep]).astype(np.float32)
+    labels = np.asarray([items[i][1] for i in keep], dtype=np.int64)
+    missing = [classes[c] for c in range(len(classes)) if c not in set(labels.tolist())]
+    if missing:
+        raise DataError(f"{where}: no file of the class {missing[0]!r} could be read")
+    return AudioFolder(where, waves, labels, classes, [items[i][0] for i in keep],
+                       cut=sum(read_back[i][1] for i in keep),
+                       skipped=len(items) - len(keep))  # fmt: skip
+
+
+def audio_folder_pictures(
+    root: str | os.PathLike, size: int, split: str = "train", skip_bad: bool = False
+) -> tuple[np.ndarray, AudioFolder]:
+    """An audio folder's clips as (N, size, size, 1) log-mel pictures, as
+    ``spoken_digit_pictures`` makes of the embedded ones, and the clips. Cached while the
+    files are unchanged (same names, sizes and modification times): callers share the
+    arrays and must not write to them."""
+    root = Path(root).expanduser().resolve()
+    by_class = audio_folder_files(root, split)
+    signature = tuple((str(f), s.st_size, s.st_mtime_ns)
+                      for files in by_class.values() for f in files for s in [f.stat()])  # fmt: skip
+    return _audio_folder_pictures(str(root), size, split, skip_bad, signature)
+
+
+def forget_audio_folders() -> None:
+    """Drops the clips and pictures ``audio_folder_pictures`` keeps (64 kB a clip)."""
+    _audio_folder_pictures.cache_clear()
+
+
+@lru_cache(maxsize=2)
+def _audio_folder_pictures(
+    root: str, size: int, split: str, skip_bad: bool, signature: tuple
+) -> tuple[np.ndarray, AudioFolder]:
+    folder = read_audio_folder(root, split, skip_bad)
+    pictures = np.concatenate([waves_to_pictures(folder.waves[i : i + _PICTURE_CHUNK], size)
+                               for i in range(0, len(folder.waves), _PICTURE_CHUNK)])  # fmt: skip
+    for a in (pictures, folder.waves, folder.labels):
+        a.flags.writeable = False
+    return pictures, folder
+
+
+# --------------------------------------------------------------------------- transcribed speech
+
+MAX_UTTERANCE_SECONDS = 60.0  # one row of a transcribed folder; longer files are refused
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """One row of a transcribed audio folder: the audio ``file``, its ``text`` as flite
+    reads it (``normalise_text``) and where the row is (``where``: "metadata.csv, line 3")."""
+
+    file: Path
+    text: str
+    where: str
+
+
+def read_transcribed_folder(root: str | os.PathLike) -> list[Transcript]:
+    """The transcripts of a folder of speech, Hugging Face's audiofolder convention:
+    ``root/metadata.csv`` (a header row with ``file_name`` and ``text``, then a row a
+    file) or ``root/metadata.jsonl`` (an object a line with those keys), file names
+    relative to root. Every audio file under root needs exactly one row, and every row
+    must name one; rows are returned in the order of the files (sorted paths). DataError
+    naming the metadata file and line for a bad row, or the file for a file without one;
+    text with characters flite cannot say is named with its file and line."""
+    from aigc.data.audio import AUDIO_SUFFIXES
+    from aigc.data.captions import captions_for, find_metadata, read_metadata
+    from aigc.data.images import _files_under
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder of speech (audio files and metadata.csv)")
+    metadata = find_metadata(root)
+    if metadata is None:
+        raise DataError(
+            f"{root} has no metadata.csv or metadata.jsonl: write one with the columns "
+            "file_name and text (a row per audio file, names relative to the folder)"
+        )
+    files = _files_under(root)
+    for f in files:
+        if f.suffix.lower() not in AUDIO_SUFFIXES:
+            raise DataError(f"{f}: unsupported file type; a folder of speech holds "
+                            f"{', '.join(AUDIO_SUFFIXES)} files and its metadata")  # fmt: skip
+    if not files:
+        raise DataError(f"{root} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+    texts = captions_for(files, root, metadata, item="audio file", text_name="transcript")
+    lines = read_metadata(metadata, "audio file", "transcript")
+    out = []
+    for f, text in zip(files, texts, strict=True):
+        name = f.relative_to(root).as_posix()
+        where = f"{metadata}, line {lines[name][1]}"
+        try:
+            said = normalise_text(text)
+        except DataError as e:
+            raise DataError(f"{where}: the transcript of {name}: {e}") from None
+        out.append(Transcript(f, said, where))
+    return out
+
+
+def align_to_flite(
+    wave: np.ndarray, text: str, spec: MelSpec, voice: str = "slt"
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """The phones of ``text`` and how many of ``spec``'s frames of ``wave`` (16 kHz) each
+    lasts, found by aligning the recording with flite's speech of the same text, whose
+    phone boundaries flite knows (Malfrère and Dutoit 1997, "High-quality speech
+    synthesis for phonetic speech segmentation"): dynamic time warping of the two
+    utterances' mean-normalised mel cepstra (``dtw_path``) carries each boundary from
+    flite's frames to the recording's. The frames sum to the recording's; a phone may
+    get none. Good for a clear reading of the text; a recording that says something
+    else, or with long noise, aligns badly without an error."""
+    import torch
+
+    from aigc.data.audio import dtw_path, mfcc
+
+    u = speak_with_timing(text, voice)
+    ref = mfcc(spec(torch.from_numpy(u.wave)))  # (T1, 12)
+    own = mfcc(spec(torch.from_numpy(np.asarray(wave, np.float32))))  # (T2, 12)
+    path = dtw_path(ref, own)
+    t1, t2 = len(ref), len(own)
+    first = np.full(t1, t2, dtype=np.int64)  # the first recording frame paired with each
+    np.minimum.at(first, path[:, 0], path[:, 1])
+    ends = np.cumsum(phone_frames(u.ends, spec.hop))  # flite frame where each phone ends
+    bounds = np.where(ends < t1, first[np.minimum(ends, t1 - 1)], t2)
+    bounds[-1] = t2
+    return u.phones, np.diff(np.concatenate([[0], bounds]))

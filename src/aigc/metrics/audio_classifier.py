@@ -112,8 +112,8 @@ class AudioJudge:
         if not weak:
             return []
         said = ", ".join(f"{a} {v:.1%}" for a, v in weak.items())
-        return [f"the audio classifier scores only {said} on {self.heldout} clips of unseen "
-                f"speakers (below {JUDGE_MIN_ACCURACY:.0%}): its verdicts mean little"]  # fmt: skip
+        return [f"the audio classifier scores only {said} on {self.heldout} held-out clips "
+                f"(below {JUDGE_MIN_ACCURACY:.0%}): its verdicts mean little"]  # fmt: skip
 
 
 def train_audio_judge(

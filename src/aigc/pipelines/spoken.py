@@ -71,9 +71,10 @@ class SpokenPipeline(DiffusionPipeline):
         watermark: str | None = None,
         **kw: Any,
     ) -> AudioOutput:
-        """``text`` one digit ("seven" or "7"): n one-second clips of it, in a voice the
-        model draws (``voice`` None or "any") and at its one speed (``speed`` None or
-        1). ``watermark``: a key that marks them (as ``generate``). RequestError for other
+        """``text`` one digit ("seven" or "7"), or for a run on a folder of audio files
+        one of its classes (case aside): n one-second clips of it, in a voice the model
+        draws (``voice`` None or "any") and at its one speed (``speed`` None or 1).
+        ``watermark``: a key that marks them (as ``generate``). RequestError for other
         text, voices or speeds."""
         from aigc.data.speech import DIGITS
 
@@ -81,13 +82,18 @@ class SpokenPipeline(DiffusionPipeline):
             raise RequestError(f"voice={voice!r}: this model draws the voice itself; give "
                                "voice 'any' or leave it out")  # fmt: skip
         if speed not in (None, 1, 1.0):
-            raise RequestError(f"speed={speed!r}: this model says a digit at one speed (1)")
-        word = str(text).strip().lower().rstrip(".!?")
-        if word.isdigit() and len(word) == 1:
+            raise RequestError(f"speed={speed!r}: this model says a {self.task.word} at one "
+                               "speed (1)")  # fmt: skip
+        names = list(self.task.meta["classes"][self.task.word])
+        word = str(text).strip().rstrip(".!?").lower()
+        if self.task.embedded and word.isdigit() and len(word) == 1:
             word = DIGITS[int(word)]
-        if word not in DIGITS:
-            raise RequestError(f"{text!r}: this model says one digit: {', '.join(DIGITS)} (or 0-9)")
-        return self.generate(n, labels=word, seed=seed, watermark=watermark, **kw)
+        said = [name for name in names if name.lower() == word]
+        if not said:
+            listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            digits = " (or 0-9)" if self.task.embedded else ""
+            raise RequestError(f"{text!r}: this model says one {self.task.word}: {listed}{digits}")
+        return self.generate(n, labels=said[0], seed=seed, watermark=watermark, **kw)
 
     def format_eval(self, result: dict[str, Any]) -> str:
         head = f"{self.run.path} at step {result['step']}"

@@ -44,11 +44,12 @@ class TTSPipeline(Pipeline):
         except DataError as e:
             raise RequestError(str(e)) from None
         seen = set(self.task.meta["phones_seen"])
+        learnt = "its transcribed speech" if "folder" in self.task.meta else "digit strings"
         unknown = sorted({p for p in said if p not in seen})
         if unknown:
             raise RequestError(
                 f"{text[:60]!r} needs the phones {', '.join(unknown)}, which this model never "
-                "heard in training: it says what it learnt (digit strings)"
+                f"heard in training: it says what it learnt ({learnt})"
             )
         return list(said)
 
@@ -96,6 +97,11 @@ class TTSPipeline(Pipeline):
         return self.postprocess(AudioOutput([wave], self.sample_rate, seed), watermark)
 
     def format_eval(self, result: dict[str, Any]) -> str:
+        if "string_accuracy" not in result:  # a folder of speech: no judge of free text
+            lines = [f"{self.run.path} at step {result['step']}, held-out recordings:"]
+            for k in ("mel_l1", "duration_error_frames", "real_time_factor"):
+                lines.append(f"  {k:<30} {result[k]:.4f}")
+            return "\n".join(lines)
         lines = [f"{self.run.path} at step {result['step']}",
                  f"  held-out digit strings, words cut at the model's durations and named by "
                  f"the audio judge (its accuracy on unheard clips: {result['judge_accuracy']:.1%}):",

@@ -12,7 +12,17 @@ strings said by flite, cut the same way, and from the isolated spoken digits; th
 cut of flite's own speech of the held-out strings at flite's durations gives the
 ceiling (``*_flite``). Also the held-out log-mel L1 at the true durations, the
 durations' mean absolute error, and the real-time factor of synthesis (Griffin-Lim
-included)."""
+included).
+
+``data.source`` may instead be a folder of the user's own speech with its transcripts
+(Hugging Face's audiofolder convention: ``metadata.csv`` with ``file_name`` and ``text``
+columns, or ``metadata.jsonl``; ``aigc.data.speech.read_transcribed_folder``), one
+speaker. Its phones are flite's reading of each transcript; the durations, which no
+synthesiser gives for a recording, come from aligning it with flite's speech of the same
+text (``aigc.data.speech.align_to_flite``: dynamic time warping of mel cepstra carries
+flite's phone boundaries over). A seeded ``data.val_fraction`` of the recordings is held
+out; with no digit judge for free text, such a run reports the held-out log-mel L1 at
+the aligned durations, the durations' error and the real-time factor."""
 
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ import torch
 from torch import nn
 
 from aigc.config import Config
-from aigc.errors import CheckpointError, ConfigError
+from aigc.errors import CheckpointError, ConfigError, DataError
 from aigc.metrics.classifier import JudgeWarning
 from aigc.models.tts import LOG_MEL_FLOOR, PhoneTTS, TTSConfig
 from aigc.runs import RunDir
@@ -40,6 +50,8 @@ SAMPLE_RATE = 16000
 HOP = 256  # 16 ms frames
 N_FFT = 1024
 JUDGE_STRINGS = 300  # training strings whose words (in every voice) teach the judge
+SOURCE = "digit-strings"  # the embedded data: digit strings said by flite
+SPEAKER = "speaker"  # the one voice of a folder of the user's speech
 
 
 def tts_mel_spec():
@@ -59,14 +71,20 @@ def mel_to_wave(mel: torch.Tensor, iters: int = 64, seed: int = 0) -> np.ndarray
 
 @dataclass
 class TTSDataConfig:
-    """Which digit strings are spoken, by whom, and how the run is judged."""
+    """Which digit strings are spoken, by whom, and how the run is judged; or which
+    folder of transcribed speech is learnt."""
 
+    # digit-strings (said by flite), or a folder of audio files with metadata.csv or
+    # metadata.jsonl (file_name, text)
+    source: str = SOURCE
     strings: int = 600  # training digit strings, each said in every voice
     min_digits: int = 1
     max_digits: int = 8
     voices: list[str] = field(default_factory=lambda: ["awb", "kal16", "rms", "slt"])
     val_strings: int = 120  # held-out strings (2 to 5 digits), voices in turn
     split_seed: int = 0
+    val_fraction: float = 0.1  # a folder: the recordings held out (seeded by split_seed)
+    align_voice: str = "slt"  # a folder: the flite voice whose speech each recording is aligned to
     judge_steps: int = 600  # training steps of the cached audio judge
     vocoder_iters: int = 64  # Griffin-Lim iterations
 
@@ -83,6 +101,13 @@ class TTSDataConfig:
             raise ConfigError(f"data.voices={self.voices!r}: choose from {', '.join(VOICES)}")
         if self.judge_steps < 1 or self.vocoder_iters < 1:
             raise ConfigError("data.judge_steps and data.vocoder_iters must be at least 1")
+        if not self.source.strip():
+            raise ConfigError(f"data.source is empty: give {SOURCE} or a folder of speech")
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 0.5]")
+        if self.align_voice not in VOICES:
+            raise ConfigError(f"data.align_voice={self.align_voice!r}: choose from "
+                              f"{', '.join(VOICES)}")  # fmt: skip
 
 
 def digit_strings(n: int, lo: int, hi: int, rng: np.random.Generator) -> list[str]:
@@ -119,8 +144,73 @@ def encode_phones(phones: tuple[str, ...] | list[str]) -> list[int]:
     return [PHONES.index(p) + 1 for p in phones]  # 0 is padding
 
 
+@dataclass
+class Said:
+    """One utterance to learn from: ``wave`` (T,) at 16 kHz, its ``phones``, frames per
+    phone (``durations``, summing to the frames kept) and the ``voice``'s index."""
+
+    wave: np.ndarray
+    phones: tuple[str, ...]
+    durations: np.ndarray
+    voice: int
+
+
+def _flite_utterances(d: TTSDataConfig) -> tuple[list[Said], list[Said], dict[str, Any]]:
+    """Digit strings said by flite in every voice (held out: other strings, voices in
+    turn), with flite's own phone durations."""
+    from aigc.data.speech import speak_with_timing
+
+    train, val = split_strings(d)
+    jobs = [(s, v) for s in train for v in d.voices]
+    val_jobs = [(s, d.voices[i % len(d.voices)]) for i, s in enumerate(val)]
+    with ThreadPoolExecutor(max_workers=4) as ex:  # flite runs as a process per clip
+        said = list(ex.map(lambda job: speak_with_timing(*job), jobs + val_jobs))
+    out = [Said(u.wave, u.phones, frames_of(u.ends), d.voices.index(v))
+           for u, (_, v) in zip(said, jobs + val_jobs, strict=True)]  # fmt: skip
+    meta = {"source": "digit strings said by flite (phones and durations from -psdur)",
+            "voices": list(d.voices), "train_strings": train, "val_strings": val,
+            "val_voices": [v for _, v in val_jobs]}  # fmt: skip
+    return out[: len(jobs)], out[len(jobs) :], meta
+
+
+def _folder_utterances(d: TTSDataConfig) -> tuple[list[Said], list[Said], dict[str, Any]]:
+    """A folder of transcribed speech: each recording with flite's phones of its text and
+    the durations found by aligning it with flite's speech (``align_to_flite``); a seeded
+    share held out."""
+    from aigc.data.images import split_indices
+    from aigc.data.speech import MAX_UTTERANCE_SECONDS, align_to_flite, read_speech
+    from aigc.data.speech import read_transcribed_folder as read_folder
+
+    rows = read_folder(d.source)
+    if len(rows) < 2:
+        raise DataError(f"{d.source}: {len(rows)} recording; at least 2 are needed (one held out)")
+    spec = tts_mel_spec()
+
+    def said(row) -> Said:
+        wave = read_speech(row.file, MAX_UTTERANCE_SECONDS)
+        try:
+            phones, durations = align_to_flite(wave, row.text, spec, d.align_voice)
+        except DataError as e:
+            raise DataError(f"{row.where}: {row.file.name}: {e}") from None
+        return Said(wave, phones, durations, 0)
+
+    with ThreadPoolExecutor(max_workers=4) as ex:  # flite is a process; numpy frees the GIL
+        out = list(ex.map(said, rows))
+    train_idx, val_idx = split_indices(len(rows), d.val_fraction, d.split_seed)
+    root = str(Path(d.source).expanduser().resolve())
+    meta = {"source": f"{root} ({len(rows)} transcribed recordings; durations aligned to "
+                      f"flite's {d.align_voice} by DTW)",
+            "folder": root, "voices": [SPEAKER],
+            "train_texts": [rows[i].text for i in train_idx],
+            "val_texts": [rows[i].text for i in val_idx],
+            "val_files": [rows[i].file.resolve().relative_to(root).as_posix()
+                          for i in val_idx]}  # fmt: skip
+    return [out[i] for i in train_idx], [out[i] for i in val_idx], meta
+
+
 class TTSTask(Task):
-    """Trains PhoneTTS on flite's digit strings; judges held-out strings by ear."""
+    """Trains PhoneTTS on flite's digit strings, judging held-out strings by ear; or on
+    a folder of the user's transcribed speech."""
 
     name = "tts"
     data_config = TTSDataConfig
@@ -167,24 +257,20 @@ class TTSTask(Task):
     # construction -----------------------------------------------------------
     @classmethod
     def prepare_data(cls, config: Config, data_dir: Path, progress: bool = True) -> None:
-        from aigc.data.speech import speak_with_timing
-
         d: TTSDataConfig = config.data
-        train, val = split_strings(d)
-        jobs = [(s, v) for s in train for v in d.voices]
-        val_jobs = [(s, d.voices[i % len(d.voices)]) for i, s in enumerate(val)]
-        with ThreadPoolExecutor(max_workers=4) as ex:  # flite runs as a process per clip
-            said = list(ex.map(lambda job: speak_with_timing(*job), jobs + val_jobs))
+        if d.source == SOURCE:
+            train, val, meta = _flite_utterances(d)
+        else:
+            train, val, meta = _folder_utterances(d)
         spec = tts_mel_spec()
         rows = []
-        for u in said:
-            dur = frames_of(u.ends)
+        for u in train + val:
             mel = spec(torch.from_numpy(u.wave)).T.numpy()  # (frames, 64)
-            total = int(dur.sum())
+            total = int(u.durations.sum())
             mel = np.pad(mel[:total], ((0, max(0, total - len(mel))), (0, 0)),
                          constant_values=LOG_MEL_FLOOR)  # fmt: skip
-            rows.append((encode_phones(u.phones), dur, np.maximum(mel, LOG_MEL_FLOOR)))
-        n = len(jobs)
+            rows.append((encode_phones(u.phones), u.durations, np.maximum(mel, LOG_MEL_FLOOR)))
+        n = len(train)
         width = max(len(p) for p, _, _ in rows)
 
         def padded(part: list, k: int) -> np.ndarray:
@@ -193,9 +279,9 @@ class TTSTask(Task):
                 out[i, : len(r[k])] = r[k]
             return out
 
-        voices = np.asarray([d.voices.index(v) for _, v in jobs + val_jobs], dtype=np.int64)
+        voices = np.asarray([u.voice for u in train + val], dtype=np.int64)
         mels = [m for _, _, m in rows[:n]]
-        waves = [u.wave for u in said[n:]]
+        waves = [u.wave for u in val]
         arrays = {
             "phones": padded(rows[:n], 0), "durations": padded(rows[:n], 1),
             "voice": voices[:n], "mel": np.concatenate(mels).astype(np.float16),
@@ -208,12 +294,9 @@ class TTSTask(Task):
         data_dir.mkdir(parents=True, exist_ok=True)
         for name, a in arrays.items():
             np.save(data_dir / f"{name}.npy", a, allow_pickle=False)
-        seen = sorted({p for u in said[:n] for p in u.phones})
-        meta = {"source": "digit strings said by flite (phones and durations from -psdur)",
-                "voices": list(d.voices), "train_strings": train, "val_strings": val,
-                "val_voices": [v for _, v in val_jobs], "phones_seen": seen,
-                "train_seconds": float(sum(len(u.wave) for u in said[:n]) / SAMPLE_RATE),
-                "hop": HOP, "n_fft": N_FFT, "sample_rate": SAMPLE_RATE}  # fmt: skip
+        meta.update(phones_seen=sorted({p for u in train for p in u.phones}),
+                    train_seconds=float(sum(len(u.wave) for u in train) / SAMPLE_RATE),
+                    hop=HOP, n_fft=N_FFT, sample_rate=SAMPLE_RATE)  # fmt: skip
         (data_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
@@ -251,6 +334,11 @@ class TTSTask(Task):
                 "durations": torch.from_numpy(d["durations"][rows].astype(np.int64)),
                 "voice": torch.from_numpy(d["voice"][rows]), "mel": torch.from_numpy(mel)}  # fmt: skip
 
+    @property
+    def from_folder(self) -> bool:
+        """Whether the run learnt a folder of the user's speech (not flite's digit strings)."""
+        return "folder" in self.meta
+
     # evaluation -----------------------------------------------------------------
     def judge(self):
         if self._judge is None:
@@ -276,7 +364,8 @@ class TTSTask(Task):
         self, model: nn.Module, rank: int, world: int, device: torch.device
     ) -> dict[str, float]:
         """This rank's held-out strings said by the model, cut into words and judged;
-        flite's own speech of the same strings beside them; mel L1 at true durations."""
+        flite's own speech of the same strings beside them; mel L1 at true durations.
+        A folder run: the mel L1, the durations' error and the real-time factor only."""
         from aigc.data.speech import PHONES, digit_words
 
         if not self.data:
@@ -296,20 +385,21 @@ class TTSTask(Task):
             wave = mel_to_wave(mel[0], self.config.data.vocoder_iters)
             sums["synth_seconds"] += time.perf_counter() - start
             sums["audio_seconds"] += len(wave) / SAMPLE_RATE
-            names = d["val_phones"][r]
-            truth = [w for w, _, _ in digit_words([PHONES[int(p) - 1] for p in names if p > 0])]
-            heard = self.recognise(wave, names, dur[0].cpu().numpy())
-            a, b = d["val_wave_offsets"][r], d["val_wave_offsets"][r + 1]
-            real = d["val_wave"][a:b].astype(np.float32) / 32767
-            heard_flite = self.recognise(real, names, d["val_durations"][r])
-            right = sum(x == y for x, y in zip(heard, truth, strict=True))
-            right_flite = sum(x == y for x, y in zip(heard_flite, truth, strict=True))
             sums["strings"] += 1
-            sums["digits"] += len(truth)
-            sums["digits_right"] += right
-            sums["strings_right"] += float(right == len(truth))
-            sums["digits_right_flite"] += right_flite
-            sums["strings_right_flite"] += float(right_flite == len(truth))
+            if not self.from_folder:  # digit strings: cut into words and named by the judge
+                names = d["val_phones"][r]
+                truth = [w for w, _, _ in digit_words([PHONES[int(p) - 1] for p in names if p > 0])]
+                heard = self.recognise(wave, names, dur[0].cpu().numpy())
+                a, b = d["val_wave_offsets"][r], d["val_wave_offsets"][r + 1]
+                real = d["val_wave"][a:b].astype(np.float32) / 32767
+                heard_flite = self.recognise(real, names, d["val_durations"][r])
+                right = sum(x == y for x, y in zip(heard, truth, strict=True))
+                right_flite = sum(x == y for x, y in zip(heard_flite, truth, strict=True))
+                sums["digits"] += len(truth)
+                sums["digits_right"] += right
+                sums["strings_right"] += float(right == len(truth))
+                sums["digits_right_flite"] += right_flite
+                sums["strings_right_flite"] += float(right_flite == len(truth))
             # teacher-forced: the frames at flite's durations against flite's frames
             with torch.no_grad():
                 pred = model(phones, voice, true_dur)[0].float().cpu().numpy()
@@ -339,6 +429,13 @@ class TTSTask(Task):
         if not sums.get("strings"):
             return {}
         s, n = sums["strings"], max(sums["digits"], 1.0)
+        out = {
+            "mel_l1": sums["mel_l1"] / max(sums["mel_frames"], 1.0),
+            "duration_error_frames": sums["dur_abs"] / max(sums["phones"], 1.0),
+            "real_time_factor": sums["synth_seconds"] / max(sums["audio_seconds"], 1e-9),
+        }
+        if self.from_folder:
+            return out
         for why in self.judge().weaknesses():
             warnings.warn(why, JudgeWarning, stacklevel=2)
         return {
@@ -346,18 +443,19 @@ class TTSTask(Task):
             "digit_accuracy": sums["digits_right"] / n,
             "string_accuracy_flite": sums["strings_right_flite"] / s,
             "digit_accuracy_flite": sums["digits_right_flite"] / n,
-            "mel_l1": sums["mel_l1"] / max(sums["mel_frames"], 1.0),
-            "duration_error_frames": sums["dur_abs"] / max(sums["phones"], 1.0),
-            "real_time_factor": sums["synth_seconds"] / max(sums["audio_seconds"], 1e-9),
+            **out,
             "judge_accuracy": float(self.judge().accuracy["digit"]),
         }
 
     def eval_info(self) -> dict[str, str]:
+        if self.from_folder:
+            return {"durations": "the recordings aligned to flite's speech by DTW"}
         return {"recogniser": "aigc's spoken-digit judge on the words cut at the durations "
                               "the model chose (flite's for *_flite)"}  # fmt: skip
 
     def samples(self, model: nn.Module, step: int, device: torch.device) -> dict[str, Any]:
-        """Two held-out strings said by the model, and flite's speech of the first."""
+        """Two held-out utterances said by the model, and the first as recorded (flite's
+        speech, or the user's recording)."""
         from aigc.samples import AudioSample
 
         if not self.data:
@@ -372,5 +470,7 @@ class TTSTask(Task):
             peak = max(float(np.abs(wave).max()), 1e-9)
             out[f"said-{r}"] = AudioSample((wave * (0.9 / peak)).astype(np.float32), SAMPLE_RATE)
         a, b = d["val_wave_offsets"][0], d["val_wave_offsets"][1]
-        out["flite-0"] = AudioSample(d["val_wave"][a:b].astype(np.float32) / 32767, SAMPLE_RATE)
+        out["recorded-0" if self.from_folder else "flite-0"] = AudioSample(
+            d["val_wave"][a:b].astype(np.float32) / 32767, SAMPLE_RATE
+        )
         return out
