@@ -166,8 +166,48 @@ def test_tokens_round_trip_and_transpose():
         encode(_chorale([[90, 67, 64, 48]]), transpose=5)
     assert 5 not in transpositions(_chorale([[90, 67, 64, 48]]))
     # a sample cut short: whole sixteenths kept, a hold after silence is silence
-    cut = decode([BOS, HOLD, 50, 60, 70, 40])
-    assert cut.pitches.tolist() == [[0, 50 - 4 + 28, 60 - 4 + 28, 70 - 4 + 28]]
+    cut = decode([BOS, HOLD, 50, 60, 68, 40])
+    assert cut.pitches.tolist() == [[0, 50 - 4 + 28, 60 - 4 + 28, 68 - 4 + 28]]
+
+
+def test_the_pitch_encoding_spells_every_chord_and_round_trips():
+    from aigc.data.music import HELD_BASE, decode, encode, held_tokens, token_name, vocab_size
+
+    c = _chorale([[72, 67, 64, 48], [72, 67, 62, 0], [74, 65, 62, 47]])
+    c.onsets[4, 1] = False  # the alto's G tied over; the soprano's C struck again
+    tokens = encode(c, encoding="pitch")
+    assert len(tokens) == len(encode(c)) and tokens.max() < vocab_size("pitch")
+    # a held note is its pitch as a held-note token: step 1's alto, step 2's soprano
+    assert token_name(int(tokens[1 + 4 * 4 + 1])) == "67~"
+    assert token_name(int(tokens[1 + 4 * 1 + 0])) == "72~"
+    assert token_name(int(tokens[1 + 4 * 4 + 0])) == "72"  # struck again: a new note
+    back = decode(tokens)
+    np.testing.assert_array_equal(back.pitches, c.pitches)
+    np.testing.assert_array_equal(back.onsets, c.onsets)
+    up = decode(encode(c, transpose=-3, encoding="pitch"))
+    np.testing.assert_array_equal(up.pitches, np.where(c.pitches > 0, c.pitches - 3, 0))
+    # the grammar: the only held token a voice may write next holds what it sounds
+    prev = tokens[1 + 4 * 4 : 1 + 4 * 5]  # step 4: S 72, A 67~, T 62, B rest
+    held = [HELD_BASE + p - LOWEST for p in (72, 67, 62)]
+    assert held_tokens(prev).tolist() == [*held, -1]
+    # a held token the voice was not sounding is read as a new note
+    odd = decode(
+        [tokens[1], tokens[2], tokens[3], tokens[4], HELD_BASE + 70 - LOWEST, *tokens[6:9]]
+    )
+    assert odd.pitches[1, 0] == 70 and odd.onsets[1, 0]
+    with pytest.raises(DataError, match="choose one of"):
+        encode(c, encoding="piano-roll")
+
+
+def test_unlikely_notes_are_the_same_in_both_encodings():
+    from aigc.data.music import PITCH_BASE as BASE
+    from aigc.data.music import encode, unlikely_tokens, vocab_size
+
+    c = _random_chorale(np.random.default_rng(3), 40)
+    hold = unlikely_tokens(encode(c))
+    pitch = unlikely_tokens(encode(c, encoding="pitch"), vocab_size("pitch"))
+    assert hold.any() and np.array_equal(pitch[:, : hold.shape[1]], hold)
+    assert not pitch[:, hold.shape[1] :].any() and not pitch[:, :BASE].any()
 
 
 def test_kneser_ney_by_hand_and_its_distributions_sum_to_one():

@@ -120,6 +120,54 @@ def test_seeded_rows_do_not_depend_on_how_many_are_drawn():
     assert all(BOS not in r and EOS not in r for r in three)
 
 
+def test_in_the_pitch_encoding_a_held_note_keeps_its_pitch():
+    """Sampling a random model of the "pitch" encoding: every held-note token drawn holds
+    the pitch its voice sounded a sixteenth before; new notes and rests stay free."""
+    from aigc.data.music import HELD_BASE, PITCH_BASE, vocab_size
+    from aigc.models.gpt import GPT, GPTConfig
+    from aigc.tasks.music import sample_tokens
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size("pitch"), block_size=16, n_layer=1, n_head=2,
+                          n_embd=16)).eval()  # fmt: skip
+    rows = sample_tokens(model, 8, 64, seed=1, temperature=1.5, encoding="pitch")
+    held = 0
+    for r in rows:
+        for k, tok in enumerate(r):
+            if tok >= HELD_BASE:
+                held += 1
+                assert k >= 4 and r[k - 4] >= PITCH_BASE
+                before = r[k - 4] - (HELD_BASE if r[k - 4] >= HELD_BASE else PITCH_BASE)
+                assert tok - HELD_BASE == before
+    assert held > 5  # an untrained model draws them often enough to be checked
+    assert any(PITCH_BASE <= t < HELD_BASE for r in rows for t in r)
+
+
+def test_a_pitch_encoded_run_trains_with_its_own_floor(tmp_path):
+    import aigc
+    from aigc.data.music import bach_chorales, encode, split_chorales, vocab_size
+    from aigc.metrics.ngram import KneserNey
+
+    run = tmp_path / "run"
+    aigc.train(RECIPE, [*TINY, "train.max_steps=2", "data.encoding=pitch",
+                        "data.unlikely_parallels=2.0"], run_dir=run, progress=False)  # fmt: skip
+    meta = json.loads((run / "data" / "music.json").read_text())
+    train, held = split_chorales(bach_chorales(12), 0.1, 0)
+    notes = sum(int((c.onsets & (c.pitches != REST)).sum()) for c in held)
+    nll, _ = (
+        KneserNey(3, vocab_size("pitch"))
+        .fit([encode(c, 0, "pitch") for c in train])
+        .nll([encode(c, 0, "pitch") for c in held])
+    )
+    assert meta["floor"]["nll_per_note"] == pytest.approx(nll / notes)
+    pipe = aigc.load(run)
+    assert pipe.model.cfg.vocab_size == vocab_size("pitch")
+    out = pipe.generate(n=2, bars=1, seed=0)
+    assert all(len(c) == 16 for c in out.chorales)
+    result = pipe.evaluate()
+    assert result["nll_per_note"] > 0 and "sample_parallels" in result
+
+
 @pytest.fixture(scope="module")
 def music_run(tmp_path_factory):
     import aigc

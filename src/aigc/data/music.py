@@ -347,23 +347,40 @@ def forbidden(prev: np.ndarray, pc: np.ndarray, sign: np.ndarray,
 
 BOS, EOS, HOLD, REST_TOKEN = 0, 1, 2, 3  # a chorale's start and end; a held note; silence
 LOWEST, HIGHEST = 28, 92  # the pitches tokens cover (E1 to G#6): every voice transposed
-PITCH_BASE = 4  # token of LOWEST
-VOCAB_SIZE = PITCH_BASE + HIGHEST - LOWEST + 1
+PITCH_BASE = 4  # token of LOWEST starting
+N_PITCHES = HIGHEST - LOWEST + 1
+VOCAB_SIZE = PITCH_BASE + N_PITCHES  # the "hold" encoding's
+HELD_BASE = PITCH_BASE + N_PITCHES  # the "pitch" encoding: token of LOWEST held on
 TOKEN_NAMES = ("<bos>", "<eos>", "hold", "rest")
+# How a voice that goes on sounding is written: "hold" (one token for every held note,
+# the pitch only where it starts) or "pitch" (its pitch again, as a held-note token), so
+# that every sixteenth spells its whole chord and the chord before is four tokens back
+ENCODINGS = {"hold": VOCAB_SIZE, "pitch": HELD_BASE + N_PITCHES}
+
+
+def vocab_size(encoding: str = "hold") -> int:
+    """Tokens of an encoding (ENCODINGS); DataError naming the unknown one."""
+    if encoding not in ENCODINGS:
+        raise DataError(f"music encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
+    return ENCODINGS[encoding]
 
 
 def token_name(token: int) -> str:
-    """A token as a reader would name it: <bos>, <eos>, hold, rest or a MIDI pitch."""
+    """A token as a reader would name it: <bos>, <eos>, hold, rest, a MIDI pitch that
+    starts, or one held on ("60~")."""
     if token < PITCH_BASE:
         return TOKEN_NAMES[token]
+    if token >= HELD_BASE:
+        return f"{token - HELD_BASE + LOWEST}~"
     return str(token - PITCH_BASE + LOWEST)
 
 
-def encode(chorale: Chorale, transpose: int = 0) -> np.ndarray:
+def encode(chorale: Chorale, transpose: int = 0, encoding: str = "hold") -> np.ndarray:
     """The chorale as tokens: <bos>, then per sixteenth soprano, alto, tenor and bass,
-    each a pitch (a note starts), ``hold`` (the note goes on) or ``rest``; then <eos>.
-    ``transpose`` shifts every pitch by that many semitones. DataError when a pitch
-    falls outside LOWEST..HIGHEST."""
+    each a pitch (a note starts), a held note (``hold``, or in the "pitch" encoding its
+    pitch as a held-note token) or ``rest``; then <eos>. ``transpose`` shifts every
+    pitch by that many semitones. DataError when a pitch falls outside LOWEST..HIGHEST."""
+    vocab_size(encoding)
     pitches = chorale.pitches.astype(np.int64)
     sounding = pitches != REST
     shifted = pitches + transpose
@@ -371,15 +388,17 @@ def encode(chorale: Chorale, transpose: int = 0) -> np.ndarray:
         raise DataError(
             f"{chorale.name}: transposed by {transpose}, its pitches leave {LOWEST}..{HIGHEST}"
         )
-    grid = np.where(chorale.onsets & sounding, shifted - LOWEST + PITCH_BASE, HOLD)
+    held = shifted - LOWEST + HELD_BASE if encoding == "pitch" else HOLD
+    grid = np.where(chorale.onsets & sounding, shifted - LOWEST + PITCH_BASE, held)
     grid = np.where(sounding, grid, REST_TOKEN)
     return np.concatenate([[BOS], grid.reshape(-1), [EOS]]).astype(np.int64)
 
 
 def decode(tokens: np.ndarray | list[int], name: str = "sample", tonic: int = 0,
            mode: str = "major", beats: float = 4.0) -> Chorale:  # fmt: skip
-    """Tokens (with or without <bos>) back to a Chorale, up to <eos> or the last whole
-    sixteenth. A ``hold`` after silence, or a stray <bos>, is read as a rest."""
+    """Tokens of either encoding (with or without <bos>) back to a Chorale, up to <eos>
+    or the last whole sixteenth. A ``hold`` after silence, or a stray <bos>, is read as
+    a rest; a held-note token whose pitch the voice was not sounding starts a note."""
     toks = [int(t) for t in tokens]
     if toks and toks[0] == BOS:
         toks = toks[1:]
@@ -391,20 +410,32 @@ def decode(tokens: np.ndarray | list[int], name: str = "sample", tonic: int = 0,
     for i in range(steps):
         for v in range(4):
             t = toks[4 * i + v]
-            if t >= PITCH_BASE:
+            if t >= HELD_BASE:
+                pitches[i, v] = t - HELD_BASE + LOWEST
+                onsets[i, v] = i == 0 or pitches[i - 1, v] != pitches[i, v]
+            elif t >= PITCH_BASE:
                 pitches[i, v], onsets[i, v] = t - PITCH_BASE + LOWEST, True
             elif t == HOLD and i > 0:
                 pitches[i, v] = pitches[i - 1, v]
     return Chorale(name, pitches, onsets, tonic, mode, beats)
 
 
-def unlikely_tokens(stream: np.ndarray) -> np.ndarray:
+def held_tokens(previous: np.ndarray) -> np.ndarray:
+    """The "pitch" encoding's grammar: given each row's token for the same voice one
+    sixteenth earlier (R,), the one held-note token each row may write next (R,), or -1
+    where that voice was silent (nothing to hold on)."""
+    prev = np.asarray(previous, dtype=np.int64)
+    pitch = np.where(prev >= HELD_BASE, prev - HELD_BASE, prev - PITCH_BASE)
+    return np.where(prev >= PITCH_BASE, pitch + HELD_BASE, -1)
+
+
+def unlikely_tokens(stream: np.ndarray, vocab: int = VOCAB_SIZE) -> np.ndarray:
     """For a stream of encoded chorales (each <bos> ... <eos>, as `encode` writes them,
-    padding <eos> allowed), a (N, VOCAB_SIZE) bool mask: the pitch tokens that, written
-    at position i, would make parallel fifths or octaves with a voice already written
+    padding <eos> allowed), a (N, vocab) bool mask: the tokens of a new note that, at
+    position i, would make parallel fifths or octaves with a voice already written
     (`voice_leading`). Positions that are not a voice's token allow everything."""
     stream = np.asarray(stream, dtype=np.int64)
-    mask = np.zeros((len(stream), VOCAB_SIZE), bool)
+    mask = np.zeros((len(stream), vocab), bool)
     candidates = np.arange(LOWEST, HIGHEST + 1)
     starts = np.nonzero(stream == BOS)[0]
     for s, nxt in zip(starts, [*starts[1:].tolist(), len(stream)], strict=True):
@@ -415,7 +446,7 @@ def unlikely_tokens(stream: np.ndarray) -> np.ndarray:
             continue
         lead = voice_leading(decode(body[: 4 * steps]))
         hits = forbidden(lead.prev, lead.pc, lead.sign, candidates)  # (T, 4, P)
-        mask[s + 1 : s + 1 + 4 * steps, PITCH_BASE:] = hits.reshape(4 * steps, -1)
+        mask[s + 1 : s + 1 + 4 * steps, PITCH_BASE:HELD_BASE] = hits.reshape(4 * steps, -1)
     return mask
 
 

@@ -57,6 +57,9 @@ class MusicDataConfig:
     val_fraction: float = 0.1  # whole chorales held out, chosen by split_seed
     split_seed: int = 0
     transpose: bool = True  # train on every transposition within a tritone that fits
+    # how a held note is written (aigc.data.music.ENCODINGS): "hold" (runs before the
+    # "pitch" encoding) or "pitch", where every sixteenth spells its whole chord
+    encoding: str = "hold"
     eval_batch_size: int = 16  # windows per forward pass during validation
     eval_samples: int = 16  # chorales generated per evaluation for the music checks
     eval_sample_bars: int = 4  # their length
@@ -76,6 +79,11 @@ class MusicDataConfig:
         if not 0.0 <= self.unlikely_parallels <= 100.0:
             raise ConfigError(f"data.unlikely_parallels={self.unlikely_parallels} must be in "
                               "[0, 100] (0 = off)")  # fmt: skip
+        from aigc.data.music import ENCODINGS
+
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"data.encoding={self.encoding!r}: choose one of "
+                              f"{', '.join(ENCODINGS)}")  # fmt: skip
         if self.limit < 0:
             raise ConfigError(f"data.limit={self.limit} must be 0 (all) or more")
         if not 8000 <= self.sample_rate <= 96000:
@@ -169,9 +177,10 @@ class MusicTask(Task):
         if len(chorales) < 2:
             raise DataError(f"{len(chorales)} chorale(s): a split needs at least 2")
         train, held = split_chorales(chorales, d.val_fraction, d.split_seed)
-        plain = [encode(c) for c in train]
-        seqs = [encode(c, k) for c in train for k in transpositions(c)] if d.transpose else plain
-        held_seqs = [encode(c) for c in held]
+        plain = [encode(c, 0, d.encoding) for c in train]
+        seqs = ([encode(c, k, d.encoding) for c in train for k in transpositions(c)]
+                if d.transpose else plain)  # fmt: skip
+        held_seqs = [encode(c, 0, d.encoding) for c in held]
         train_tokens = np.concatenate([aligned(s) for s in seqs]).astype(np.int16)
         val_tokens = np.concatenate([aligned(s) for s in held_seqs]).astype(np.int16)
         block = config.model.block_size
@@ -179,9 +188,9 @@ class MusicTask(Task):
             raise DataError(f"{len(train_tokens)} training tokens, but model.block_size={block} "
                             f"needs at least {block + 2}; use more chorales")  # fmt: skip
         notes = int(sum(int((c.onsets & (c.pitches != 0)).sum()) for c in held))
-        from aigc.data.music import VOCAB_SIZE
+        from aigc.data.music import vocab_size
 
-        nll, _ = KneserNey(FLOOR_ORDER, VOCAB_SIZE).fit(plain).nll(held_seqs)
+        nll, _ = KneserNey(FLOOR_ORDER, vocab_size(d.encoding)).fit(plain).nll(held_seqs)
         data_dir.mkdir(parents=True, exist_ok=True)
         np.save(data_dir / "train_tokens.npy", train_tokens, allow_pickle=False)
         np.save(data_dir / "val_tokens.npy", val_tokens, allow_pickle=False)
@@ -197,17 +206,19 @@ class MusicTask(Task):
 
     @classmethod
     def finish_config(cls, config: Config, files: DataFiles) -> None:
-        """The vocabulary is the music tokens' (fixed)."""
-        from aigc.data.music import VOCAB_SIZE
+        """The vocabulary is the music tokens' (fixed by data.encoding)."""
+        from aigc.data.music import vocab_size
+
+        vocab = vocab_size(config.data.encoding)
 
         if config.model.block_size % VOICE_PHASE:
             raise ConfigError(f"model.block_size={config.model.block_size} must be a multiple "
                               f"of {VOICE_PHASE} (one token per voice)")  # fmt: skip
         if config.model.vocab_size == 0:
-            config.model.vocab_size = VOCAB_SIZE
-        elif config.model.vocab_size != VOCAB_SIZE:
+            config.model.vocab_size = vocab
+        elif config.model.vocab_size != vocab:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size}: music tokens are "
-                              f"{VOCAB_SIZE}; leave it at 0")  # fmt: skip
+                              f"{vocab}; leave it at 0")  # fmt: skip
 
     @classmethod
     def open(cls, config: Config, run: RunDir, with_data: bool = True) -> MusicTask:
@@ -231,7 +242,7 @@ class MusicTask(Task):
             if self.unlikely is None:
                 from aigc.data.music import unlikely_tokens
 
-                self.unlikely = unlikely_tokens(train)
+                self.unlikely = unlikely_tokens(train, self.config.model.vocab_size)
             batch["unlikely"] = torch.from_numpy(self.unlikely[rows[:, 1:]])
             batch["unlikely_weight"] = weight
         return batch
@@ -328,7 +339,8 @@ class MusicTask(Task):
         from aigc.data.music import decode
 
         steps = round(bars * beats * 4)
-        tokens = sample_tokens(model, n, 4 * steps, seed, temperature, top_k, device)
+        tokens = sample_tokens(model, n, 4 * steps, seed, temperature, top_k, device,
+                               self.config.data.encoding)  # fmt: skip
         return [decode(row, name=f"sample-{i}", beats=beats) for i, row in enumerate(tokens)]
 
 
@@ -352,13 +364,16 @@ def sample_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     device: torch.device | None = None,
+    encoding: str = "hold",
 ) -> list[list[int]]:
     """n rows of ``length`` music tokens after <bos> (which is never drawn again, nor
-    <eos>: the length is asked for), temperature 0 = greedy. The KV cache serves the
+    <eos>: the length is asked for), temperature 0 = greedy. In the "pitch" encoding a
+    held-note token must hold the pitch its voice sounds (`held_tokens`): the others
+    are never drawn, as a held note that changes pitch has no meaning. The KV cache serves the
     first block_size tokens; beyond it the model reads a sliding window of the latest
     tokens that starts at a soprano token (a multiple of VOICE_PHASE after <bos>, as
     its training windows did) and leaves room for the next token."""
-    from aigc.data.music import BOS, EOS
+    from aigc.data.music import BOS, EOS, HELD_BASE, held_tokens
 
     model.eval()
     device = device or next(model.parameters()).device
@@ -374,6 +389,14 @@ def sample_tokens(
     for _ in range(length):
         logits = logits.float().cpu()
         logits[:, [BOS, EOS]] = -math.inf
+        if encoding == "pitch":
+            drawn = rows.size(1) - 1
+            allowed = (held_tokens(rows[:, drawn - 3].cpu().numpy()) if drawn >= VOICE_PHASE
+                       else np.full(n, -1))  # fmt: skip
+            keep = logits[torch.arange(n), torch.from_numpy(allowed).clamp(min=0)]
+            logits[:, HELD_BASE:] = -math.inf
+            has = torch.from_numpy(allowed >= 0)
+            logits[has, torch.from_numpy(allowed)[has]] = keep[has]
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
