@@ -11,21 +11,43 @@ exist (a teacher-forced figure, free of the drift of sampling).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
 import torch
 
 import aigc
-from aigc.data.music import in_range_rate, parallels, unlikely_tokens
+from aigc.data.music import BOS, decode, in_range_rate, parallels, unlikely_tokens
 from machine import describe
 
 
-def parallel_mass(pipe, block: int) -> tuple[float, int]:
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95%) of a rate of k in n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return mid - half, mid + half
+
+
+def stream_rate(tokens: np.ndarray) -> tuple[int, int]:
+    """(parallels, pair moves) over every chorale of a token stream."""
+    found = moves = 0
+    starts = np.nonzero(tokens == BOS)[0]
+    for s, e in zip(starts, [*starts[1:].tolist(), len(tokens)], strict=True):
+        q = parallels(decode(tokens[s:e]))
+        found, moves = found + q.fifths + q.octaves, moves + q.moves
+    return found, moves
+
+
+def parallel_mass(pipe, block: int) -> tuple[float, int, float]:
     """Mean probability of the parallel-forming notes over the held-out positions that
-    have some, reading the held-out tokens in windows of ``block`` (as evaluation does)."""
+    have some, reading the held-out tokens in windows of ``block`` (as evaluation does);
+    the number of such positions, and the share of them where Bach wrote one."""
     tokens = pipe.task.val_tokens.astype(np.int64)
-    mask = unlikely_tokens(tokens)
+    mask = unlikely_tokens(tokens, pipe.model.cfg.vocab_size)
     total, count = 0.0, 0
     model = pipe.model
     with torch.inference_mode():
@@ -38,7 +60,8 @@ def parallel_mass(pipe, block: int) -> tuple[float, int]:
             has = m.any(-1)
             total += float((probs * m)[has].sum())
             count += int(has.sum())
-    return total / max(count, 1), count
+    written = mask[np.arange(1, len(tokens)), tokens[1:]][mask[1:].any(-1)]
+    return total / max(count, 1), count, float(written.mean())
 
 
 def main() -> None:
@@ -58,11 +81,24 @@ def main() -> None:
         print(f"\n{run}: data.unlikely_parallels={weight}, real held-out chorales: "
               f"parallels {100 * meta['real']['parallels']:.2f}% of pair moves, in key "
               f"{100 * meta['real']['in_key']:.1f}%, in range {100 * meta['real']['in_range']:.1f}%")  # fmt: skip
+        k, m = stream_rate(pipe.task.train_tokens.astype(np.int64))
+        lo, hi = wilson(k, m)
+        print(
+            f"  real training chorales (every transposition): {k} parallels in {m} pair moves, "
+            f"{100 * k / m:.3f}% (95% {100 * lo:.3f}-{100 * hi:.3f}%)"
+        )
+        k, m = stream_rate(pipe.task.val_tokens.astype(np.int64))
+        lo, hi = wilson(k, m)
+        print(
+            f"  real held-out chorales: {k} parallels in {m} pair moves, "
+            f"{100 * k / m:.3f}% (95% {100 * lo:.3f}-{100 * hi:.3f}%)"
+        )
         t0 = time.perf_counter()
-        mass, positions = parallel_mass(pipe, pipe.config.model.block_size)
+        mass, positions, bach = parallel_mass(pipe, pipe.config.model.block_size)
         print(
             f"  held-out belief: {100 * mass:.2f}% of probability on parallel-forming notes, "
-            f"mean over {positions} positions that have some ({time.perf_counter() - t0:.0f} s)"
+            f"mean over {positions} positions that have some (Bach wrote one at "
+            f"{100 * bach:.2f}% of them; {time.perf_counter() - t0:.0f} s)"
         )
         from aigc.tasks.music import _in_key
 
@@ -71,10 +107,12 @@ def main() -> None:
             out = pipe.generate(n=args.n, bars=args.bars, temperature=temp, seed=args.seed)
             par = [parallels(c) for c in out.chorales]
             moves = sum(q.moves for q in par)
-            rate = sum(q.fifths + q.octaves for q in par) / max(moves, 1)
+            found = sum(q.fifths + q.octaves for q in par)
+            rate = found / max(moves, 1)
+            lo, hi = wilson(found, moves)
             print(f"  T {temp:g}: {args.n} chorales of {args.bars} bars, parallels "
-                  f"{100 * rate:.2f}% of {moves} pair moves "
-                  f"({rate / meta['real']['parallels']:.1f}x the real rate), fifths "
+                  f"{100 * rate:.3f}% of {moves} pair moves (95% {100 * lo:.3f}-{100 * hi:.3f}%; "
+                  f"{rate / meta['real']['parallels']:.2f}x the held-out rate), fifths "
                   f"{sum(q.fifths for q in par)}, octaves {sum(q.octaves for q in par)}; in key "
                   f"{100 * np.nanmean([_in_key(c) for c in out.chorales]):.1f}%, in range "
                   f"{100 * np.nanmean([in_range_rate(c) for c in out.chorales]):.1f}% "
