@@ -44,10 +44,12 @@ system:
 
 browser: system
 
+# One worker per core (pytest-xdist), a test file per worker so that its module fixtures
+# are built once, one torch thread each so that workers do not oversubscribe the cores.
 test: $(VENV)/.test-installed system
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check --fix src tests benchmarks

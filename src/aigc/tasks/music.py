@@ -248,7 +248,7 @@ class MusicTask(Task):
 
                 self.unlikely = unlikely_tokens(train, self.config.model.vocab_size)
             batch["unlikely"] = torch.from_numpy(self.unlikely[rows[:, 1:]])
-            batch["unlikely_weight"] = weight
+            batch["unlikely_weight"] = torch.tensor(weight)  # the step contract: tensors
         return batch
 
     def eval_sums(
