@@ -154,7 +154,7 @@ class MusicTask(Task):
         self.train_tokens: np.ndarray | None = None
         self.val_tokens: np.ndarray | None = None
         self.meta: dict[str, Any] = {}
-        self.unlikely: np.ndarray | None = None  # (N, V) bool over train_tokens, when used
+        self.unlikely: np.ndarray | None = None  # (N, V) bits over train_tokens, when used
         if with_data:
             self.load_data()
 
@@ -246,8 +246,12 @@ class MusicTask(Task):
             if self.unlikely is None:
                 from aigc.data.music import unlikely_tokens
 
-                self.unlikely = unlikely_tokens(train, self.config.model.vocab_size)
-            batch["unlikely"] = torch.from_numpy(self.unlikely[rows[:, 1:]])
+                # kept as bits: (N, V) booleans over every transposition are ~0.4 GB
+                self.unlikely = np.packbits(unlikely_tokens(train, self.config.model.vocab_size),
+                                            axis=-1)  # fmt: skip
+            mask = np.unpackbits(self.unlikely[rows[:, 1:]], axis=-1,
+                                 count=self.config.model.vocab_size)  # fmt: skip
+            batch["unlikely"] = torch.from_numpy(mask.astype(bool))
             batch["unlikely_weight"] = torch.tensor(weight)  # the step contract: tensors
         return batch
 
