@@ -266,6 +266,95 @@ def test_unlikely_parallels_flag_the_targets_of_each_window_and_train(tmp_path):
     assert flagged > 0 and float(batch["unlikely_weight"]) == 1.0
 
 
+def test_the_sequence_unlikelihood_term_by_hand():
+    """Without targets every flagged candidate counts, the written token included, and
+    every position is averaged."""
+    from aigc.models.gpt import unlikelihood_loss
+
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, -1.0]]])
+    unlikely = torch.tensor([[[False, False, True], [True, True, False]]])
+    p = torch.softmax(logits, -1)[0]
+    want = (-math.log(1 - p[0, 2]) - math.log(1 - p[1, 0]) - math.log(1 - p[1, 1])) / 2
+    assert unlikelihood_loss(logits, unlikely).item() == pytest.approx(want, rel=1e-6)
+
+
+def _own_chorales_task(tmp_path, *extra):
+    import aigc
+    from aigc.runs import RunDir
+    from aigc.tasks import get_task
+    from aigc.training import run_config
+
+    run = tmp_path / "run"
+    aigc.train(RECIPE, [*TINY, "train.max_steps=3", "train.log_every=1", "train.sample_every=0",
+                        "data.encoding=pitch", "data.self_unlikely=5", "data.self_unlikely_rows=3",
+                        "data.self_unlikely_bars=1", "data.self_unlikely_from=2", *extra],
+               run_dir=run, progress=False)  # fmt: skip
+    return run, get_task("music").open(run_config(RunDir(run)), RunDir(run))
+
+
+def test_own_chorales_join_the_batch_from_their_step(tmp_path):
+    """From data.self_unlikely_from each batch carries chorales the model writes now and
+    the parallel-forming notes at each of their tokens; the same step writes the same
+    chorales, the model's train/eval mode is left as it was, and training logs the term
+    only for the steps that had it."""
+    from aigc.data.music import PITCH_BASE, unlikely_tokens, vocab_size
+
+    run, task = _own_chorales_task(tmp_path)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = {r["step"]: r for r in logged if "loss" in r}
+    assert "sequence_unlikelihood" not in rows[2] and "sequence_unlikelihood" in rows[3]
+    assert 0 <= rows[3]["sequence_flagged"] <= 1
+    assert "sequence_ids" not in task.train_batch(1, 0, 0, 1)
+    task.model.train()
+    batch = task.train_batch(2, 0, 0, 1)
+    assert task.model.training
+    ids, flags = batch["sequence_ids"], batch["sequence_unlikely"]
+    assert ids.shape == (3, 1 + 64) and (ids[:, 0] == BOS).all()
+    assert flags.shape == (3, 64, vocab_size("pitch")) and float(batch["sequence_weight"]) == 5
+    for row, flag in zip(ids.numpy(), flags.numpy(), strict=True):
+        assert np.array_equal(flag, unlikely_tokens(row, vocab_size("pitch"))[1:])
+    assert flags[..., :PITCH_BASE].sum() == 0
+    task.model.eval()
+    again = task.train_batch(2, 0, 0, 1)
+    assert not task.model.training
+    assert torch.equal(again["sequence_ids"], ids)
+    assert not torch.equal(task.train_batch(3, 0, 0, 1)["sequence_ids"], ids)
+
+
+def test_own_chorales_are_no_longer_than_the_block(tmp_path):
+    _, task = _own_chorales_task(tmp_path, "data.self_unlikely_bars=8")
+    assert task.train_batch(2, 0, 0, 1)["sequence_ids"].shape == (3, 1 + 64)
+
+
+def test_sequence_unlikelihood_pushes_down_the_parallels_a_model_writes(tmp_path):
+    """Two tiny runs alike but for the weight: with it the model's own chorales leave
+    far less probability on the notes that would make parallels there."""
+    import aigc
+    from aigc.data.music import unlikely_tokens, vocab_size
+    from aigc.tasks.music import sample_tokens
+
+    def flagged_mass(run):
+        model = aigc.load(run).model.eval()
+        rows = sample_tokens(model, 16, 64, seed=7, encoding="pitch")
+        ids = torch.tensor([[BOS, *r] for r in rows])
+        flags = torch.from_numpy(np.stack([unlikely_tokens(r, vocab_size("pitch"))[1:]
+                                           for r in ids.numpy()]))  # fmt: skip
+        with torch.no_grad():
+            p = torch.softmax(model(ids[:, :-1])[0], -1)
+        return float((p * flags).sum(-1).mean())
+
+    base = ["train.max_steps=80", "train.lr=3e-3", "train.warmup_steps=2", "train.sample_every=0",
+            "train.checkpoint_every=0", "data.encoding=pitch", "data.self_unlikely_rows=8",
+            "data.self_unlikely_bars=1", "data.self_unlikely_from=0", "data.unlikely_parallels=0"]  # fmt: skip
+    runs = {}
+    for weight in (0, 100):
+        runs[weight] = tmp_path / f"w{weight}"
+        aigc.train(RECIPE, [*TINY, *base, f"data.self_unlikely={weight}"], run_dir=runs[weight],
+                   progress=False)  # fmt: skip
+    without, with_it = flagged_mass(runs[0]), flagged_mass(runs[100])
+    assert without > 0.002 and with_it < without / 3  # measured 0.0046 and 0.0008
+
+
 def test_training_writes_midi_and_audio_samples_and_the_report_plays_them(music_run):
     from aigc.data.audio import read_audio
 

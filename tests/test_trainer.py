@@ -204,3 +204,23 @@ def test_ema_warms_up_and_averages_buffers():
     with ema.applied():
         assert torch.allclose(net[1].running_mean, expected["1.running_mean"], atol=1e-5)
     assert torch.allclose(net[1].running_mean, net.state_dict()["1.running_mean"])
+
+
+class LateTerm(TwoPlayer):
+    """Logs a scalar equal to the step index only from step 2 on, like a loss term
+    switched on during training."""
+
+    def training_step(self, batch, step):
+        out = super().training_step(batch, step)
+        if step.index >= 2:
+            out["late"] = torch.tensor(float(step.index))
+        return out
+
+
+def test_a_scalar_that_starts_mid_window_is_averaged_over_its_own_steps(tmp_path):
+    model = LateTerm(n_critic=1)
+    t = _trainer(tmp_path, model, max_steps=4, log_every=4, warmup_steps=0, eval_every=0,
+                 checkpoint_every=0)  # fmt: skip
+    t.fit()
+    (row,) = [r for r in t.run.read_metrics() if "d_loss" in r]
+    assert row["late"] == pytest.approx((2 + 3) / 2)  # not (2 + 3) / 4

@@ -585,7 +585,7 @@ class Trainer:
         )
         self.model.train()
         window: dict[str, float] = {}
-        window_steps = 0
+        counts: dict[str, int] = {}
         window_items = 0
         window_time = 0.0
         last_eval: dict[str, float] = {}
@@ -608,11 +608,12 @@ class Trainer:
                 self.items_seen += items
                 self._nan_guard(step, scalars)
 
-                for k, v in scalars.items():
+                # a scalar may start mid-window (a loss term switched on at a step): each
+                # is averaged over the steps that logged it
+                for k, v in [*scalars.items(),
+                             *((f"grad_norm/{k}", v) for k, v in step.grad_norms.items())]:  # fmt: skip
                     window[k] = window.get(k, 0.0) + v
-                for k, v in step.grad_norms.items():
-                    window[f"grad_norm/{k}"] = window.get(f"grad_norm/{k}", 0.0) + v
-                window_steps += 1
+                    counts[k] = counts.get(k, 0) + 1
                 window_items += items
                 window_time += dt
                 if bar is not None:
@@ -621,7 +622,7 @@ class Trainer:
                     )
 
                 if self.step % cfg.log_every == 0 or self._done():
-                    row = {k: v / window_steps for k, v in window.items()}
+                    row = {k: v / counts[k] for k, v in window.items()}
                     if self.dist.world > 1:
                         row = _all_reduce_mean(row, self.dist.world)
                     row.update(
@@ -637,7 +638,7 @@ class Trainer:
                         for k, v in row.items():
                             if isinstance(v, float | int) and k != "step":
                                 writer.add_scalar(f"train/{k}", v, self.step)
-                    window, window_steps, window_items, window_time = {}, 0, 0, 0.0
+                    window, counts, window_items, window_time = {}, {}, 0, 0.0
 
                 at_end = self._done()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or at_end:
