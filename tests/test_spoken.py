@@ -383,8 +383,10 @@ def test_a_spoken_run_learns_a_folder_of_clips_and_says_a_class_by_name(tmp_path
     _write_folder(root, per_class=4)
     run = tmp_path / "run"
     tiny = [o for o in TINY if not o.startswith("data.eval_samples")]
-    aigc.train(RECIPE, [*tiny, f"data.source={root}", "data.val_fraction=0.25",
-                        "data.eval_samples=12"], run_dir=run, progress=False)  # fmt: skip
+    trained = run_cli("train", str(RECIPE), *tiny, f"data.source={root}",
+                      "data.val_fraction=0.25", "data.eval_samples=12", "--run-dir", str(run))  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert "validation class_accuracy" in trained.stdout  # the headline a folder run has
     meta = json.loads((run / "data" / "meta.json").read_text())
     assert meta["attributes"] == ["class"] and meta["classes"]["class"] == ["high", "low", "mid"]
     assert (meta["n_train"], meta["n_val"]) == (9, 3)  # a quarter of the 12 clips held out

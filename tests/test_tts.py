@@ -351,8 +351,9 @@ def test_a_tts_run_learns_a_folder_of_transcribed_speech(speech_folder, tmp_path
     tiny = [
         o for o in TINY if not o.startswith(("data.strings", "data.val_strings", "data.voices"))
     ]
-    aigc.train(RECIPE, [*tiny, f"data.source={speech_folder}", "data.val_fraction=0.34"],
-               run_dir=run, progress=False)  # fmt: skip
+    out = aigc.train(RECIPE, [*tiny, f"data.source={speech_folder}", "data.val_fraction=0.34"],
+                     run_dir=run, progress=False)  # fmt: skip
+    assert out.headline == "mel_l1" and "mel_l1" in out.metrics  # no judge of a folder's words
     meta = json.loads((run / "data" / "tts.json").read_text())
     assert meta["voices"] == ["speaker"] and meta["folder"] == str(speech_folder)
     assert len(meta["train_texts"]) == 4 and len(meta["val_texts"]) == 2

@@ -222,9 +222,10 @@ def _report(outcome) -> None:
 
     task = get_task(RunDir(outcome.run_dir).info()["family"])
     line = f"done: step {outcome.step}, {outcome.train_time:.0f} s of training"
-    if task.headline_metric in m:  # the headline, then the next two the task reports
-        more = [(k, v) for k, v in m.items() if k != task.headline_metric][:2]
-        line += f", validation {task.headline_metric} {m[task.headline_metric]:.4f}"
+    key = outcome.headline or task.headline_metric
+    if key in m:  # the headline, then the next two the task reports
+        more = [(k, v) for k, v in m.items() if k != key][:2]
+        line += f", validation {key} {m[key]:.4f}"
         line += f" ({', '.join(f'{k} {v:.3f}' for k, v in more)})" if more else ""
     typer.echo(line)
     hint = f"aigc {task.sample_verb} {_q(outcome.run_dir)} {task.sample_hint}".rstrip()

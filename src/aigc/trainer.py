@@ -771,7 +771,7 @@ class _ProgressBar:
         )  # fmt: skip
         self.item_name = task.item_name
         self.loss_keys = task.loss_keys
-        self.headline = task.headline_metric
+        self.headline = task.headline
         self.eval_text = ""
 
     def update(self, step: int, train_time: float, scalars: dict[str, float], rate: float) -> None:

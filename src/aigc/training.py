@@ -43,6 +43,7 @@ class TrainOutcome:
     train_time: float
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
+    headline: str = ""  # the run's headline metric (Task.headline)
 
 
 def default_run_dir(config_source: Any) -> Path:
@@ -222,7 +223,8 @@ def _train_in(cfg: Config, run: RunDir, dist_info: DistInfo, progress: bool) -> 
     if dist_info.is_main:
         atomic_write_text(run.config_path, _config_yaml(cfg, run))
     result: TrainResult = trainer.fit()
-    return TrainOutcome(run.path, result.step, result.train_time, result.metrics, start)
+    return TrainOutcome(run.path, result.step, result.train_time, result.metrics, start,
+                        trainer.task.headline)  # fmt: skip
 
 
 def run_config(run: RunDir) -> Config:

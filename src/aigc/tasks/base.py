@@ -108,6 +108,12 @@ class Task(ABC):
     model: nn.Module
     items_per_batch: int  # items (item_name) in one micro-batch of one process
 
+    @property
+    def headline(self) -> str:
+        """This run's headline metric: ``headline_metric``, unless what the run learnt
+        changes what it is measured by (a spoken run on a folder of classes)."""
+        return self.headline_metric
+
     @classmethod
     @abstractmethod
     def prepare_data(cls, config: Config, data_dir: Path, progress: bool = True) -> None:

@@ -103,6 +103,10 @@ class SpokenTask(DiffusionTask):
         self._reference: dict[str, np.ndarray] | None = None
 
     @property
+    def headline(self) -> str:
+        return f"{self.word}_accuracy"
+
+    @property
     def word(self) -> str:
         """The label the judge names: "digit", or "class" for a folder of audio files."""
         return word_attribute(self.meta["spec"]["source"])

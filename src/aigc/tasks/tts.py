@@ -339,6 +339,10 @@ class TTSTask(Task):
         """Whether the run learnt a folder of the user's speech (not flite's digit strings)."""
         return "folder" in self.meta
 
+    @property
+    def headline(self) -> str:
+        return "mel_l1" if self.from_folder else self.headline_metric  # no judge for a folder
+
     # evaluation -----------------------------------------------------------------
     def judge(self):
         if self._judge is None:
