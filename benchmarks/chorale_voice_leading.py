@@ -32,14 +32,15 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return mid - half, mid + half
 
 
-def stream_rate(tokens: np.ndarray) -> tuple[int, int]:
-    """(parallels, pair moves) over every chorale of a token stream."""
-    found = moves = 0
+def stream_rate(tokens: np.ndarray) -> tuple[int, int, float]:
+    """(parallels, pair moves, bars of 16 sixteenths) over every chorale of a token stream."""
+    found = moves = steps = 0
     starts = np.nonzero(tokens == BOS)[0]
     for s, e in zip(starts, [*starts[1:].tolist(), len(tokens)], strict=True):
-        q = parallels(decode(tokens[s:e]))
-        found, moves = found + q.fifths + q.octaves, moves + q.moves
-    return found, moves
+        c = decode(tokens[s:e])
+        q = parallels(c)
+        found, moves, steps = found + q.fifths + q.octaves, moves + q.moves, steps + len(c)
+    return found, moves, steps / 16
 
 
 def parallel_mass(pipe, block: int) -> tuple[float, int, float]:
@@ -81,18 +82,12 @@ def main() -> None:
         print(f"\n{run}: data.unlikely_parallels={weight}, real held-out chorales: "
               f"parallels {100 * meta['real']['parallels']:.2f}% of pair moves, in key "
               f"{100 * meta['real']['in_key']:.1f}%, in range {100 * meta['real']['in_range']:.1f}%")  # fmt: skip
-        k, m = stream_rate(pipe.task.train_tokens.astype(np.int64))
-        lo, hi = wilson(k, m)
-        print(
-            f"  real training chorales (every transposition): {k} parallels in {m} pair moves, "
-            f"{100 * k / m:.3f}% (95% {100 * lo:.3f}-{100 * hi:.3f}%)"
-        )
-        k, m = stream_rate(pipe.task.val_tokens.astype(np.int64))
-        lo, hi = wilson(k, m)
-        print(
-            f"  real held-out chorales: {k} parallels in {m} pair moves, "
-            f"{100 * k / m:.3f}% (95% {100 * lo:.3f}-{100 * hi:.3f}%)"
-        )
+        for name, tokens in (("training chorales (every transposition)", pipe.task.train_tokens),
+                             ("held-out chorales", pipe.task.val_tokens)):  # fmt: skip
+            k, m, bars = stream_rate(tokens.astype(np.int64))
+            lo, hi = wilson(k, m)
+            print(f"  real {name}: {k} parallels in {m} pair moves, {100 * k / m:.3f}% "
+                  f"(95% {100 * lo:.3f}-{100 * hi:.3f}%), {m / bars:.1f} pair moves per bar")  # fmt: skip
         t0 = time.perf_counter()
         mass, positions, bach = parallel_mass(pipe, pipe.config.model.block_size)
         print(
@@ -113,7 +108,8 @@ def main() -> None:
             print(f"  T {temp:g}: {args.n} chorales of {args.bars} bars, parallels "
                   f"{100 * rate:.3f}% of {moves} pair moves (95% {100 * lo:.3f}-{100 * hi:.3f}%; "
                   f"{rate / meta['real']['parallels']:.2f}x the held-out rate), fifths "
-                  f"{sum(q.fifths for q in par)}, octaves {sum(q.octaves for q in par)}; in key "
+                  f"{sum(q.fifths for q in par)}, octaves {sum(q.octaves for q in par)}; "
+                  f"{moves / (args.n * args.bars):.1f} pair moves per bar; in key "
                   f"{100 * np.nanmean([_in_key(c) for c in out.chorales]):.1f}%, in range "
                   f"{100 * np.nanmean([in_range_rate(c) for c in out.chorales]):.1f}% "
                   f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip

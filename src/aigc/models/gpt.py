@@ -191,27 +191,13 @@ class GPT(nn.Module):
 
         Where the batch carries "unlikely" (B, T, V) bool, the candidates each position
         should not take, an unlikelihood term (`unlikelihood_loss`) weighted by
-        batch["unlikely_weight"] joins the loss; "loss" stays the cross-entropy.
-
-        Where it carries "sequence_ids" (B2, L + 1), sequences the model wrote itself, and
-        "sequence_unlikely" (B2, L, V), the candidates each of their positions should not
-        take (the written token included), sequence-level unlikelihood (Welleck et al.
-        2019, section 5.2) weighted by batch["sequence_weight"] joins it: those rows get no
-        cross-entropy. "sequence_flagged" logs the share of written tokens flagged."""
+        batch["unlikely_weight"] joins the loss; "loss" stays the cross-entropy."""
         logits, loss = self(batch["input_ids"], batch["targets"])
         out = {"loss": loss.detach()}
         if "unlikely" in batch:
             ul = unlikelihood_loss(logits, batch["unlikely"], batch["targets"])
             loss = loss + batch["unlikely_weight"] * ul
             out["unlikelihood"] = ul.detach()
-        if "sequence_ids" in batch:
-            ids, flags = batch["sequence_ids"], batch["sequence_unlikely"]
-            own, _ = self(ids[:, :-1])
-            sul = unlikelihood_loss(own, flags)
-            loss = loss + batch["sequence_weight"] * sul
-            out["sequence_unlikelihood"] = sul.detach()
-            written = flags.gather(-1, ids[:, 1:].unsqueeze(-1))
-            out["sequence_flagged"] = written.float().mean().detach()
         step.update("model", loss)
         return out
 
@@ -230,20 +216,14 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * self.cfg.n_layer * self.cfg.n_embd * T
 
 
-def unlikelihood_loss(logits: Tensor, unlikely: Tensor, targets: Tensor | None = None) -> Tensor:
+def unlikelihood_loss(logits: Tensor, unlikely: Tensor, targets: Tensor) -> Tensor:
     """Token-level unlikelihood (Welleck et al. 2019, eq. 4): -sum_c log(1 - p(c | x<t))
     over the negative candidates c of each position, ``unlikely`` (B, T, V) bool, the
     target itself never among them; averaged over the positions with a target (>= 0).
-    Without ``targets`` every flagged candidate counts at every position (the
-    sequence-level form, on text the model wrote). Its gradient on a candidate's logit
-    is about p(c): it pushes down what the model still believes, and leaves alone what
-    it has already ruled out."""
+    Its gradient on a candidate's logit is about p(c): it pushes down what the model
+    still believes, and leaves alone what it has already ruled out."""
     p = F.softmax(logits.float(), dim=-1)  # (B, T, V)
-    if targets is None:
-        targets = torch.zeros(unlikely.shape[:-1], dtype=torch.long, device=unlikely.device)
-        negative = unlikely
-    else:
-        negative = unlikely.scatter(-1, targets.clamp(min=0).unsqueeze(-1), False)
+    negative = unlikely.scatter(-1, targets.clamp(min=0).unsqueeze(-1), False)
     term = -torch.log1p(-p.clamp(max=1.0 - 1e-6)) * negative  # (B, T, V)
     valid = targets >= 0
     return term.sum(-1)[valid].mean() if valid.any() else term.sum() * 0.0

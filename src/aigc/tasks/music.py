@@ -32,7 +32,6 @@ from aigc.trainer import mix_seed
 META_FILE = "music.json"
 FLOOR_ORDER = 3  # the n-gram floor the issue sets
 VOICE_PHASE = 4  # tokens per sixteenth (soprano, alto, tenor, bass)
-STEPS_PER_BAR = 16  # sixteenths in a 4/4 bar, the length generated chorales are asked in
 
 
 def aligned(tokens: np.ndarray) -> np.ndarray:
@@ -68,15 +67,6 @@ class MusicDataConfig:
     # parallel fifths or octaves with a voice already written (0 = off): Bach avoids
     # them, and plain next-note training left samples with 40 times his rate
     unlikely_parallels: float = 0.0
-    # weight of sequence-level unlikelihood on chorales the model writes itself during
-    # training (0 = off): from step self_unlikely_from, each step samples
-    # self_unlikely_rows chorales of self_unlikely_bars bars (at most model.block_size
-    # tokens) and pushes down the notes that made or would have made parallels there.
-    # Token-level training alone leaves samples drifting into contexts Bach never wrote
-    self_unlikely: float = 0.0
-    self_unlikely_rows: int = 16
-    self_unlikely_bars: int = 2
-    self_unlikely_from: int = 0
     sample_rate: int = 22050  # of rendered audio
     tempo: float = 80.0  # quarter notes per minute, for MIDI and audio
 
@@ -86,16 +76,9 @@ class MusicDataConfig:
         for key in ("eval_batch_size", "eval_samples", "eval_sample_bars"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be at least 1")
-        for key in ("unlikely_parallels", "self_unlikely"):
-            if not 0.0 <= getattr(self, key) <= 100.0:
-                raise ConfigError(f"data.{key}={getattr(self, key)} must be in [0, 100] "
-                                  "(0 = off)")  # fmt: skip
-        for key in ("self_unlikely_rows", "self_unlikely_bars"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}={getattr(self, key)} must be at least 1")
-        if self.self_unlikely_from < 0:
-            raise ConfigError(f"data.self_unlikely_from={self.self_unlikely_from} must be a "
-                              "step, 0 or more")  # fmt: skip
+        if not 0.0 <= self.unlikely_parallels <= 100.0:
+            raise ConfigError(f"data.unlikely_parallels={self.unlikely_parallels} must be in "
+                              "[0, 100] (0 = off)")  # fmt: skip
         from aigc.data.music import ENCODINGS
 
         if self.encoding not in ENCODINGS:
@@ -160,12 +143,8 @@ class MusicTask(Task):
     pipeline_class = "aigc.pipelines.music:MusicPipeline"
     headline_metric = "nll_per_note"
     sample_hint = "--n 4 --bars 8"
-    # the unlikelihood terms change what is trained from here on, not the prepared data:
-    # a finished run may continue with them (fine-tuning)
     resumable_keys = frozenset({"data.eval_samples", "data.eval_sample_bars",
-                                "data.eval_batch_size", "data.unlikely_parallels",
-                                "data.self_unlikely", "data.self_unlikely_rows",
-                                "data.self_unlikely_bars", "data.self_unlikely_from"})  # fmt: skip
+                                "data.eval_batch_size"})  # fmt: skip
 
     def __init__(self, config: Config, run: RunDir, with_data: bool = True):
         self.config = config
@@ -274,30 +253,7 @@ class MusicTask(Task):
                                  count=self.config.model.vocab_size)  # fmt: skip
             batch["unlikely"] = torch.from_numpy(mask.astype(bool))
             batch["unlikely_weight"] = torch.tensor(weight)  # the step contract: tensors
-        d = self.config.data
-        if d.self_unlikely > 0 and step >= d.self_unlikely_from:
-            batch.update(self.own_chorales(step, micro, rank))
         return batch
-
-    def own_chorales(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
-        """The sequence-level unlikelihood rows of a step: chorales the model writes now
-        (seeded by seed, step, micro and rank, so resumed training makes the same ones)
-        and, at each of their tokens, the notes that would make parallels there."""
-        from aigc.data.music import BOS, unlikely_tokens
-
-        d, vocab = self.config.data, self.config.model.vocab_size
-        was_training = self.model.training
-        seed = mix_seed(self.config.train.seed, step, micro, rank)
-        length = min(d.self_unlikely_bars * STEPS_PER_BAR * VOICE_PHASE,
-                     self.config.model.block_size)  # one forward pass reads them  # fmt: skip
-        rows = sample_tokens(self.model, d.self_unlikely_rows, length, seed,
-                             encoding=d.encoding)  # fmt: skip
-        self.model.train(was_training)
-        ids = np.array([[BOS, *r] for r in rows], dtype=np.int64)
-        flags = np.stack([unlikely_tokens(r, vocab)[1:] for r in ids])
-        return {"sequence_ids": torch.from_numpy(ids),
-                "sequence_unlikely": torch.from_numpy(flags),
-                "sequence_weight": torch.tensor(d.self_unlikely)}  # fmt: skip
 
     def eval_sums(
         self, model: nn.Module, rank: int, world: int, device: torch.device
