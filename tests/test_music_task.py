@@ -169,6 +169,16 @@ def test_a_pitch_encoded_run_trains_against_the_hold_encodings_floor(tmp_path):
     assert all(len(c) == 16 for c in out.chorales)
     result = pipe.evaluate()
     assert result["nll_per_note"] > 0 and "sample_parallels" in result
+    # the moves the parallels rate divides by, per bar, of the samples and of Bach
+    from aigc.data.music import parallels
+
+    bars = sum(len(c) for c in held) / 16
+    assert result["real_moves_per_bar"] == pytest.approx(
+        sum(parallels(c).moves for c in held) / bars)  # fmt: skip
+    seed = pipe.config.train.seed
+    judged = pipe.task.generate(pipe.model, 2, 1, seed=seed)  # as evaluation draws them
+    assert result["sample_moves_per_bar"] == pytest.approx(
+        sum(parallels(c).moves for c in judged) / 2)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from aigc.trainer import mix_seed
 META_FILE = "music.json"
 FLOOR_ORDER = 3  # the n-gram floor the issue sets
 VOICE_PHASE = 4  # tokens per sixteenth (soprano, alto, tenor, bass)
+STEPS_PER_BAR = 16  # sixteenths in a 4/4 bar
 
 
 def aligned(tokens: np.ndarray) -> np.ndarray:
@@ -120,6 +121,8 @@ def real_rates(chorales: list) -> dict[str, float]:
         "in_key": float(np.nanmean([_in_key(c) for c in chorales])),
         "in_range": float(np.nanmean([in_range_rate(c) for c in chorales])),
         "parallels": sum(p.fifths + p.octaves for p in par) / moves if moves else float("nan"),
+        # what the parallels rate divides by: voices that stop moving also stop parallels
+        "moves_per_bar": moves / max(sum(len(c) for c in chorales) / STEPS_PER_BAR, 1e-9),
     }
 
 
@@ -298,6 +301,7 @@ class MusicTask(Task):
             "below_floor": 1.0 - per_note / floor,
         }
         n = sums.get("samples", 0.0)
+        bars = self.config.data.eval_sample_bars
         if n:
             moves = sums["moves"]
             rate = (sums["fifths"] + sums["octaves"]) / moves if moves else float("nan")
@@ -310,7 +314,10 @@ class MusicTask(Task):
                 "real_parallels": m["real"]["parallels"],
                 "parallels_ratio": rate / m["real"]["parallels"] if m["real"]["parallels"]
                 else float("nan"),
+                "sample_moves_per_bar": moves / (n * bars),
             })  # fmt: skip
+            if "moves_per_bar" in m["real"]:  # runs prepared before it lack it
+                out["real_moves_per_bar"] = m["real"]["moves_per_bar"]
         return out
 
     def eval_info(self) -> dict[str, str]:
