@@ -19,6 +19,7 @@ import torch
 
 import aigc
 from aigc.data.music import BOS, decode, in_range_rate, parallels, unlikely_tokens
+from aigc.tasks.music import STEPS_PER_BAR
 from machine import describe
 
 
@@ -33,14 +34,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def stream_rate(tokens: np.ndarray) -> tuple[int, int, float]:
-    """(parallels, pair moves, bars of 16 sixteenths) over every chorale of a token stream."""
+    """(parallels, pair moves, bars) over every chorale of a token stream."""
     found = moves = steps = 0
     starts = np.nonzero(tokens == BOS)[0]
     for s, e in zip(starts, [*starts[1:].tolist(), len(tokens)], strict=True):
         c = decode(tokens[s:e])
         q = parallels(c)
         found, moves, steps = found + q.fifths + q.octaves, moves + q.moves, steps + len(c)
-    return found, moves, steps / 16
+    return found, moves, steps / STEPS_PER_BAR
 
 
 def parallel_mass(pipe, block: int) -> tuple[float, int, float]:

@@ -301,9 +301,8 @@ class MusicTask(Task):
             "below_floor": 1.0 - per_note / floor,
         }
         n = sums.get("samples", 0.0)
-        bars = self.config.data.eval_sample_bars
         if n:
-            moves = sums["moves"]
+            moves, bars = sums["moves"], self.config.data.eval_sample_bars
             rate = (sums["fifths"] + sums["octaves"]) / moves if moves else float("nan")
             out.update({
                 "sample_in_key": sums["in_key"] / n,
