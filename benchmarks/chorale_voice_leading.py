@@ -33,12 +33,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return mid - half, mid + half
 
 
-def stream_rate(tokens: np.ndarray) -> tuple[int, int, float]:
-    """(parallels, pair moves, bars) over every chorale of a token stream."""
+def stream_rate(tokens: np.ndarray, order: tuple[int, ...]) -> tuple[int, int, float]:
+    """(parallels, pair moves, bars) over every chorale of a token stream whose voices
+    are written in ``order``."""
     found = moves = steps = 0
     starts = np.nonzero(tokens == BOS)[0]
     for s, e in zip(starts, [*starts[1:].tolist(), len(tokens)], strict=True):
-        c = decode(tokens[s:e])
+        c = decode(tokens[s:e], order=order)
         q = parallels(c)
         found, moves, steps = found + q.fifths + q.octaves, moves + q.moves, steps + len(c)
     return found, moves, steps / STEPS_PER_BAR
@@ -49,7 +50,7 @@ def parallel_mass(pipe, block: int) -> tuple[float, int, float]:
     have some, reading the held-out tokens in windows of ``block`` (as evaluation does);
     the number of such positions, and the share of them where Bach wrote one."""
     tokens = pipe.task.val_tokens.astype(np.int64)
-    mask = unlikely_tokens(tokens, pipe.model.cfg.vocab_size)
+    mask = unlikely_tokens(tokens, pipe.model.cfg.vocab_size, order=pipe.config.data.order)
     total, count = 0.0, 0
     model = pipe.model
     with torch.inference_mode():
@@ -80,12 +81,13 @@ def main() -> None:
         pipe.task.load_data()
         meta = pipe.task.meta
         weight = pipe.config.data.unlikely_parallels
-        print(f"\n{run}: data.unlikely_parallels={weight}, real held-out chorales: "
+        print(f"\n{run}: data.unlikely_parallels={weight}, "
+              f"voice order {pipe.config.data.voice_order}, real held-out chorales: "
               f"parallels {100 * meta['real']['parallels']:.2f}% of pair moves, in key "
               f"{100 * meta['real']['in_key']:.1f}%, in range {100 * meta['real']['in_range']:.1f}%")  # fmt: skip
         for name, tokens in (("training chorales (every transposition)", pipe.task.train_tokens),
                              ("held-out chorales", pipe.task.val_tokens)):  # fmt: skip
-            k, m, bars = stream_rate(tokens.astype(np.int64))
+            k, m, bars = stream_rate(tokens.astype(np.int64), pipe.config.data.order)
             lo, hi = wilson(k, m)
             print(f"  real {name}: {k} parallels in {m} pair moves, {100 * k / m:.3f}% "
                   f"(95% {100 * lo:.3f}-{100 * hi:.3f}%), {m / bars:.1f} pair moves per bar")  # fmt: skip

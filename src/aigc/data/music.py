@@ -27,6 +27,7 @@ REST = 0
 # the range each voice keeps to (MIDI pitches, inclusive): the usual SATB ranges of
 # harmony textbooks widened by a step or two, since Bach's parts reach a little further
 VOICE_RANGES = {"soprano": (60, 81), "alto": (53, 74), "tenor": (48, 69), "bass": (36, 64)}
+SATB = (0, 1, 2, 3)  # the order in which a sixteenth's voices are written, by default
 MAJOR = frozenset({0, 2, 4, 5, 7, 9, 11})
 # minor: the natural scale with the raised sixth and seventh of the melodic and
 # harmonic forms, which chorales in minor use all the time
@@ -294,24 +295,27 @@ def parallels(chorale: Chorale) -> Parallels:
 @dataclass(frozen=True)
 class VoiceLeading:
     """What would make a parallel fifth or octave at each (sixteenth, voice) of a chorale,
-    for a voice that started a new note there, with every higher voice already known.
+    for a voice that started a new note there, against the voices written before it.
 
-    For voice v at step t and each higher voice u < v (slot u of the last axis): ``pc``
-    is the pitch class a new note of v must not take (-1: any is allowed) and ``sign``
-    the direction (+1 up, -1 down) in which it must not move from ``prev``, v's pitch at
-    the previous chord. Those notes are exactly the ones that `parallels` would count
-    against the pair (u, v) at t; ``forbidden`` turns them into a mask over pitches."""
+    For voice v at step t and each other voice u (slot u of the last axis for u < v,
+    u - 1 for u > v): ``pc`` is the pitch class a new note of v must not take (-1: any
+    is allowed) and ``sign`` the direction (+1 up, -1 down) in which it must not move
+    from ``prev``, v's pitch at the previous chord. Those notes are exactly the ones that
+    `parallels` would count against the pair (u, v) at t; ``forbidden`` turns them into
+    a mask over pitches."""
 
     prev: np.ndarray  # (T, 4) int16: each voice's pitch at the chord before t (0 = none)
     pc: np.ndarray  # (T, 4, 3) int8
     sign: np.ndarray  # (T, 4, 3) int8
 
 
-def voice_leading(chorale: Chorale) -> VoiceLeading:
+def voice_leading(chorale: Chorale, order: tuple[int, ...] = SATB) -> VoiceLeading:
     """The parallel-forming notes of every (step, voice) of ``chorale`` (see VoiceLeading):
-    the chord before t is the last step before t where some voice starts a note, and a
-    higher voice u counts when it sounds at both chords and moved between them, a
-    fifth (or octave or unison, mod 12) above v's pitch at the first."""
+    the chord before t is the last step before t where some voice starts a note, and
+    another voice u counts when it sounds at both chords and moved between them, a fifth
+    (or octave or unison, mod 12) away from v's pitch at the first, if it is written
+    before v at a sixteenth (``order``: the voices in the order they are written,
+    soprano, alto, tenor, bass by default)."""
     pitches = chorale.pitches.astype(np.int64)
     T = len(pitches)
     events = chorale.onsets.any(axis=1)
@@ -322,14 +326,19 @@ def voice_leading(chorale: Chorale) -> VoiceLeading:
     prev = np.where(has_prev[:, None], pitches[np.maximum(before_t, 0)], REST)  # (T, 4)
     pc = np.full((T, 4, 3), -1, np.int8)
     sign = np.zeros((T, 4, 3), np.int8)
-    for v in range(1, 4):
-        for u in range(v):
+    rank = {voice: i for i, voice in enumerate(order)}
+    for v in range(4):
+        for u in range(4):
+            if rank[u] >= rank[v]:
+                continue
             moved = pitches[:, u] - prev[:, u]
             interval = (prev[:, u] - prev[:, v]) % 12
+            perfect = (0, 7) if u < v else (0, 5)  # a fifth above v, or below it
             ok = (has_prev & (prev[:, u] != REST) & (prev[:, v] != REST)
-                  & (pitches[:, u] != REST) & (moved != 0) & np.isin(interval, (0, 7)))  # fmt: skip
-            pc[:, v, u] = np.where(ok, (pitches[:, u] - interval) % 12, -1)
-            sign[:, v, u] = np.where(ok, np.sign(moved), 0)
+                  & (pitches[:, u] != REST) & (moved != 0) & np.isin(interval, perfect))  # fmt: skip
+            slot = u if u < v else u - 1
+            pc[:, v, slot] = np.where(ok, (pitches[:, u] - interval) % 12, -1)
+            sign[:, v, slot] = np.where(ok, np.sign(moved), 0)
     return VoiceLeading(prev.astype(np.int16), pc, sign)
 
 
@@ -358,6 +367,17 @@ TOKEN_NAMES = ("<bos>", "<eos>", "hold", "rest")
 ENCODINGS = {"hold": VOCAB_SIZE, "pitch": HELD_BASE + N_PITCHES}
 
 
+def voice_order(letters: str) -> tuple[int, ...]:
+    """The order in which a sixteenth's voices are written, from their initials in any
+    case ("satb", "sbat": outer voices, then inner), as voice indices; DataError unless
+    it names each voice once."""
+    index = {name[0]: i for i, name in enumerate(VOICES)}
+    order = tuple(index.get(ch, -1) for ch in letters.lower())
+    if sorted(order) != list(range(len(VOICES))):
+        raise DataError(f"voice order {letters!r}: name each of s, a, t, b once")
+    return order
+
+
 def vocab_size(encoding: str = "hold") -> int:
     """Tokens of an encoding (ENCODINGS); DataError naming the unknown one."""
     if encoding not in ENCODINGS:
@@ -375,11 +395,13 @@ def token_name(token: int) -> str:
     return str(token - PITCH_BASE + LOWEST)
 
 
-def encode(chorale: Chorale, transpose: int = 0, encoding: str = "hold") -> np.ndarray:
-    """The chorale as tokens: <bos>, then per sixteenth soprano, alto, tenor and bass,
-    each a pitch (a note starts), a held note (``hold``, or in the "pitch" encoding its
-    pitch as a held-note token) or ``rest``; then <eos>. ``transpose`` shifts every
-    pitch by that many semitones. DataError when a pitch falls outside LOWEST..HIGHEST."""
+def encode(chorale: Chorale, transpose: int = 0, encoding: str = "hold",
+           order: tuple[int, ...] = SATB) -> np.ndarray:  # fmt: skip
+    """The chorale as tokens: <bos>, then per sixteenth its four voices in ``order``
+    (soprano, alto, tenor, bass by default), each a pitch (a note starts), a held note
+    (``hold``, or in the "pitch" encoding its pitch as a held-note token) or ``rest``;
+    then <eos>. ``transpose`` shifts every pitch by that many semitones. DataError when
+    a pitch falls outside LOWEST..HIGHEST."""
     vocab_size(encoding)
     pitches = chorale.pitches.astype(np.int64)
     sounding = pitches != REST
@@ -390,15 +412,17 @@ def encode(chorale: Chorale, transpose: int = 0, encoding: str = "hold") -> np.n
         )
     held = shifted - LOWEST + HELD_BASE if encoding == "pitch" else HOLD
     grid = np.where(chorale.onsets & sounding, shifted - LOWEST + PITCH_BASE, held)
-    grid = np.where(sounding, grid, REST_TOKEN)
+    grid = np.where(sounding, grid, REST_TOKEN)[:, list(order)]
     return np.concatenate([[BOS], grid.reshape(-1), [EOS]]).astype(np.int64)
 
 
 def decode(tokens: np.ndarray | list[int], name: str = "sample", tonic: int = 0,
-           mode: str = "major", beats: float = 4.0) -> Chorale:  # fmt: skip
-    """Tokens of either encoding (with or without <bos>) back to a Chorale, up to <eos>
-    or the last whole sixteenth. A ``hold`` after silence, or a stray <bos>, is read as
-    a rest; a held-note token whose pitch the voice was not sounding starts a note."""
+           mode: str = "major", beats: float = 4.0,
+           order: tuple[int, ...] = SATB) -> Chorale:  # fmt: skip
+    """Tokens of either encoding (with or without <bos>), the voices in ``order``, back
+    to a Chorale, up to <eos> or the last whole sixteenth. A ``hold`` after silence, or
+    a stray <bos>, is read as a rest; a held-note token whose pitch the voice was not
+    sounding starts a note."""
     toks = [int(t) for t in tokens]
     if toks and toks[0] == BOS:
         toks = toks[1:]
@@ -408,8 +432,8 @@ def decode(tokens: np.ndarray | list[int], name: str = "sample", tonic: int = 0,
     pitches = np.zeros((steps, 4), np.int16)
     onsets = np.zeros((steps, 4), bool)
     for i in range(steps):
-        for v in range(4):
-            t = toks[4 * i + v]
+        for j, v in enumerate(order):
+            t = toks[4 * i + j]
             if t >= HELD_BASE:
                 pitches[i, v] = t - HELD_BASE + LOWEST
                 onsets[i, v] = i == 0 or pitches[i - 1, v] != pitches[i, v]
@@ -429,11 +453,13 @@ def held_tokens(previous: np.ndarray) -> np.ndarray:
     return np.where(prev >= PITCH_BASE, pitch + HELD_BASE, -1)
 
 
-def unlikely_tokens(stream: np.ndarray, vocab: int = VOCAB_SIZE) -> np.ndarray:
-    """For a stream of encoded chorales (each <bos> ... <eos>, as `encode` writes them,
-    padding <eos> allowed), a (N, vocab) bool mask: the tokens of a new note that, at
-    position i, would make parallel fifths or octaves with a voice already written
-    (`voice_leading`). Positions that are not a voice's token allow everything."""
+def unlikely_tokens(stream: np.ndarray, vocab: int = VOCAB_SIZE,
+                    order: tuple[int, ...] = SATB) -> np.ndarray:  # fmt: skip
+    """For a stream of encoded chorales (each <bos> ... <eos>, as `encode` writes them
+    with the voices in ``order``, padding <eos> allowed), a (N, vocab) bool mask: the
+    tokens of a new note that, at position i, would make parallel fifths or octaves with
+    a voice already written (`voice_leading`). Positions that are not a voice's token
+    allow everything."""
     stream = np.asarray(stream, dtype=np.int64)
     mask = np.zeros((len(stream), vocab), bool)
     candidates = np.arange(LOWEST, HIGHEST + 1)
@@ -444,8 +470,8 @@ def unlikely_tokens(stream: np.ndarray, vocab: int = VOCAB_SIZE) -> np.ndarray:
         steps = (ends[0] if len(ends) else len(body)) // 4
         if steps == 0:
             continue
-        lead = voice_leading(decode(body[: 4 * steps]))
-        hits = forbidden(lead.prev, lead.pc, lead.sign, candidates)  # (T, 4, P)
+        lead = voice_leading(decode(body[: 4 * steps], order=order), order)
+        hits = forbidden(lead.prev, lead.pc, lead.sign, candidates)[:, list(order)]  # (T, 4, P)
         mask[s + 1 : s + 1 + 4 * steps, PITCH_BASE:HELD_BASE] = hits.reshape(4 * steps, -1)
     return mask
 
