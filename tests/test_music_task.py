@@ -291,7 +291,8 @@ def test_unlikely_parallels_flag_the_targets_of_each_window_and_train(tmp_path):
     assert any("unlikelihood" in row for row in logged)
     task = get_task("music").open(run_config(RunDir(run)), RunDir(run))
     batch = task.train_batch(5, 0, 0, 1)
-    mask = unlikely_tokens(task.train_tokens, task.config.model.vocab_size)
+    mask = unlikely_tokens(task.train_tokens, task.config.model.vocab_size,
+                           order=task.config.data.order)  # fmt: skip
     stream = torch.from_numpy(task.train_tokens.astype(np.int64))
     flagged = 0
     for row_ids, row_mask in zip(batch["input_ids"], batch["unlikely"], strict=True):

@@ -89,9 +89,9 @@ class MusicDataConfig:
         for key in ("eval_batch_size", "eval_samples", "eval_sample_bars"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be at least 1")
-        if not 0.0 <= self.unlikely_parallels <= 100.0:
+        if not 0.0 <= self.unlikely_parallels <= 1000.0:
             raise ConfigError(f"data.unlikely_parallels={self.unlikely_parallels} must be in "
-                              "[0, 100] (0 = off)")  # fmt: skip
+                              "[0, 1000] (0 = off)")  # fmt: skip
         from aigc.data.music import ENCODINGS, voice_order
 
         try:
