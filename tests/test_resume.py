@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from aigc.runs import RunDir
@@ -139,3 +140,39 @@ def test_sigterm_saves_the_last_step_and_exits_130(tmp_path, corpus_file):
     done = run_cli("train", str(run.path), "train.max_steps=" + str(step + 3))
     assert done.returncode == 0, done.stderr
     assert run.latest_checkpoint().name == f"step-{step + 3:08d}"
+
+
+def test_a_signal_during_a_step_saves_that_step_with_its_weights_and_its_row(
+    tmp_path, corpus_file, monkeypatch
+):
+    """SIGTERM that arrives while a step is being taken (here: sent by the step itself,
+    after its update) waits for the step to finish and be logged: the checkpoint is named
+    after the step whose weights it holds, and metrics.jsonl has that step's row. Caught
+    at once, it left the weights of step k under the name of step k - 1."""
+    import aigc
+    from aigc.errors import TrainingInterrupted
+    from aigc.trainer import Trainer
+
+    real_step = Trainer.train_step
+    taken: list[dict[str, torch.Tensor]] = []
+
+    def step_then_sigterm(self):
+        out = real_step(self)
+        taken.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        if len(taken) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    run = RunDir(tmp_path / "r")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        aigc.train(RECIPE, [*TINY, "train.max_steps=10", "train.log_every=1",
+                            "train.checkpoint_every=0", "train.eval_every=0",
+                            f"data.path={corpus_file}"], run_dir=run.path, progress=False)  # fmt: skip
+    assert stopped.value.step == 3
+    assert max(r["step"] for r in run.read_metrics() if "loss" in r) == 3
+    latest = run.latest_checkpoint()
+    assert latest is not None and latest.name == "step-00000003"
+    saved = load_file(str(latest / "model.safetensors"))  # tied weights are stored once
+    assert len(saved) > 4 and all(torch.equal(v, taken[-1][k]) for k, v in saved.items())
+    assert not all(torch.equal(v, taken[-2][k]) for k, v in saved.items())

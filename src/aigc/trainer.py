@@ -593,52 +593,61 @@ class Trainer:
         try:
             signals.enter_context(sigterm_stops_training())
             while not self._done():
-                t0 = time.perf_counter()
-                lr = self._set_lr()
-                scalars, step = self.train_step()
-                if self.dist.world > 1:
-                    _broadcast_buffers(self.model)
-                if self.ema is not None and not step.skipped:
-                    self.ema.update(self.step)
-                self.step += 1
-                dt = time.perf_counter() - t0
-                self.train_time += dt
-                self._sync_time()
-                items = self.task.items_per_batch * cfg.grad_accum * self.dist.world
-                self.items_seen += items
-                self._nan_guard(step, scalars)
-
-                # a scalar may start mid-window (a loss term switched on at a step): each
-                # is averaged over the steps that logged it
-                for k, v in [*scalars.items(),
-                             *((f"grad_norm/{k}", v) for k, v in step.grad_norms.items())]:  # fmt: skip
-                    window[k] = window.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-                window_items += items
-                window_time += dt
-                if bar is not None:
-                    bar.update(
-                        self.step, self.train_time, scalars, window_items / max(window_time, 1e-9)
-                    )
-
-                if self.step % cfg.log_every == 0 or self._done():
-                    row = {k: v / counts[k] for k, v in window.items()}
+                # a signal waits for the step and its metrics row: a checkpoint saved on
+                # interrupt then holds the weights of the step it is named after, logged
+                with interrupts_deferred():
+                    t0 = time.perf_counter()
+                    lr = self._set_lr()
+                    scalars, step = self.train_step()
                     if self.dist.world > 1:
-                        row = _all_reduce_mean(row, self.dist.world)
-                    row.update(
-                        step=self.step,
-                        lr=lr,
-                        time=round(self.train_time, 3),
-                        **{f"{self.task.item_name}_per_s": window_items / max(window_time, 1e-9)},
-                    )
-                    if step.skipped:
-                        row["skipped"] = step.skipped
-                    if main:
-                        log.write(_ordered(row))
-                        for k, v in row.items():
-                            if isinstance(v, float | int) and k != "step":
-                                writer.add_scalar(f"train/{k}", v, self.step)
-                    window, counts, window_items, window_time = {}, {}, 0, 0.0
+                        _broadcast_buffers(self.model)
+                    if self.ema is not None and not step.skipped:
+                        self.ema.update(self.step)
+                    self.step += 1
+                    dt = time.perf_counter() - t0
+                    self.train_time += dt
+                    self._sync_time()
+                    items = self.task.items_per_batch * cfg.grad_accum * self.dist.world
+                    self.items_seen += items
+                    self._nan_guard(step, scalars)
+
+                    # a scalar may start mid-window (a loss term switched on at a step): each
+                    # is averaged over the steps that logged it
+                    for k, v in [*scalars.items(),
+                                 *((f"grad_norm/{k}", v) for k, v in step.grad_norms.items())]:  # fmt: skip
+                        window[k] = window.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
+                    window_items += items
+                    window_time += dt
+                    if bar is not None:
+                        bar.update(
+                            self.step,
+                            self.train_time,
+                            scalars,
+                            window_items / max(window_time, 1e-9),
+                        )
+
+                    if self.step % cfg.log_every == 0 or self._done():
+                        row = {k: v / counts[k] for k, v in window.items()}
+                        if self.dist.world > 1:
+                            row = _all_reduce_mean(row, self.dist.world)
+                        row.update(
+                            step=self.step,
+                            lr=lr,
+                            time=round(self.train_time, 3),
+                            **{
+                                f"{self.task.item_name}_per_s": window_items
+                                / max(window_time, 1e-9)
+                            },
+                        )
+                        if step.skipped:
+                            row["skipped"] = step.skipped
+                        if main:
+                            log.write(_ordered(row))
+                            for k, v in row.items():
+                                if isinstance(v, float | int) and k != "step":
+                                    writer.add_scalar(f"train/{k}", v, self.step)
+                        window, counts, window_items, window_time = {}, {}, 0, 0.0
 
                 at_end = self._done()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or at_end:
