@@ -407,7 +407,7 @@ def sample_tokens(
     held-note token must hold the pitch its voice sounds (`held_tokens`): the others
     are never drawn, as a held note that changes pitch has no meaning. The KV cache serves the
     first block_size tokens; beyond it the model reads a sliding window of the latest
-    tokens that starts at a soprano token (a multiple of VOICE_PHASE after <bos>, as
+    tokens that starts at a sixteenth's first token (a multiple of VOICE_PHASE after <bos>, as
     its training windows did) and leaves room for the next token."""
     from aigc.data.music import BOS, EOS, HELD_BASE, held_tokens
 
