@@ -279,7 +279,9 @@ def interrupts_deferred() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    # a signal the process ignores (SIGINT in a background job) stays ignored
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) is not signal.SIG_IGN]  # fmt: skip
     previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
                 for sig in held}  # fmt: skip
     try:
